@@ -1,0 +1,288 @@
+//! Connection settings: libpq URLs, `key=value` strings and the libpq environment.
+//!
+//! Drivers differ in what they accept (tokio-postgres rejects `sslmode=verify-full` and
+//! `sslrootcert`, for one), so pgentra parses the libpq forms itself and hands each driver what
+//! it understands.
+//!
+//! **Passwords.** pgentra supplies the token as the password, so a password in a URL or
+//! `key=value` string is an error (it is almost certainly a mistake, and would be silently
+//! replaced). `PGPASSWORD` in the environment is ignored with a warning, because tools often
+//! leave it set for other servers.
+//!
+//! **TLS.** `sslmode` defaults to `verify-full`; `disable`, `allow` and `prefer` are refused,
+//! since they could send the token in clear text.
+
+use crate::error::{Error, Result};
+use crate::tls::{SslMode, TlsOptions};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Parsed connection settings. Unset fields are `None`.
+///
+/// ```
+/// use pgentra::conninfo::ConnInfo;
+/// let url = ConnInfo::parse(
+///     "postgres://alice%40contoso.com@srv.postgres.database.azure.com:5432/app?sslmode=verify-full",
+/// )?;
+/// assert_eq!(url.host.as_deref(), Some("srv.postgres.database.azure.com"));
+/// assert_eq!(url.user.as_deref(), Some("alice@contoso.com"));
+///
+/// let kv = ConnInfo::parse("host=localhost port=6432 dbname='my db' sslrootcert=/tmp/ca.pem")?;
+/// assert_eq!(kv.port, Some(6432));
+/// assert_eq!(kv.dbname.as_deref(), Some("my db"));
+/// # Ok::<(), pgentra::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnInfo {
+    /// Server host name (or a Unix socket directory).
+    pub host: Option<String>,
+    /// Server IP address, skipping name resolution (libpq `hostaddr`).
+    pub hostaddr: Option<String>,
+    /// Server port.
+    pub port: Option<u16>,
+    /// Database name.
+    pub dbname: Option<String>,
+    /// Role name; when set it wins over the role derived from the token.
+    pub user: Option<String>,
+    /// TLS verification mode (default `verify-full`).
+    pub sslmode: Option<SslMode>,
+    /// Root certificate file.
+    pub sslrootcert: Option<PathBuf>,
+    /// `application_name`.
+    pub application_name: Option<String>,
+    /// Any other libpq parameters (`connect_timeout`, `options`, ...), in input order.
+    pub params: Vec<(String, String)>,
+}
+
+impl ConnInfo {
+    /// Parses a `postgres://`/`postgresql://` URL or a libpq `key=value` string.
+    pub fn parse(input: &str) -> Result<Self> {
+        let input = input.trim();
+        if input.starts_with("postgres://") || input.starts_with("postgresql://") {
+            parse_url(input)
+        } else if input.contains("://") {
+            Err(Error::conninfo(
+                "the URL scheme must be postgres:// or postgresql://",
+            ))
+        } else {
+            let mut info = Self::default();
+            for (key, value) in parse_key_values(input)? {
+                info.set(&key, value)?;
+            }
+            Ok(info)
+        }
+    }
+
+    /// Reads the libpq environment (`PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`, `PGUSER`,
+    /// `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME`), with a `.env` file in the current directory
+    /// filling in what the process environment does not set.
+    pub fn from_env() -> Result<Self> {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        if Path::new(".env").is_file() {
+            vars.extend(read_env_file(Path::new(".env"))?);
+        }
+        vars.extend(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))));
+        Self::from_vars(vars)
+    }
+
+    /// Reads the libpq variables from `vars` instead of the process environment.
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self>
+    where
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut info = Self::default();
+        for (name, value) in vars {
+            let value = value.into();
+            if value.is_empty() {
+                continue;
+            }
+            let key = match name.as_ref() {
+                "PGHOST" => "host",
+                "PGHOSTADDR" => "hostaddr",
+                "PGPORT" => "port",
+                "PGDATABASE" => "dbname",
+                "PGUSER" => "user",
+                "PGSSLMODE" => "sslmode",
+                "PGSSLROOTCERT" => "sslrootcert",
+                "PGAPPNAME" => "application_name",
+                "PGPASSWORD" => {
+                    tracing::warn!("ignoring PGPASSWORD: pgentra sends an Entra ID token as the password");
+                    continue;
+                }
+                _ => continue,
+            };
+            info.set(key, value)?;
+        }
+        Ok(info)
+    }
+
+    /// Fills every unset field from `defaults` (for example a URL over the environment).
+    ///
+    /// ```
+    /// use pgentra::conninfo::ConnInfo;
+    /// let env = ConnInfo::from_vars([("PGHOST", "srv"), ("PGDATABASE", "app")])?;
+    /// let info = ConnInfo::parse("dbname=other")?.or(env);
+    /// assert_eq!(info.host.as_deref(), Some("srv"));
+    /// assert_eq!(info.dbname.as_deref(), Some("other"));
+    /// # Ok::<(), pgentra::Error>(())
+    /// ```
+    pub fn or(mut self, defaults: Self) -> Self {
+        self.host = self.host.or(defaults.host);
+        self.hostaddr = self.hostaddr.or(defaults.hostaddr);
+        self.port = self.port.or(defaults.port);
+        self.dbname = self.dbname.or(defaults.dbname);
+        self.user = self.user.or(defaults.user);
+        self.sslmode = self.sslmode.or(defaults.sslmode);
+        self.sslrootcert = self.sslrootcert.or(defaults.sslrootcert);
+        self.application_name = self.application_name.or(defaults.application_name);
+        for (key, value) in defaults.params {
+            if !self.params.iter().any(|(k, _)| *k == key) {
+                self.params.push((key, value));
+            }
+        }
+        self
+    }
+
+    /// The TLS settings these connection settings ask for.
+    pub fn tls_options(&self) -> TlsOptions {
+        TlsOptions {
+            mode: self.sslmode.unwrap_or_default(),
+            root_cert: self.sslrootcert.clone(),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: String) -> Result<()> {
+        match key {
+            "host" => self.host = Some(value),
+            "hostaddr" => self.hostaddr = Some(value),
+            "port" => {
+                self.port = Some(value.parse().map_err(|_| {
+                    Error::conninfo(format!("port {value:?} is not a number between 0 and 65535"))
+                })?);
+            }
+            "dbname" => self.dbname = Some(value),
+            "user" => self.user = Some(value),
+            "sslmode" => self.sslmode = Some(value.parse()?),
+            "sslrootcert" => self.sslrootcert = Some(PathBuf::from(value)),
+            "application_name" => self.application_name = Some(value),
+            "password" => {
+                return Err(Error::conninfo(
+                    "the connection string contains a password; remove it, pgentra sends an Entra ID token as the password",
+                ));
+            }
+            _ => self.params.push((key.to_owned(), value)),
+        }
+        Ok(())
+    }
+}
+
+fn parse_url(input: &str) -> Result<ConnInfo> {
+    let url = url::Url::parse(input).map_err(|e| {
+        let hint = if input.contains(',') {
+            " (several hosts in one URL are not supported)"
+        } else {
+            ""
+        };
+        Error::conninfo(format!("not a valid URL: {e}{hint}"))
+    })?;
+    if url.password().is_some() {
+        return Err(Error::conninfo(
+            "the URL contains a password; remove it, pgentra sends an Entra ID token as the password",
+        ));
+    }
+    let decode = |s: &str| -> Result<String> {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| Error::conninfo("the URL has percent-encoding that is not UTF-8"))
+    };
+    let mut info = ConnInfo::default();
+    if !url.username().is_empty() {
+        info.user = Some(decode(url.username())?);
+    }
+    if let Some(host) = url.host_str().filter(|h| !h.is_empty()) {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        info.host = Some(decode(host)?);
+    }
+    info.port = url.port();
+    let path = url.path().trim_start_matches('/');
+    if !path.is_empty() {
+        info.dbname = Some(decode(path)?);
+    }
+    for (key, value) in url.query_pairs() {
+        info.set(&key, value.into_owned())?;
+    }
+    Ok(info)
+}
+
+/// Parses libpq's `key = value` syntax: values may be single-quoted, and `\` escapes the next
+/// character.
+fn parse_key_values(input: &str) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = input.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(Error::conninfo(format!(
+                "missing \"=\" after {key:?} in the connection string"
+            )));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\\') => value.extend(chars.next()),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => {
+                        return Err(Error::conninfo(format!(
+                            "unterminated quoted value for {key:?} in the connection string"
+                        )));
+                    }
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// Reads a `.env` file (`KEY=value` lines, `#` comments, optional quotes and `export`).
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let iter = dotenvy::from_path_iter(path).map_err(|e| env_file_error(path, e))?;
+    iter.map(|item| item.map_err(|e| env_file_error(path, e)))
+        .collect()
+}
+
+fn env_file_error(path: &Path, error: dotenvy::Error) -> Error {
+    match error {
+        dotenvy::Error::Io(io) => Error::io(path, io),
+        // The line itself may hold a secret: report only where it failed.
+        dotenvy::Error::LineParse(_, at) => Error::conninfo(format!(
+            "{}: a line cannot be parsed (at character {at})",
+            path.display()
+        )),
+        other => Error::conninfo(format!("{}: {other}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,65 @@
+//! Passwordless Microsoft Entra ID authentication for Azure Database for PostgreSQL.
+//!
+//! Azure PostgreSQL accepts an Entra ID access token as the password of a login. Tokens expire
+//! after about an hour, and every *new* connection (above all the ones a pool opens long after
+//! start) needs one that is valid at that moment. `pgentra` turns any Entra ID credential into
+//! PostgreSQL credentials — the role name and a token — through a provider that:
+//!
+//! - serves a cached token from a lock-free, allocation-free hot path;
+//! - refreshes ahead of expiry in the background, with jitter;
+//! - makes one credential call however many connections ask at once (single flight);
+//! - keeps serving a still-valid token while the token endpoint fails, retrying with backoff;
+//! - derives the role name from the token's claims, including system-assigned managed
+//!   identities, which Microsoft's own libraries miss;
+//! - never lets a token reach a log line, `Debug` output or an error.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pgentra::Error> {
+//! // The default credential chain (service principal, workload identity, managed identity,
+//! // Azure CLI, Azure Developer CLI), PGUSER if set, public cloud.
+//! let auth = pgentra::EntraAuth::from_env()?;
+//! // For each new connection:
+//! let creds = auth.credentials().await?;
+//! let (user, password) = (creds.user(), creds.password().expose_secret());
+//! # let _ = (user, password);
+//! # Ok(()) }
+//! ```
+//!
+//! Sync code calls [`EntraAuth::credentials_blocking`], which works inside or outside a tokio
+//! runtime.
+//!
+//! # Modules
+//!
+//! - [`provider`]: [`EntraAuth`], the cache and refresh, and how refresh is timed.
+//! - [`credential`]: [`CredentialChain`](credential::CredentialChain), the default chain.
+//! - [`claims`]: reading token claims and deriving the role name.
+//! - [`cloud`]: scopes for the public, US Government and China clouds.
+//! - [`conninfo`]: libpq URLs, `key=value` strings and `PG*` variables.
+//! - [`tls`]: rustls configurations with libpq `sslmode` semantics.
+//! - [`clock`]: the injectable clock used for expiry.
+//!
+//! # Features
+//!
+//! | Feature | Description | Extra dependencies | Default |
+//! |---------|-------------|--------------------|---------|
+//! | `tokio-postgres-0_7` | [`TlsOptions::make_tls_connect`](tls::TlsOptions::make_tls_connect) for tokio-postgres | `tokio-postgres`, `tokio-postgres-rustls` | no |
+//! | `client-certificate` | service principals with a certificate (`AZURE_CLIENT_CERTIFICATE_PATH`) | OpenSSL | no |
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod claims;
+pub mod clock;
+pub mod cloud;
+pub mod conninfo;
+pub mod credential;
+mod error;
+pub mod provider;
+mod secret;
+pub mod tls;
+
+pub use cloud::Cloud;
+pub use error::{CredentialAttempt, Error, Result};
+pub use provider::{DbCredentials, EntraAuth, EntraAuthBuilder, Stats};
+pub use secret::Secret;
