@@ -138,7 +138,12 @@ impl Claims {
             .map_err(|_| TokenFormatError::Base64)?;
         let text = String::from_utf8(bytes).map_err(|_| TokenFormatError::NotUtf8)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| TokenFormatError::Json {
-            message: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
+            message: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
         })?;
         let Value::Object(map) = value else {
             return Err(TokenFormatError::NotAnObject);
@@ -344,7 +349,9 @@ impl UsernameSource {
         match self {
             Self::Explicit => "set explicitly",
             Self::UserAssignedIdentity => "user-assigned managed identity name (xms_mirid)",
-            Self::SystemAssignedIdentity => "system-assigned managed identity's resource (xms_mirid)",
+            Self::SystemAssignedIdentity => {
+                "system-assigned managed identity's resource (xms_mirid)"
+            }
             Self::Upn => "upn claim",
             Self::PreferredUsername => "preferred_username claim",
             Self::UniqueName => "unique_name claim",

@@ -108,14 +108,28 @@ impl ManualClock {
         }
     }
 
+    /// Waits until at least `count` sleepers are waiting at once.
+    pub async fn wait_for_sleepers(&self, count: usize) {
+        let mut changed = self.0.sleepers_changed.subscribe();
+        while self.sleepers().len() < count {
+            let _ = changed.changed().await;
+        }
+    }
+
     /// Deadlines of everything currently sleeping, earliest first.
     pub fn deadlines(&self) -> Vec<SystemTime> {
-        self.sleepers().iter().map(|(deadline, _)| *deadline).collect()
+        self.sleepers()
+            .iter()
+            .map(|(deadline, _)| *deadline)
+            .collect()
     }
 
     fn sleepers(&self) -> std::sync::MutexGuard<'_, BTreeSet<(SystemTime, u64)>> {
         // A panic while holding this lock cannot leave the set inconsistent.
-        self.0.sleepers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .sleepers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn set_sleeper(&self, key: (SystemTime, u64), present: bool) {
@@ -154,7 +168,10 @@ impl Clock for ManualClock {
             }
             let key = (deadline, clock.0.next_id.fetch_add(1, Ordering::Relaxed));
             clock.set_sleeper(key, true);
-            let _guard = SleeperGuard { clock: clock.clone(), key };
+            let _guard = SleeperGuard {
+                clock: clock.clone(),
+                key,
+            };
             // Ends when time reaches the deadline; the sender lives as long as `clock`.
             let _ = now.wait_for(|now| *now >= deadline).await;
         })

@@ -82,7 +82,10 @@ impl ConnInfo {
         if Path::new(".env").is_file() {
             vars.extend(read_env_file(Path::new(".env"))?);
         }
-        vars.extend(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))));
+        vars.extend(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
         Self::from_vars(vars)
     }
 
@@ -108,7 +111,9 @@ impl ConnInfo {
                 "PGSSLROOTCERT" => "sslrootcert",
                 "PGAPPNAME" => "application_name",
                 "PGPASSWORD" => {
-                    tracing::warn!("ignoring PGPASSWORD: pgentra sends an Entra ID token as the password");
+                    tracing::warn!(
+                        "ignoring PGPASSWORD: pgentra sends an Entra ID token as the password"
+                    );
                     continue;
                 }
                 _ => continue,
@@ -153,13 +158,20 @@ impl ConnInfo {
         }
     }
 
+    /// Sets one libpq parameter. An empty value means "unset", and a repeated key replaces the
+    /// earlier value, as in libpq.
     fn set(&mut self, key: &str, value: String) -> Result<()> {
+        if value.is_empty() && key != "password" {
+            return Ok(());
+        }
         match key {
             "host" => self.host = Some(value),
             "hostaddr" => self.hostaddr = Some(value),
             "port" => {
                 self.port = Some(value.parse().map_err(|_| {
-                    Error::conninfo(format!("port {value:?} is not a number between 0 and 65535"))
+                    Error::conninfo(format!(
+                        "port {value:?} is not a number between 0 and 65535"
+                    ))
                 })?);
             }
             "dbname" => self.dbname = Some(value),
@@ -172,7 +184,10 @@ impl ConnInfo {
                     "the connection string contains a password; remove it, pgentra sends an Entra ID token as the password",
                 ));
             }
-            _ => self.params.push((key.to_owned(), value)),
+            _ => match self.params.iter_mut().find(|(k, _)| k == key) {
+                Some((_, existing)) => *existing = value,
+                None => self.params.push((key.to_owned(), value)),
+            },
         }
         Ok(())
     }
@@ -203,6 +218,11 @@ fn parse_url(input: &str) -> Result<ConnInfo> {
         info.user = Some(decode(url.username())?);
     }
     if let Some(host) = url.host_str().filter(|h| !h.is_empty()) {
+        if host.contains(',') {
+            return Err(Error::conninfo(
+                "several hosts in one URL are not supported; give one host",
+            ));
+        }
         let host = host.trim_start_matches('[').trim_end_matches(']');
         info.host = Some(decode(host)?);
     }
@@ -211,8 +231,15 @@ fn parse_url(input: &str) -> Result<ConnInfo> {
     if !path.is_empty() {
         info.dbname = Some(decode(path)?);
     }
-    for (key, value) in url.query_pairs() {
-        info.set(&key, value.into_owned())?;
+    // Not `query_pairs`: that decodes `+` as a space, and libpq decodes only `%XX`.
+    for pair in url
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        info.set(&decode(key)?, decode(value)?)?;
     }
     Ok(info)
 }

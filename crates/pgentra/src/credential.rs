@@ -23,7 +23,9 @@
 //! Azure SDKs, sends IMDS requests to another host (an emulator or a pod identity proxy).
 
 use crate::error::{CredentialAttempt, Error};
-use azure_core::credentials::{AccessToken, Secret as AzureSecret, TokenCredential, TokenRequestOptions};
+use azure_core::credentials::{
+    AccessToken, Secret as AzureSecret, TokenCredential, TokenRequestOptions,
+};
 use azure_core::http::{AsyncRawResponse, ClientOptions, HttpClient, Request, Transport, Url};
 use azure_identity::{
     AzureCliCredential, AzureCliCredentialOptions, AzureDeveloperCliCredential,
@@ -100,7 +102,10 @@ struct Vars(HashMap<String, String>);
 
 impl Vars {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -142,9 +147,10 @@ impl CredentialChain {
     /// Fails only if `AZURE_TOKEN_CREDENTIALS` has a value it does not know; credentials that
     /// are not configured stay in the chain and report why when it is used.
     pub fn from_env() -> crate::Result<Self> {
-        Self::from_vars(std::env::vars_os().filter_map(|(k, v)| {
-            Some((k.into_string().ok()?, v.into_string().ok()?))
-        }))
+        Self::from_vars(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
     }
 
     /// Builds the chain from the given variables instead of the process environment.
@@ -157,7 +163,11 @@ impl CredentialChain {
         K: Into<String>,
         V: Into<String>,
     {
-        let vars = Vars(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        let vars = Vars(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         let kinds = selected_kinds(vars.get("AZURE_TOKEN_CREDENTIALS"))?;
         let entries = kinds
             .into_iter()
@@ -211,7 +221,10 @@ impl CredentialChain {
                     match attempt(credential.as_ref(), &scopes, probe).await {
                         Ok(token) => {
                             self.selected.store(index, Ordering::Release);
-                            tracing::debug!(credential = entry.kind.name(), "credential chain selected a credential");
+                            tracing::debug!(
+                                credential = entry.kind.name(),
+                                "credential chain selected a credential"
+                            );
                             return Ok((token, entry.kind));
                         }
                         Err(reason) => reason,
@@ -258,9 +271,15 @@ impl TokenCredential for CredentialChain {
                 "CredentialChain needs exactly one scope",
             ));
         };
-        self.token(scope).await.map(|(token, _)| token).map_err(|e| {
-            azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, e.to_string())
-        })
+        self.token(scope)
+            .await
+            .map(|(token, _)| token)
+            .map_err(|e| {
+                azure_core::Error::with_message(
+                    azure_core::error::ErrorKind::Credential,
+                    e.to_string(),
+                )
+            })
     }
 }
 
@@ -269,8 +288,14 @@ fn selected_kinds(filter: Option<&str>) -> crate::Result<Vec<CredentialKind>> {
         return Ok(CredentialKind::ALL.to_vec());
     };
     let kinds: Vec<CredentialKind> = match filter.to_ascii_lowercase().as_str() {
-        "dev" => CredentialKind::ALL.into_iter().filter(|k| k.is_developer_tool()).collect(),
-        "prod" => CredentialKind::ALL.into_iter().filter(|k| !k.is_developer_tool()).collect(),
+        "dev" => CredentialKind::ALL
+            .into_iter()
+            .filter(|k| k.is_developer_tool())
+            .collect(),
+        "prod" => CredentialKind::ALL
+            .into_iter()
+            .filter(|k| !k.is_developer_tool())
+            .collect(),
         name => CredentialKind::ALL
             .into_iter()
             .filter(|k| k.name().eq_ignore_ascii_case(name))
@@ -388,9 +413,14 @@ fn certificate(
     options.password = vars
         .get("AZURE_CLIENT_CERTIFICATE_PASSWORD")
         .map(|p| AzureSecret::new(p.to_owned()));
-    ClientCertificateCredential::new(tenant.to_owned(), client.to_owned(), bytes.into(), Some(options))
-        .map(|c| c as _)
-        .map_err(|e| format!("cannot be configured: {e}"))
+    ClientCertificateCredential::new(
+        tenant.to_owned(),
+        client.to_owned(),
+        bytes.into(),
+        Some(options),
+    )
+    .map(|c| c as _)
+    .map_err(|e| format!("cannot be configured: {e}"))
 }
 
 #[cfg(not(feature = "client-certificate"))]

@@ -101,7 +101,9 @@ impl fmt::Debug for DbCredentials {
 }
 
 fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Counters describing the provider's work, for diagnostics and metrics.
@@ -172,9 +174,10 @@ impl Source {
 
     fn name(&self) -> String {
         match self {
-            Self::Chain(chain) => chain
-                .selected()
-                .map_or_else(|| "the credential chain".to_owned(), |k| k.name().to_owned()),
+            Self::Chain(chain) => chain.selected().map_or_else(
+                || "the credential chain".to_owned(),
+                |k| k.name().to_owned(),
+            ),
             Self::Custom { name, .. } => name.clone(),
         }
     }
@@ -277,7 +280,12 @@ impl Shared {
         if let Some(user) = &self.explicit_user {
             return Ok((user.clone(), UsernameSource::Explicit));
         }
-        if let Some(derived) = self.derived_user.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(derived) = self
+            .derived_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             return Ok(derived);
         }
         let derived = match role_from(token, credential)? {
@@ -312,8 +320,13 @@ impl Shared {
             stats.tokens_fetched += 1;
             stats.expires_at = Some(creds.expires_at());
             if let Some(previous) = previous {
-                stats.last_refresh_lead =
-                    Some(previous.creds.expires_at().duration_since(now).unwrap_or_default());
+                stats.last_refresh_lead = Some(
+                    previous
+                        .creds
+                        .expires_at()
+                        .duration_since(now)
+                        .unwrap_or_default(),
+                );
             }
         }
         tracing::debug!(
@@ -539,7 +552,11 @@ impl EntraAuth {
         let shared = Arc::clone(&self.inner.shared);
         // If the runtime is gone the task is dropped, `reply` with it, and the caller sees
         // ProviderStopped.
-        drop(self.inner.runtime.spawn(async move { reply(acquire(shared).await) }));
+        drop(
+            self.inner
+                .runtime
+                .spawn(async move { reply(acquire(shared).await) }),
+        );
     }
 
     /// A receiver that yields each new token (after the first, as soon as it is fetched), for

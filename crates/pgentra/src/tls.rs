@@ -16,12 +16,14 @@
 //! are trusted, as in libpq; the file name `system` means the default roots.
 
 use crate::error::{Error, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -205,7 +207,10 @@ impl TlsOptions {
 fn pem_error(path: &Path, error: rustls::pki_types::pem::Error) -> Error {
     match error {
         rustls::pki_types::pem::Error::Io(io) => Error::io(path, io),
-        other => Error::tls(format!("{} is not a PEM certificate file: {other}", path.display())),
+        other => Error::tls(format!(
+            "{} is not a PEM certificate file: {other}",
+            path.display()
+        )),
     }
 }
 

@@ -18,7 +18,10 @@ const ISS: &str = "https://sts.windows.net/72f988bf-0000-0000-0000-000000000000/
 fn member_user_uses_upn() {
     let claims = json!({"iss": ISS, "upn": "alice@contoso.com", "unique_name": "alice@contoso.com",
         "oid": "o1", "tid": "t1", "idtyp": "user"});
-    assert_eq!(role(claims.clone()).unwrap(), ("alice@contoso.com".into(), UsernameSource::Upn));
+    assert_eq!(
+        role(claims.clone()).unwrap(),
+        ("alice@contoso.com".into(), UsernameSource::Upn)
+    );
     let decoded = Claims::decode(&token_with(&claims)).unwrap();
     assert_eq!(decoded.principal_kind(), PrincipalKind::User);
 }
@@ -40,7 +43,12 @@ fn guest_is_detected_and_not_named_by_unique_name() {
     let guest = json!({"iss": ISS, "idp": "live.com", "unique_name": "live.com#bob@outlook.com",
         "oid": "o2", "tid": "t1"});
     let err = role(guest.clone()).unwrap_err();
-    assert_eq!(err, MissingRole::Guest { idp: Some("live.com".into()) });
+    assert_eq!(
+        err,
+        MissingRole::Guest {
+            idp: Some("live.com".into())
+        }
+    );
     assert!(err.to_string().contains("#EXT#"), "{err}");
     let decoded = Claims::decode(&token_with(&guest)).unwrap();
     assert_eq!(decoded.principal_kind(), PrincipalKind::GuestUser);
@@ -61,12 +69,20 @@ fn service_principal_has_no_role_claim() {
     let sp = json!({"iss": ISS, "appid": "11111111-2222-3333-4444-555555555555", "oid": "o3",
         "idtyp": "app", "tid": "t1"});
     let err = role(sp.clone()).unwrap_err();
-    assert_eq!(err, MissingRole::AppOnly { appid: "11111111-2222-3333-4444-555555555555".into() });
+    assert_eq!(
+        err,
+        MissingRole::AppOnly {
+            appid: "11111111-2222-3333-4444-555555555555".into()
+        }
+    );
     assert_eq!(
         Claims::decode(&token_with(&sp)).unwrap().principal_kind(),
         PrincipalKind::ServicePrincipal
     );
-    assert_eq!(role(json!({"oid": "o"})).unwrap_err(), MissingRole::NoNameClaim);
+    assert_eq!(
+        role(json!({"oid": "o"})).unwrap_err(),
+        MissingRole::NoNameClaim
+    );
 }
 
 #[test]
@@ -75,7 +91,10 @@ fn user_assigned_managed_identity_uses_resource_name() {
         "/subscriptions/s1/resourcegroups/rg1/providers/Microsoft.ManagedIdentity/userAssignedIdentities/orders-api-identity"});
     assert_eq!(
         role(uami.clone()).unwrap(),
-        ("orders-api-identity".into(), UsernameSource::UserAssignedIdentity)
+        (
+            "orders-api-identity".into(),
+            UsernameSource::UserAssignedIdentity
+        )
     );
     assert_eq!(
         Claims::decode(&token_with(&uami)).unwrap().principal_kind(),
@@ -87,7 +106,13 @@ fn user_assigned_managed_identity_uses_resource_name() {
 fn system_assigned_identity_of_a_vm_uses_vm_name() {
     let vm = json!({"appid": "a", "xms_mirid":
         "/subscriptions/s1/resourceGroups/rg1/providers/Microsoft.Compute/virtualMachines/build-agent-7"});
-    assert_eq!(role(vm).unwrap(), ("build-agent-7".into(), UsernameSource::SystemAssignedIdentity));
+    assert_eq!(
+        role(vm).unwrap(),
+        (
+            "build-agent-7".into(),
+            UsernameSource::SystemAssignedIdentity
+        )
+    );
 }
 
 #[test]
@@ -96,7 +121,10 @@ fn system_assigned_identity_of_an_app_service_slot_uses_app_slots_slot() {
         "/subscriptions/s1/resourcegroups/rg1/providers/Microsoft.Web/sites/shop/slots/staging"});
     assert_eq!(
         role(slot).unwrap(),
-        ("shop/slots/staging".into(), UsernameSource::SystemAssignedIdentity)
+        (
+            "shop/slots/staging".into(),
+            UsernameSource::SystemAssignedIdentity
+        )
     );
 }
 
@@ -106,9 +134,19 @@ fn claim_precedence_when_claims_conflict() {
         "/subscriptions/s/resourcegroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/mi",
         "upn": "u@x", "preferred_username": "p@x", "unique_name": "n@x"});
     assert_eq!(role(all).unwrap().0, "mi");
-    assert_eq!(role(json!({"upn": "u@x", "preferred_username": "p@x", "unique_name": "n@x"})).unwrap().0, "u@x");
+    assert_eq!(
+        role(json!({"upn": "u@x", "preferred_username": "p@x", "unique_name": "n@x"}))
+            .unwrap()
+            .0,
+        "u@x"
+    );
     // An empty upn does not hide the next claim.
-    assert_eq!(role(json!({"upn": "", "preferred_username": "p@x"})).unwrap().0, "p@x");
+    assert_eq!(
+        role(json!({"upn": "", "preferred_username": "p@x"}))
+            .unwrap()
+            .0,
+        "p@x"
+    );
 }
 
 #[test]
@@ -140,43 +178,77 @@ fn malformed_tokens_give_typed_errors() {
     let cases: Vec<(String, TokenFormatError)> = vec![
         ("".into(), TokenFormatError::Empty),
         ("   ".into(), TokenFormatError::Empty),
-        ("justonesegment".into(), TokenFormatError::SegmentCount { found: 1 }),
+        (
+            "justonesegment".into(),
+            TokenFormatError::SegmentCount { found: 1 },
+        ),
         ("a.b".into(), TokenFormatError::SegmentCount { found: 2 }),
-        ("a.b.c.d.e".into(), TokenFormatError::SegmentCount { found: 5 }),
+        (
+            "a.b.c.d.e".into(),
+            TokenFormatError::SegmentCount { found: 5 },
+        ),
         ("e30.***.sig".into(), TokenFormatError::Base64),
         ("e30.a.sig".into(), TokenFormatError::Base64),
         (format!("e30.{non_utf8}.sig"), TokenFormatError::NotUtf8),
-        (format!("e30.{}.sig", b64("{\"upn\":")), TokenFormatError::Json {
-            message: "Eof error at line 1 column 7".into(),
-        }),
-        (format!("e30.{}.sig", b64("[1,2]")), TokenFormatError::NotAnObject),
-        (format!("e30.{}.sig", b64("\"text\"")), TokenFormatError::NotAnObject),
-        (format!("e30.{}.sig", b64(r#"{"upn":42}"#)), TokenFormatError::ClaimType {
-            claim: "upn",
-            expected: "a string",
-        }),
-        (format!("e30.{}.sig", b64(r#"{"xms_mirid":["x"]}"#)), TokenFormatError::ClaimType {
-            claim: "xms_mirid",
-            expected: "a string",
-        }),
-        (format!("e30.{}.sig", b64(r#"{"exp":"soon"}"#)), TokenFormatError::ClaimType {
-            claim: "exp",
-            expected: "an integer (seconds since the Unix epoch)",
-        }),
-        (format!("e30.{}.sig", b64(r#"{"aud":7}"#)), TokenFormatError::ClaimType {
-            claim: "aud",
-            expected: "a string or an array of strings",
-        }),
+        (
+            format!("e30.{}.sig", b64("{\"upn\":")),
+            TokenFormatError::Json {
+                message: "Eof error at line 1 column 7".into(),
+            },
+        ),
+        (
+            format!("e30.{}.sig", b64("[1,2]")),
+            TokenFormatError::NotAnObject,
+        ),
+        (
+            format!("e30.{}.sig", b64("\"text\"")),
+            TokenFormatError::NotAnObject,
+        ),
+        (
+            format!("e30.{}.sig", b64(r#"{"upn":42}"#)),
+            TokenFormatError::ClaimType {
+                claim: "upn",
+                expected: "a string",
+            },
+        ),
+        (
+            format!("e30.{}.sig", b64(r#"{"xms_mirid":["x"]}"#)),
+            TokenFormatError::ClaimType {
+                claim: "xms_mirid",
+                expected: "a string",
+            },
+        ),
+        (
+            format!("e30.{}.sig", b64(r#"{"exp":"soon"}"#)),
+            TokenFormatError::ClaimType {
+                claim: "exp",
+                expected: "an integer (seconds since the Unix epoch)",
+            },
+        ),
+        (
+            format!("e30.{}.sig", b64(r#"{"aud":7}"#)),
+            TokenFormatError::ClaimType {
+                claim: "aud",
+                expected: "a string or an array of strings",
+            },
+        ),
     ];
     for (token, expected) in cases {
-        assert_eq!(Claims::decode(&token).unwrap_err(), expected, "token {token:?}");
+        assert_eq!(
+            Claims::decode(&token).unwrap_err(),
+            expected,
+            "token {token:?}"
+        );
     }
 }
 
 #[test]
 fn error_text_never_contains_the_payload() {
     let secretish = "SECRETPAYLOADTEXT";
-    let token = format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(format!("{{\"upn\": {secretish}}}")));
+    let token = format!(
+        "e30.{}.sig",
+        URL_SAFE_NO_PAD.encode(format!("{{\"upn\": {secretish}}}"))
+    );
     let err = Claims::decode(&token).unwrap_err();
     assert!(!err.to_string().contains(secretish), "{err}");
     assert!(!format!("{err:?}").contains(secretish), "{err:?}");
