@@ -37,6 +37,7 @@ use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
 use azure_core::credentials::{AccessToken, TokenCredential};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot, watch};
@@ -47,6 +48,7 @@ use tokio::sync::{Notify, oneshot, watch};
 #[derive(Clone)]
 pub struct DbCredentials(Arc<CredentialsInner>);
 
+#[derive(Clone)]
 struct CredentialsInner {
     user: String,
     password: Secret,
@@ -184,9 +186,62 @@ impl Source {
 }
 
 struct Cached {
+    /// Unique across all providers, so per-thread copies can be keyed by it alone.
+    generation: u64,
     creds: DbCredentials,
     usable_until: SystemTime,
     refresh_at: SystemTime,
+}
+
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Per-thread copies of the current credentials.
+///
+/// Cloning one shared `Arc` from many threads makes every core fight over its reference count;
+/// each thread instead clones its own copy (made once per token), so the hot path touches no
+/// cache line that another thread writes.
+mod thread_copies {
+    use super::DbCredentials;
+    use std::cell::RefCell;
+    use std::time::SystemTime;
+
+    /// A thread rarely uses more than a couple of providers; older copies are dropped.
+    const MAX_COPIES: usize = 4;
+
+    pub(super) struct Copy {
+        pub(super) generation: u64,
+        pub(super) usable_until: SystemTime,
+        pub(super) creds: DbCredentials,
+    }
+
+    thread_local! {
+        static COPIES: RefCell<Vec<Copy>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// This thread's copy of `generation`, made by `make` if the thread has none. `None` if
+    /// `make` finds nothing to copy.
+    pub(super) fn get(
+        generation: u64,
+        make: impl FnOnce() -> Option<Copy>,
+    ) -> Option<(SystemTime, DbCredentials)> {
+        let found = |copy: &Copy| (copy.usable_until, copy.creds.clone());
+        COPIES
+            .try_with(|copies| {
+                let mut copies = copies.borrow_mut();
+                if let Some(copy) = copies.iter().find(|c| c.generation == generation) {
+                    return Some(found(copy));
+                }
+                let copy = make()?;
+                let result = found(&copy);
+                if copies.len() >= MAX_COPIES {
+                    copies.remove(0);
+                }
+                copies.push(copy);
+                Some(result)
+            })
+            // During thread teardown the thread-local is gone: answer from a fresh copy.
+            .unwrap_or_else(|_| None)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +264,8 @@ struct Shared {
     settings: Settings,
     clock: Arc<dyn Clock>,
     cache: ArcSwapOption<Cached>,
+    /// Generation of the cached token, 0 before the first.
+    generation: AtomicU64,
     status: watch::Sender<Status>,
     tokens: watch::Sender<Option<DbCredentials>>,
     demand: Notify,
@@ -216,12 +273,23 @@ struct Shared {
 }
 
 impl Shared {
-    /// The hot path: a cached token that may still be handed out. Lock-free and
-    /// allocation-free (an `ArcSwap` load and a reference-count increment).
+    /// The hot path: a cached token that may still be handed out. Lock-free, and
+    /// allocation-free once this thread has its copy of the current token: an atomic load, a
+    /// clock read, and a reference-count increment on a thread-private copy.
     fn usable(&self) -> Option<DbCredentials> {
-        let cached = self.cache.load();
-        let cached = cached.as_ref()?;
-        (self.clock.now() < cached.usable_until).then(|| cached.creds.clone())
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == 0 {
+            return None;
+        }
+        let (usable_until, creds) = thread_copies::get(generation, || {
+            let cached = self.cache.load_full()?;
+            Some(thread_copies::Copy {
+                generation: cached.generation,
+                usable_until: cached.usable_until,
+                creds: DbCredentials(Arc::new((*cached.creds.0).clone())),
+            })
+        })?;
+        (self.clock.now() < usable_until).then_some(creds)
     }
 
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
@@ -309,12 +377,16 @@ impl Shared {
         // Up to 10 % earlier, so that a fleet started together spreads its refreshes.
         let margin = margin.mul_f64(1.0 - 0.1 * fastrand::f64());
         let safety = self.settings.safety_margin.min(lifetime / 4);
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let cached = Cached {
+            generation,
             refresh_at: creds.expires_at() - margin,
             usable_until: creds.expires_at() - safety,
             creds: creds.clone(),
         };
         let previous = self.cache.swap(Some(Arc::new(cached)));
+        // After the swap, so a reader that sees this generation finds it (or a newer one).
+        self.generation.store(generation, Ordering::Release);
         {
             let mut stats = self.stats();
             stats.tokens_fetched += 1;
@@ -721,6 +793,7 @@ impl EntraAuthBuilder {
             settings,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             cache: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             status: watch::Sender::new(Status::Idle),
             tokens: watch::Sender::new(None),
             demand: Notify::new(),
