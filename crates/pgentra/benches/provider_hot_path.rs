@@ -62,9 +62,12 @@ fn poll_ready<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// One way of getting credentials, called from many threads.
+type Call = Arc<dyn Fn() + Send + Sync>;
+
 /// Runs `iters` calls on each of `threads` threads at once; returns the wall time, which is
 /// the time per call per thread under contention.
-fn contended(threads: usize, iters: u64, call: Arc<dyn Fn() + Send + Sync>) -> Duration {
+fn contended(threads: usize, iters: u64, call: Call) -> Duration {
     let start = Arc::new(Barrier::new(threads + 1));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
@@ -100,9 +103,8 @@ fn main() {
         ))),
     });
 
-    let calls: [(&str, Arc<dyn Fn() + Send + Sync>); 2] = [
+    let calls: [(&str, Call); 2] = [
         ("pgentra", {
-            let auth = auth.clone();
             Arc::new(move || {
                 black_box(poll_ready(auth.credentials()).unwrap());
             })

@@ -208,7 +208,7 @@ impl CredentialChain {
                 .map(|token| (token, *kind))
                 .map_err(|e| Error::Credential {
                     credential: kind.name().to_owned(),
-                    reason: e.to_string(),
+                    reason: crate::error::reason(&e),
                 });
         }
         let mut attempts = Vec::with_capacity(self.entries.len());
@@ -248,10 +248,10 @@ async fn attempt(
 ) -> Result<AccessToken, String> {
     let request = credential.get_token(scopes, None);
     if !probe {
-        return request.await.map_err(|e| e.to_string());
+        return request.await.map_err(|e| crate::error::reason(&e));
     }
     match tokio::time::timeout(MANAGED_IDENTITY_PROBE_TIMEOUT, request).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
+        Ok(result) => result.map_err(|e| crate::error::reason(&e)),
         Err(_) => Err(format!(
             "no managed identity endpoint answered within {MANAGED_IDENTITY_PROBE_TIMEOUT:?}"
         )),

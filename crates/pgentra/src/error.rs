@@ -137,6 +137,18 @@ impl Error {
     }
 }
 
+/// An `azure_identity` error as one line (its messages end with a troubleshooting link on a
+/// line of its own).
+pub(crate) fn reason(error: &azure_core::Error) -> String {
+    error
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One credential's failure inside [`Error::NoCredential`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialAttempt {

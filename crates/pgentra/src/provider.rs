@@ -169,7 +169,7 @@ impl Source {
                 .map(|token| (token, name.clone()))
                 .map_err(|e| Error::Credential {
                     credential: name.clone(),
-                    reason: e.to_string(),
+                    reason: crate::error::reason(&e),
                 }),
         }
     }
@@ -225,13 +225,14 @@ mod thread_copies {
         make: impl FnOnce() -> Option<Copy>,
     ) -> Option<(SystemTime, DbCredentials)> {
         let found = |copy: &Copy| (copy.usable_until, copy.creds.clone());
+        let mut make = Some(make);
         COPIES
             .try_with(|copies| {
                 let mut copies = copies.borrow_mut();
                 if let Some(copy) = copies.iter().find(|c| c.generation == generation) {
                     return Some(found(copy));
                 }
-                let copy = make()?;
+                let copy = make.take().and_then(|make| make())?;
                 let result = found(&copy);
                 if copies.len() >= MAX_COPIES {
                     copies.remove(0);
@@ -240,7 +241,10 @@ mod thread_copies {
                 Some(result)
             })
             // During thread teardown the thread-local is gone: answer from a fresh copy.
-            .unwrap_or_else(|_| None)
+            .unwrap_or_else(|_| {
+                let copy = make.take().and_then(|make| make())?;
+                Some((copy.usable_until, copy.creds))
+            })
     }
 }
 
