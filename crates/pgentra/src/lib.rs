@@ -63,3 +63,8 @@ pub use cloud::Cloud;
 pub use error::{CredentialAttempt, Error, Result};
 pub use provider::{DbCredentials, EntraAuth, EntraAuthBuilder, Stats};
 pub use secret::Secret;
+
+/// The README's examples, compiled as doc tests so they cannot drift from the API.
+#[cfg(all(doctest, feature = "tokio-postgres-0_7"))]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
