@@ -332,3 +332,17 @@ fn the_default_is_verify_full_with_default_roots() {
     assert_eq!(TlsOptions::default().mode, SslMode::VerifyFull);
     assert_eq!(TlsOptions::default().root_cert, None);
 }
+
+#[cfg(feature = "tokio-postgres-0_7")]
+#[test]
+fn the_tokio_postgres_connector_follows_the_options() {
+    assert!(TlsOptions::verify_full().make_tls_connect().is_ok());
+    assert!(TlsOptions::require().make_tls_connect().is_ok());
+    let missing = TempFile::path("missing-for-connector");
+    assert!(matches!(
+        TlsOptions::verify_ca()
+            .with_root_cert(&missing)
+            .make_tls_connect(),
+        Err(Error::Io { .. })
+    ));
+}
