@@ -1,0 +1,7 @@
+//! A local stand-in for Microsoft Entra ID and for Azure Database for PostgreSQL's token check,
+//! in front of a real PostgreSQL, so that token refresh and expiry can be tested for real.
+//!
+//! This crate is being built up; today it holds the throwaway PostgreSQL cluster
+//! ([`backend::Cluster`]).
+
+pub mod backend;
