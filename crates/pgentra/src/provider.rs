@@ -38,7 +38,7 @@ use arc_swap::ArcSwapOption;
 use azure_core::credentials::{AccessToken, TokenCredential};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -296,9 +296,8 @@ impl Shared {
         (self.clock.now() < usable_until).then_some(creds)
     }
 
-    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
-        // Stats are plain counters: a poisoned lock still holds usable numbers.
-        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    fn stats(&self) -> MutexGuard<'_, Stats> {
+        lock(&self.stats)
     }
 
     fn next_wake(&self) -> Option<SystemTime> {
@@ -352,12 +351,7 @@ impl Shared {
         if let Some(user) = &self.explicit_user {
             return Ok((user.clone(), UsernameSource::Explicit));
         }
-        if let Some(derived) = self
-            .derived_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(derived) = lock(&self.derived_user).clone() {
             return Ok(derived);
         }
         let derived = match role_from(token, credential)? {
@@ -370,7 +364,7 @@ impl Shared {
                 role_from(&management, &credential)?.map_err(|_| Error::NoUsername { reason })?
             }
         };
-        *self.derived_user.lock().unwrap_or_else(|p| p.into_inner()) = Some(derived.clone());
+        *lock(&self.derived_user) = Some(derived.clone());
         Ok(derived)
     }
 
@@ -444,6 +438,14 @@ impl Shared {
             }),
         }
     }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (counters and a cached
+/// name), so poisoning is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The role named by `token`'s claims: `Err` if the token is unreadable, `Ok(Err)` if it names
