@@ -590,3 +590,19 @@ async fn dropping_the_last_handle_stops_the_provider_thread() {
     // The token sender lives in the worker's state; once the thread ends it is dropped.
     assert!(tokens.changed().await.is_err());
 }
+
+#[tokio::test]
+async fn refresh_is_never_scheduled_after_the_token_stops_being_served() {
+    let clock = clock();
+    let credential = Scripted::new(&clock, Duration::from_secs(3600));
+    let auth = EntraAuth::builder()
+        .credential_named("Scripted", credential.clone())
+        .clock(clock.clone())
+        .refresh_margin(Duration::from_secs(10))
+        .safety_margin(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let creds = auth.credentials().await.unwrap();
+    let refresh_at = clock.next_deadline().await;
+    assert_eq!(refresh_at, creds.expires_at() - Duration::from_secs(60));
+}
