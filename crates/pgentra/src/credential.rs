@@ -206,10 +206,7 @@ impl CredentialChain {
                 .get_token(&scopes, None)
                 .await
                 .map(|token| (token, *kind))
-                .map_err(|e| Error::Credential {
-                    credential: kind.name().to_owned(),
-                    reason: crate::error::reason(&e),
-                });
+                .map_err(|e| Error::credential(kind.name(), &e));
         }
         let mut attempts = Vec::with_capacity(self.entries.len());
         for (index, entry) in self.entries.iter().enumerate() {
@@ -366,7 +363,7 @@ fn build(kind: CredentialKind, vars: &Vars) -> Result<Arc<dyn TokenCredential>, 
             .map(|c| c as _)
         }
     };
-    built.map_err(|e| format!("cannot be configured: {e}"))
+    configured(built)
 }
 
 fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
@@ -381,14 +378,15 @@ fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
         let options = ClientSecretCredentialOptions {
             client_options: client_options(vars),
         };
-        return ClientSecretCredential::new(
-            tenant,
-            client.to_owned(),
-            AzureSecret::new(secret.to_owned()),
-            Some(options),
-        )
-        .map(|c| c as _)
-        .map_err(|e| format!("cannot be configured: {e}"));
+        return configured(
+            ClientSecretCredential::new(
+                tenant,
+                client.to_owned(),
+                AzureSecret::new(secret.to_owned()),
+                Some(options),
+            )
+            .map(|c| c as _),
+        );
     }
     match vars.get("AZURE_CLIENT_CERTIFICATE_PATH") {
         Some(path) => certificate(vars, tenant, client, path),
@@ -413,14 +411,15 @@ fn certificate(
     options.password = vars
         .get("AZURE_CLIENT_CERTIFICATE_PASSWORD")
         .map(|p| AzureSecret::new(p.to_owned()));
-    ClientCertificateCredential::new(
-        tenant.to_owned(),
-        client.to_owned(),
-        bytes.into(),
-        Some(options),
+    configured(
+        ClientCertificateCredential::new(
+            tenant.to_owned(),
+            client.to_owned(),
+            bytes.into(),
+            Some(options),
+        )
+        .map(|c| c as _),
     )
-    .map(|c| c as _)
-    .map_err(|e| format!("cannot be configured: {e}"))
 }
 
 #[cfg(not(feature = "client-certificate"))]
@@ -431,6 +430,13 @@ fn certificate(
     _path: &str,
 ) -> Result<Arc<dyn TokenCredential>, String> {
     Err("AZURE_CLIENT_CERTIFICATE_PATH is set, but pgentra was built without its `client-certificate` feature".into())
+}
+
+/// A built credential, or the reason it could not be built.
+fn configured(
+    built: azure_core::Result<Arc<dyn TokenCredential>>,
+) -> Result<Arc<dyn TokenCredential>, String> {
+    built.map_err(|e| format!("cannot be configured: {}", crate::error::reason(&e)))
 }
 
 /// Client options that honour `AZURE_AUTHORITY_HOST` from `vars` (azure_identity would

@@ -105,6 +105,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn credential(credential: &str, error: &azure_core::Error) -> Self {
+        Self::Credential {
+            credential: credential.to_owned(),
+            reason: reason(error),
+        }
+    }
+
     pub(crate) fn config(message: impl Into<String>) -> Self {
         Self::Config {
             message: message.into(),

@@ -167,10 +167,7 @@ impl Source {
                 .get_token(&[scope], None)
                 .await
                 .map(|token| (token, name.clone()))
-                .map_err(|e| Error::Credential {
-                    credential: name.clone(),
-                    reason: crate::error::reason(&e),
-                }),
+                .map_err(|e| Error::credential(name, &e)),
         }
     }
 
