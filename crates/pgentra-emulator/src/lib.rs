@@ -2,6 +2,7 @@
 //! in front of a real PostgreSQL, so that token refresh and expiry can be tested for real.
 //!
 //! This crate is being built up; today it holds the throwaway PostgreSQL cluster
-//! ([`backend::Cluster`]).
+//! ([`backend::Cluster`]) and the token issuer ([`issuer::Issuer`]).
 
 pub mod backend;
+pub mod issuer;
