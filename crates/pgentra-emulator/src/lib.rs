@@ -5,4 +5,5 @@
 //! ([`backend::Cluster`]) and the token issuer ([`issuer::Issuer`]).
 
 pub mod backend;
+pub mod identity;
 pub mod issuer;

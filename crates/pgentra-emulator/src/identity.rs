@@ -1,0 +1,383 @@
+//! The managed-identity endpoints of the emulator, over HTTP on loopback:
+//!
+//! - App Service protocol: `GET /msi/token?api-version=2019-08-01&resource=R[&client_id=C]`
+//!   with the `X-IDENTITY-HEADER` secret; point `IDENTITY_ENDPOINT`/`IDENTITY_HEADER` at it and
+//!   `azure_identity::ManagedIdentityCredential` works unchanged.
+//! - IMDS protocol: `GET /metadata/identity/oauth2/token?...` with `Metadata: true`; point
+//!   `AZURE_POD_IDENTITY_AUTHORITY_HOST` at [`IdentityServer::imds_authority`] and pgentra's
+//!   credential chain sends the IMDS client there.
+//! - JWKS and OpenID configuration: `GET /{tenant}/discovery/v2.0/keys` and
+//!   `GET /{tenant}/v2.0/.well-known/openid-configuration`.
+//!
+//! Both token protocols answer as Azure does: `expires_on` as a JSON string of epoch seconds,
+//! plus `resource` and `token_type`. They enforce the IMDS limits (20 requests a second, 5 at
+//! once) with 429s, so a thundering herd is visible. Faults can be injected, and every endpoint
+//! counts its requests.
+
+use crate::issuer::{Issuer, Principal, PrincipalKind};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, oneshot};
+
+/// An endpoint whose requests are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// The App Service managed-identity endpoint.
+    AppService,
+    /// The IMDS managed-identity endpoint.
+    Imds,
+    /// JWKS and OpenID configuration.
+    Keys,
+}
+
+/// Faults to inject into the token endpoints.
+#[derive(Debug, Clone, Default)]
+struct Faults {
+    /// Fail this many of the next token requests with `fail_status`.
+    fail_next: u32,
+    fail_status: u16,
+    /// Delay every token response by this much.
+    latency: Duration,
+    /// Never answer token requests.
+    hang: bool,
+}
+
+/// The IMDS managed-identity limits: 20 requests a second and 5 at once.
+const RATE_PER_SECOND: usize = 20;
+const MAX_CONCURRENT: usize = 5;
+
+struct State {
+    issuer: Arc<Issuer>,
+    /// The identity the endpoints answer as when no `client_id` is given (system-assigned).
+    default_identity: Principal,
+    /// Identities selectable with `client_id`, by client ID.
+    identities: HashMap<String, Principal>,
+    header_secret: String,
+    faults: Mutex<Faults>,
+    counters: HashMap<Endpoint, AtomicU64>,
+    concurrent: Arc<Semaphore>,
+    recent: Mutex<VecDeque<Instant>>,
+    throttled: AtomicU64,
+}
+
+/// The running endpoints; stopped when dropped.
+pub struct IdentityServer {
+    addr: SocketAddr,
+    state: Arc<State>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for IdentityServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityServer {
+    /// Starts the endpoints on a free loopback port, on a runtime of their own (so they outlive
+    /// any one test's runtime). `default_identity` answers requests without `client_id`;
+    /// `identities` answer to their `client_id`.
+    pub fn start(
+        issuer: Arc<Issuer>,
+        default_identity: Principal,
+        identities: impl IntoIterator<Item = Principal>,
+    ) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            issuer,
+            default_identity,
+            identities: identities
+                .into_iter()
+                .map(|p| (p.client_id.clone(), p))
+                .collect(),
+            header_secret: format!("emulator-{:016x}", fastrand::u64(..)),
+            faults: Mutex::new(Faults::default()),
+            counters: [Endpoint::AppService, Endpoint::Imds, Endpoint::Keys]
+                .into_iter()
+                .map(|e| (e, AtomicU64::new(0)))
+                .collect(),
+            concurrent: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            recent: Mutex::new(VecDeque::new()),
+            throttled: AtomicU64::new(0),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pgentra-emulator-identity")
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("pgentra-emulator-identity".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = accept_loop(listener, serving) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        Ok(Self {
+            addr,
+            state,
+            _stop: stop,
+        })
+    }
+
+    /// `IDENTITY_ENDPOINT` for the App Service protocol.
+    pub fn identity_endpoint(&self) -> String {
+        format!("http://{}/msi/token", self.addr)
+    }
+
+    /// `IDENTITY_HEADER`: the secret the App Service protocol requires.
+    pub fn identity_header(&self) -> &str {
+        &self.state.header_secret
+    }
+
+    /// The authority to send IMDS requests to (`AZURE_POD_IDENTITY_AUTHORITY_HOST`).
+    pub fn imds_authority(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The JWKS URL.
+    pub fn jwks_uri(&self) -> String {
+        format!(
+            "http://{}/{}/discovery/v2.0/keys",
+            self.addr,
+            self.state.issuer.tenant()
+        )
+    }
+
+    /// Fails the next `count` token requests with HTTP `status` (429 or 500, say).
+    pub fn fail_next(&self, count: u32, status: u16) {
+        let mut faults = lock(&self.state.faults);
+        faults.fail_next = count;
+        faults.fail_status = status;
+    }
+
+    /// Delays every token response by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.state.faults).latency = latency;
+    }
+
+    /// Stops answering token requests (they hang) until called with `false`.
+    pub fn set_hang(&self, hang: bool) {
+        lock(&self.state.faults).hang = hang;
+    }
+
+    /// Requests received by `endpoint` so far (including refused ones).
+    pub fn requests(&self, endpoint: Endpoint) -> u64 {
+        self.state.counters[&endpoint].load(Ordering::Relaxed)
+    }
+
+    /// Token requests refused with 429 by the rate limits.
+    pub fn throttled(&self) -> u64 {
+        self.state.throttled.load(Ordering::Relaxed)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, description: &str) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        &json!({"error": code, "error_description": description}),
+    )
+}
+
+async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let query: HashMap<String, String> = request
+        .uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let tenant = state.issuer.tenant();
+    if path == format!("/{tenant}/discovery/v2.0/keys") {
+        count(state, Endpoint::Keys);
+        return respond(StatusCode::OK, &state.issuer.jwks());
+    }
+    if path == format!("/{tenant}/v2.0/.well-known/openid-configuration") {
+        count(state, Endpoint::Keys);
+        return respond(
+            StatusCode::OK,
+            &json!({"issuer": state.issuer.issuer(), "jwks_uri": format!("/{tenant}/discovery/v2.0/keys")}),
+        );
+    }
+    let endpoint = match path.as_str() {
+        "/msi/token" => Endpoint::AppService,
+        "/metadata/identity/oauth2/token" => Endpoint::Imds,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "unknown path"),
+    };
+    count(state, endpoint);
+    let headers = request.headers();
+    match endpoint {
+        Endpoint::AppService => {
+            let given = headers
+                .get("x-identity-header")
+                .and_then(|v| v.to_str().ok());
+            if given != Some(state.header_secret.as_str()) {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "X-IDENTITY-HEADER is missing or wrong",
+                );
+            }
+        }
+        _ => {
+            if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request_102",
+                    "Required metadata header not specified",
+                );
+            }
+        }
+    }
+    let (Some(_), Some(resource)) = (query.get("api-version"), query.get("resource")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "api-version and resource are required",
+        );
+    };
+    let Ok(_permit) = Arc::clone(&state.concurrent).try_acquire_owned() else {
+        return throttle(state);
+    };
+    if !within_rate(state) {
+        return throttle(state);
+    }
+    let faults = {
+        let mut faults = lock(&state.faults);
+        let snapshot = faults.clone();
+        faults.fail_next = faults.fail_next.saturating_sub(1);
+        snapshot
+    };
+    if faults.hang {
+        std::future::pending::<()>().await;
+    }
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    if faults.fail_next > 0 {
+        let status =
+            StatusCode::from_u16(faults.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(
+            status,
+            "injected_fault",
+            "fault injected by the pgentra emulator",
+        );
+    }
+    let principal = match query.get("client_id") {
+        None => &state.default_identity,
+        Some(client_id) => match state.identities.get(client_id) {
+            Some(principal) if matches!(principal.kind, PrincipalKind::UserAssignedIdentity) => {
+                principal
+            }
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Identity not found: no user-assigned identity with this client_id is assigned",
+                );
+            }
+        },
+    };
+    let issued = state.issuer.issue(principal, resource);
+    let now = issued.expires_on - state.issuer.lifetime().as_secs();
+    respond(
+        StatusCode::OK,
+        &json!({
+            "access_token": issued.token,
+            "client_id": principal.client_id,
+            "expires_in": (issued.expires_on - now).to_string(),
+            "expires_on": issued.expires_on.to_string(),
+            "ext_expires_in": (issued.expires_on - now).to_string(),
+            "not_before": now.to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        }),
+    )
+}
+
+fn count(state: &State, endpoint: Endpoint) {
+    state.counters[&endpoint].fetch_add(1, Ordering::Relaxed);
+}
+
+fn throttle(state: &State) -> Response<Full<Bytes>> {
+    state.throttled.fetch_add(1, Ordering::Relaxed);
+    error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        "Too many requests (managed identity limits: 20 per second, 5 at once)",
+    )
+}
+
+/// Sliding one-second window of accepted token requests.
+fn within_rate(state: &State) -> bool {
+    let now = Instant::now();
+    let mut recent = lock(&state.recent);
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+    {
+        recent.pop_front();
+    }
+    if recent.len() >= RATE_PER_SECOND {
+        return false;
+    }
+    recent.push_back(now);
+    true
+}
