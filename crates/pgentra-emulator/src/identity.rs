@@ -8,6 +8,12 @@
 //!   credential chain sends the IMDS client there.
 //! - JWKS and OpenID configuration: `GET /{tenant}/discovery/v2.0/keys` and
 //!   `GET /{tenant}/v2.0/.well-known/openid-configuration`.
+//! - Developer CLIs: [`IdentityServer::write_cli_shims`] writes `az` and `azd` executables
+//!   that answer `az account get-access-token -o json --scope S` and
+//!   `azd auth token -o json --scope S` exactly as the real tools print them (`expires_on` an
+//!   integer for `az`, RFC 3339 `expiresOn` for `azd`), for the signed-in CLI user; with their
+//!   directory first on `PATH`, `AzureCliCredential` and `AzureDeveloperCliCredential` run
+//!   unchanged.
 //!
 //! Both token protocols answer as Azure does: `expires_on` as a JSON string of epoch seconds,
 //! plus `resource` and `token_type`. They enforce the IMDS limits (20 requests a second, 5 at
@@ -22,6 +28,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +44,21 @@ pub enum Endpoint {
     Imds,
     /// JWKS and OpenID configuration.
     Keys,
+    /// The `az` shim.
+    AzureCli,
+    /// The `azd` shim.
+    AzureDeveloperCli,
+}
+
+/// Who the identity endpoints answer as.
+#[derive(Debug, Clone)]
+pub struct Identities {
+    /// The system-assigned identity: requests without `client_id`.
+    pub default_identity: Principal,
+    /// User-assigned identities, selected by their `client_id`.
+    pub user_assigned: Vec<Principal>,
+    /// The user signed in to the `az` and `azd` shims.
+    pub cli_user: Principal,
 }
 
 /// Faults to inject into the token endpoints.
@@ -61,6 +83,7 @@ struct State {
     default_identity: Principal,
     /// Identities selectable with `client_id`, by client ID.
     identities: HashMap<String, Principal>,
+    cli_user: Principal,
     header_secret: String,
     faults: Mutex<Faults>,
     counters: HashMap<Endpoint, AtomicU64>,
@@ -86,29 +109,32 @@ impl std::fmt::Debug for IdentityServer {
 
 impl IdentityServer {
     /// Starts the endpoints on a free loopback port, on a runtime of their own (so they outlive
-    /// any one test's runtime). `default_identity` answers requests without `client_id`;
-    /// `identities` answer to their `client_id`.
-    pub fn start(
-        issuer: Arc<Issuer>,
-        default_identity: Principal,
-        identities: impl IntoIterator<Item = Principal>,
-    ) -> std::io::Result<Self> {
+    /// any one test's runtime).
+    pub fn start(issuer: Arc<Issuer>, identities: Identities) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             issuer,
-            default_identity,
+            default_identity: identities.default_identity,
             identities: identities
+                .user_assigned
                 .into_iter()
                 .map(|p| (p.client_id.clone(), p))
                 .collect(),
+            cli_user: identities.cli_user,
             header_secret: format!("emulator-{:016x}", fastrand::u64(..)),
             faults: Mutex::new(Faults::default()),
-            counters: [Endpoint::AppService, Endpoint::Imds, Endpoint::Keys]
-                .into_iter()
-                .map(|e| (e, AtomicU64::new(0)))
-                .collect(),
+            counters: [
+                Endpoint::AppService,
+                Endpoint::Imds,
+                Endpoint::Keys,
+                Endpoint::AzureCli,
+                Endpoint::AzureDeveloperCli,
+            ]
+            .into_iter()
+            .map(|e| (e, AtomicU64::new(0)))
+            .collect(),
             concurrent: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             recent: Mutex::new(VecDeque::new()),
             throttled: AtomicU64::new(0),
@@ -164,6 +190,21 @@ impl IdentityServer {
         )
     }
 
+    /// Writes the `az` and `azd` shims into `dir` (prepend it to `PATH`). They are bash
+    /// scripts that fetch their answer from this server, using only shell builtins.
+    pub fn write_cli_shims(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        for (name, route) in [("az", "az"), ("azd", "azd")] {
+            let script = SHIM
+                .replace("@PORT@", &self.addr.port().to_string())
+                .replace("@ROUTE@", route);
+            let path = dir.join(name);
+            std::fs::write(&path, script)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
+    }
+
     /// Fails the next `count` token requests with HTTP `status` (429 or 500, say).
     pub fn fail_next(&self, count: u32, status: u16) {
         let mut faults = lock(&self.state.faults);
@@ -191,6 +232,36 @@ impl IdentityServer {
         self.state.throttled.load(Ordering::Relaxed)
     }
 }
+
+/// The CLI shim: takes `--scope`, asks the emulator over `/dev/tcp`, prints the body on
+/// success and fails like the real tool (message on stderr, exit 1) otherwise.
+const SHIM: &str = r#"#!/bin/bash
+# Written by the pgentra emulator: answers like the real CLI for the emulated signed-in user.
+scope=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scope|--resource) scope="$2"; shift ;;
+  esac
+  shift
+done
+if ! exec 3<>/dev/tcp/127.0.0.1/@PORT@; then
+  echo "ERROR: the pgentra emulator is not running. Please run 'az login' to setup account." >&2
+  exit 1
+fi
+printf 'GET /shim/@ROUTE@?scope=%s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$scope" >&3
+status=""
+while IFS= read -r line <&3; do
+  line="${line%$'\r'}"
+  [ -z "$status" ] && status="$line"
+  [ -z "$line" ] && break
+done
+body=""
+while IFS= read -r line <&3 || [ -n "$line" ]; do body+="$line"; done
+case "$status" in
+  *" 200 "*) printf '%s\n' "$body" ;;
+  *) printf 'ERROR: %s\n' "$body" >&2; exit 1 ;;
+esac
+"#;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -254,6 +325,13 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         return respond(
             StatusCode::OK,
             &json!({"issuer": state.issuer.issuer(), "jwks_uri": format!("/{tenant}/discovery/v2.0/keys")}),
+        );
+    }
+    if let Some(tool) = path.strip_prefix("/shim/") {
+        return cli(
+            state,
+            tool,
+            query.get("scope").map(String::as_str).unwrap_or_default(),
         );
     }
     let endpoint = match path.as_str() {
@@ -350,6 +428,48 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             "token_type": "Bearer",
         }),
     )
+}
+
+/// What `az account get-access-token -o json` and `azd auth token -o json` print.
+fn cli(state: &State, tool: &str, scope: &str) -> Response<Full<Bytes>> {
+    let endpoint = match tool {
+        "az" => Endpoint::AzureCli,
+        "azd" => Endpoint::AzureDeveloperCli,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "unknown tool"),
+    };
+    count(state, endpoint);
+    if scope.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "--scope is required",
+        );
+    }
+    let issued = state.issuer.issue(&state.cli_user, scope);
+    let expires = time::OffsetDateTime::from_unix_timestamp(issued.expires_on as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let body = if endpoint == Endpoint::AzureCli {
+        // `expiresOn` is a deprecated local-time string; `expires_on` is what clients read.
+        let expires_on_local = expires
+            .format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]"
+            ))
+            .unwrap_or_default();
+        json!({
+            "accessToken": issued.token,
+            "expiresOn": expires_on_local,
+            "expires_on": issued.expires_on,
+            "subscription": "00000000-0000-0000-0000-000000000000",
+            "tenant": state.issuer.tenant(),
+            "tokenType": "Bearer",
+        })
+    } else {
+        let rfc3339 = expires
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        json!({"token": issued.token, "expiresOn": rfc3339})
+    };
+    respond(StatusCode::OK, &body)
 }
 
 fn count(state: &State, endpoint: Endpoint) {

@@ -4,7 +4,7 @@
 use pgentra::EntraAuth;
 use pgentra::claims::{Claims, UsernameSource};
 use pgentra::credential::CredentialChain;
-use pgentra_emulator::identity::{Endpoint, IdentityServer};
+use pgentra_emulator::identity::{Endpoint, Identities, IdentityServer};
 use pgentra_emulator::issuer::{Issuer, Principal};
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -19,8 +19,11 @@ fn server(lifetime: Duration) -> (IdentityServer, Principal, Arc<Issuer>) {
     let uami = Principal::user_assigned_identity("orders-mi");
     let server = IdentityServer::start(
         Arc::clone(&issuer),
-        Principal::system_assigned_identity(VM),
-        [uami.clone()],
+        Identities {
+            default_identity: Principal::system_assigned_identity(VM),
+            user_assigned: vec![uami.clone()],
+            cli_user: Principal::user("dev@contoso.com"),
+        },
     )
     .unwrap();
     (server, uami, issuer)
@@ -313,4 +316,98 @@ async fn provider_serves_a_valid_token_while_the_issuer_hangs_then_errors_within
         .await
         .unwrap();
     auth.credentials().await.unwrap();
+}
+
+/// A temp directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("pgentra-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn cli_shims_serve_the_unchanged_cli_credentials() {
+    let (server, _, issuer) = server(Duration::from_secs(3600));
+    let bin = TempDir::new("shims");
+    server.write_cli_shims(&bin.0).unwrap();
+    for (name, endpoint) in [
+        ("AzureCliCredential", Endpoint::AzureCli),
+        ("AzureDeveloperCliCredential", Endpoint::AzureDeveloperCli),
+    ] {
+        let chain = CredentialChain::from_vars([
+            ("PATH", bin.0.to_str().unwrap()),
+            ("AZURE_TOKEN_CREDENTIALS", name),
+        ])
+        .unwrap();
+        let auth = EntraAuth::builder()
+            .credential_chain(chain)
+            .build()
+            .unwrap();
+        let creds = auth.credentials().await.unwrap();
+        assert_eq!(creds.user(), "dev@contoso.com", "{name}");
+        assert_eq!(creds.user_source(), UsernameSource::Upn);
+        assert_eq!(creds.credential(), name);
+        issuer
+            .verify(
+                creds.password().expose_secret(),
+                "https://ossrdbms-aad.database.windows.net",
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(server.requests(endpoint), 1, "{name}");
+    }
+}
+
+#[test]
+fn cli_shims_print_what_the_real_tools_print() {
+    let (server, _, _) = server(Duration::from_secs(3600));
+    let bin = TempDir::new("shim-output");
+    server.write_cli_shims(&bin.0).unwrap();
+    let run = |tool: &str, args: &[&str]| {
+        let output = std::process::Command::new(bin.0.join(tool))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let scope = "https://ossrdbms-aad.database.windows.net/.default";
+    let (ok, az) = run(
+        "az",
+        &[
+            "account",
+            "get-access-token",
+            "-o",
+            "json",
+            "--scope",
+            scope,
+        ],
+    );
+    assert!(ok);
+    let az: serde_json::Value = serde_json::from_str(&az).unwrap();
+    assert!(az["expires_on"].is_u64(), "{az}");
+    assert!(
+        az["accessToken"].is_string() && az["expiresOn"].is_string(),
+        "{az}"
+    );
+    let (ok, azd) = run("azd", &["auth", "token", "-o", "json", "--scope", scope]);
+    assert!(ok);
+    let azd: serde_json::Value = serde_json::from_str(&azd).unwrap();
+    let expires = azd["expiresOn"].as_str().unwrap();
+    assert!(expires.ends_with('Z') && expires.contains('T'), "{azd}");
+    // No scope: fails like a CLI, with a message and exit code 1.
+    let (ok, _) = run("az", &["account", "get-access-token", "-o", "json"]);
+    assert!(!ok);
 }
