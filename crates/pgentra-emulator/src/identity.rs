@@ -6,6 +6,9 @@
 //! - IMDS protocol: `GET /metadata/identity/oauth2/token?...` with `Metadata: true`; point
 //!   `AZURE_POD_IDENTITY_AUTHORITY_HOST` at [`IdentityServer::imds_authority`] and pgentra's
 //!   credential chain sends the IMDS client there.
+//! - OAuth2 client credentials: `POST /{tenant}/oauth2/v2.0/token` over HTTPS with the
+//!   emulator's CA; with `AZURE_AUTHORITY_HOST` set to [`IdentityServer::authority_host`] and
+//!   the CA trusted (`SSL_CERT_FILE`), `ClientSecretCredential` works unchanged.
 //! - JWKS and OpenID configuration: `GET /{tenant}/discovery/v2.0/keys` and
 //!   `GET /{tenant}/v2.0/.well-known/openid-configuration`.
 //! - Developer CLIs: [`IdentityServer::write_cli_shims`] writes `az` and `azd` executables
@@ -48,6 +51,8 @@ pub enum Endpoint {
     AzureCli,
     /// The `azd` shim.
     AzureDeveloperCli,
+    /// The OAuth2 client-credentials endpoint.
+    OAuth,
 }
 
 /// Who the identity endpoints answer as.
@@ -59,6 +64,8 @@ pub struct Identities {
     pub user_assigned: Vec<Principal>,
     /// The user signed in to the `az` and `azd` shims.
     pub cli_user: Principal,
+    /// Service principals and their client secrets, for the OAuth2 endpoint.
+    pub service_principals: Vec<(Principal, String)>,
 }
 
 /// Faults to inject into the token endpoints.
@@ -84,6 +91,8 @@ struct State {
     /// Identities selectable with `client_id`, by client ID.
     identities: HashMap<String, Principal>,
     cli_user: Principal,
+    /// Client ID → (principal, secret).
+    service_principals: HashMap<String, (Principal, String)>,
     header_secret: String,
     faults: Mutex<Faults>,
     counters: HashMap<Endpoint, AtomicU64>,
@@ -95,6 +104,7 @@ struct State {
 /// The running endpoints; stopped when dropped.
 pub struct IdentityServer {
     addr: SocketAddr,
+    tls_addr: SocketAddr,
     state: Arc<State>,
     _stop: oneshot::Sender<()>,
 }
@@ -110,10 +120,20 @@ impl std::fmt::Debug for IdentityServer {
 impl IdentityServer {
     /// Starts the endpoints on a free loopback port, on a runtime of their own (so they outlive
     /// any one test's runtime).
-    pub fn start(issuer: Arc<Issuer>, identities: Identities) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
+    /// `tls` serves the HTTPS listener (see [`Ca::server_config`](crate::ca::Ca::server_config)).
+    pub fn start(
+        issuer: Arc<Issuer>,
+        identities: Identities,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Self> {
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        };
+        let (listener, tls_listener) = (bind()?, bind()?);
         let addr = listener.local_addr()?;
+        let tls_addr = tls_listener.local_addr()?;
         let state = Arc::new(State {
             issuer,
             default_identity: identities.default_identity,
@@ -123,6 +143,11 @@ impl IdentityServer {
                 .map(|p| (p.client_id.clone(), p))
                 .collect(),
             cli_user: identities.cli_user,
+            service_principals: identities
+                .service_principals
+                .into_iter()
+                .map(|(p, secret)| (p.client_id.clone(), (p, secret)))
+                .collect(),
             header_secret: format!("emulator-{:016x}", fastrand::u64(..)),
             faults: Mutex::new(Faults::default()),
             counters: [
@@ -131,6 +156,7 @@ impl IdentityServer {
                 Endpoint::Keys,
                 Endpoint::AzureCli,
                 Endpoint::AzureDeveloperCli,
+                Endpoint::OAuth,
             ]
             .into_iter()
             .map(|e| (e, AtomicU64::new(0)))
@@ -150,17 +176,23 @@ impl IdentityServer {
             .name("pgentra-emulator-identity".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    let (Ok(listener), Ok(tls_listener)) = (
+                        tokio::net::TcpListener::from_std(listener),
+                        tokio::net::TcpListener::from_std(tls_listener),
+                    ) else {
                         return;
                     };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                     tokio::select! {
-                        () = accept_loop(listener, serving) => {}
+                        () = accept_loop(listener, None, Arc::clone(&serving)) => {}
+                        () = accept_loop(tls_listener, Some(acceptor), serving) => {}
                         _ = stopped => {}
                     }
                 });
             })?;
         Ok(Self {
             addr,
+            tls_addr,
             state,
             _stop: stop,
         })
@@ -179,6 +211,11 @@ impl IdentityServer {
     /// The authority to send IMDS requests to (`AZURE_POD_IDENTITY_AUTHORITY_HOST`).
     pub fn imds_authority(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `AZURE_AUTHORITY_HOST`: the HTTPS address of the OAuth2 endpoint.
+    pub fn authority_host(&self) -> String {
+        format!("https://{}", self.tls_addr)
     }
 
     /// The JWKS URL.
@@ -269,22 +306,40 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<State>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let state = Arc::clone(&state);
+        let (state, tls) = (Arc::clone(&state), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            match tls {
+                None => serve(stream, state).await,
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        serve(stream, state).await;
+                    }
+                }
+            }
         });
     }
+}
+
+async fn serve<S>(stream: S, state: Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }
 
 fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
@@ -326,6 +381,10 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             StatusCode::OK,
             &json!({"issuer": state.issuer.issuer(), "jwks_uri": format!("/{tenant}/discovery/v2.0/keys")}),
         );
+    }
+    if path == format!("/{tenant}/oauth2/v2.0/token") && request.method() == hyper::Method::POST {
+        count(state, Endpoint::OAuth);
+        return client_credentials(state, request).await;
     }
     if let Some(tool) = path.strip_prefix("/shim/") {
         return cli(
@@ -426,6 +485,86 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             "not_before": now.to_string(),
             "resource": resource,
             "token_type": "Bearer",
+        }),
+    )
+}
+
+/// Largest form body the OAuth2 endpoint reads.
+const MAX_FORM: usize = 64 * 1024;
+
+/// The OAuth2 client-credentials grant, answered as Entra ID does.
+async fn client_credentials(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let entra_error = |status: StatusCode, code: &str, aadsts: u32, description: &str| {
+        respond(
+            status,
+            &json!({
+                "error": code,
+                "error_description": format!("AADSTS{aadsts}: {description}"),
+                "error_codes": [aadsts],
+            }),
+        )
+    };
+    let body = match http_body_util::Limited::new(request.into_body(), MAX_FORM)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return entra_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900144,
+                "The request body is too large or unreadable.",
+            );
+        }
+    };
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70003,
+            "The app requested an unsupported grant type.",
+        );
+    }
+    let Some(scope) = form.get("scope") else {
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900144,
+            "The request body must contain the following parameter: 'scope'.",
+        );
+    };
+    let client_id = form
+        .get("client_id")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let Some((principal, secret)) = state.service_principals.get(client_id) else {
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            "Application was not found in the directory.",
+        );
+    };
+    if form.get("client_secret") != Some(secret) {
+        return entra_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided.",
+        );
+    }
+    let issued = state.issuer.issue(principal, scope);
+    let expires_in = state.issuer.lifetime().as_secs();
+    respond(
+        StatusCode::OK,
+        &json!({
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "ext_expires_in": expires_in,
+            "access_token": issued.token,
         }),
     )
 }

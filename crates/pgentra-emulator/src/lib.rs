@@ -5,5 +5,6 @@
 //! ([`backend::Cluster`]) and the token issuer ([`issuer::Issuer`]).
 
 pub mod backend;
+pub mod ca;
 pub mod identity;
 pub mod issuer;

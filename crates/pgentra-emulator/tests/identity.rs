@@ -4,6 +4,7 @@
 use pgentra::EntraAuth;
 use pgentra::claims::{Claims, UsernameSource};
 use pgentra::credential::CredentialChain;
+use pgentra_emulator::ca::Ca;
 use pgentra_emulator::identity::{Endpoint, Identities, IdentityServer};
 use pgentra_emulator::issuer::{Issuer, Principal};
 use std::io::{Read, Write};
@@ -14,7 +15,14 @@ const TENANT: &str = "72f988bf-0000-4000-8000-00000000e001";
 const VM: &str =
     "/subscriptions/s/resourcegroups/g/providers/Microsoft.Compute/virtualMachines/build-vm";
 
+const SP_SECRET: &str = "emulator-secret~value";
+
 fn server(lifetime: Duration) -> (IdentityServer, Principal, Arc<Issuer>) {
+    server_with_ca(lifetime).0
+}
+
+fn server_with_ca(lifetime: Duration) -> ((IdentityServer, Principal, Arc<Issuer>), Ca) {
+    let ca = Ca::new().unwrap();
     let issuer = Arc::new(Issuer::new(TENANT, lifetime));
     let uami = Principal::user_assigned_identity("orders-mi");
     let server = IdentityServer::start(
@@ -23,10 +31,15 @@ fn server(lifetime: Duration) -> (IdentityServer, Principal, Arc<Issuer>) {
             default_identity: Principal::system_assigned_identity(VM),
             user_assigned: vec![uami.clone()],
             cli_user: Principal::user("dev@contoso.com"),
+            service_principals: vec![(
+                Principal::service_principal("reporting-app"),
+                SP_SECRET.into(),
+            )],
         },
+        ca.server_config(&[]).unwrap(),
     )
     .unwrap();
-    (server, uami, issuer)
+    ((server, uami, issuer), ca)
 }
 
 /// A provider whose only credential is the real managed-identity credential, with IMDS
@@ -410,4 +423,58 @@ fn cli_shims_print_what_the_real_tools_print() {
     // No scope: fails like a CLI, with a message and exit code 1.
     let (ok, _) = run("az", &["account", "get-access-token", "-o", "json"]);
     assert!(!ok);
+}
+
+/// Run by the next test in a child process with the service-principal environment: the chain
+/// from the process environment, the unchanged `ClientSecretCredential` inside it.
+#[tokio::test]
+async fn child_client_secret_credential() {
+    if std::env::var_os("PGENTRA_OAUTH_CHILD").is_none() {
+        return;
+    }
+    let chain = CredentialChain::from_env().unwrap();
+    match chain
+        .token("https://ossrdbms-aad.database.windows.net/.default")
+        .await
+    {
+        Ok((token, kind)) => {
+            let claims = Claims::decode(token.token.secret()).unwrap();
+            println!("KIND={kind}");
+            println!("APPID={}", claims.appid().unwrap_or_default());
+        }
+        Err(err) => println!("ERROR={err}"),
+    }
+}
+
+#[test]
+fn oauth_over_https_serves_the_unchanged_client_secret_credential() {
+    let ((server, _, _), ca) = server_with_ca(Duration::from_secs(3600));
+    let dir = TempDir::new("oauth");
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let sp = Principal::service_principal("reporting-app");
+    let run = |secret: &str| {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_client_secret_credential", "--nocapture"])
+            .env("PGENTRA_OAUTH_CHILD", "1")
+            .env("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential")
+            .env("AZURE_TENANT_ID", TENANT)
+            .env("AZURE_CLIENT_ID", &sp.client_id)
+            .env("AZURE_CLIENT_SECRET", secret)
+            .env("AZURE_AUTHORITY_HOST", server.authority_host())
+            .env("SSL_CERT_FILE", &ca_file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let good = run(SP_SECRET);
+    assert!(good.contains("KIND=EnvironmentCredential"), "{good}");
+    assert!(good.contains(&format!("APPID={}", sp.client_id)), "{good}");
+    let bad = run("wrong-secret");
+    assert!(bad.contains("AADSTS7000215"), "{bad}");
+    assert!(
+        !bad.contains("wrong-secret"),
+        "the secret leaked into the error: {bad}"
+    );
+    assert_eq!(server.requests(Endpoint::OAuth), 2);
 }
