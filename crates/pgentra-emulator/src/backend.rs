@@ -54,6 +54,8 @@ fn step(step: &'static str, detail: impl ToString) -> BackendError {
 pub struct Cluster {
     bin_dir: PathBuf,
     dir: PathBuf,
+    /// The unprivileged user the server runs as, when this process is root.
+    owner: Option<(u32, u32)>,
     port: u16,
     supervisor: Child,
     /// Closing this pipe tells the supervisor to stop the server and delete `dir`.
@@ -121,6 +123,7 @@ rm -rf "$2"
         let mut cluster = Self {
             bin_dir,
             dir,
+            owner,
             port,
             supervisor,
             lifeline,
@@ -173,6 +176,17 @@ rm -rf "$2"
         &self.dir
     }
 
+    /// Creates `name` inside the cluster's directory, for files that must go when the cluster
+    /// goes (certificates, shims). Owned by the server's user so its cleanup can remove it.
+    pub fn scratch_dir(&self, name: &str) -> Result<PathBuf, BackendError> {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| step("creating a scratch directory", e))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| step("chown", e))?;
+        }
+        Ok(dir)
+    }
+
     /// Runs SQL as the superuser through `psql` on the Unix socket, stopping at the first
     /// error, and returns its standard output.
     pub fn psql(&self, sql: &str) -> Result<String, BackendError> {
@@ -221,6 +235,11 @@ impl Drop for Cluster {
         drop(self.lifeline.take());
         let _ = self.supervisor.wait();
     }
+}
+
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn find_bin_dir() -> Option<PathBuf> {

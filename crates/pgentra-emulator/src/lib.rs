@@ -6,5 +6,11 @@
 
 pub mod backend;
 pub mod ca;
+mod emulator;
+pub mod gateway;
 pub mod identity;
 pub mod issuer;
+
+pub use emulator::{
+    CLIENT_SECRET, Emulator, EmulatorConfig, EmulatorError, MANAGED_IDENTITY, USER,
+};

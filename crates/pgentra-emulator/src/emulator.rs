@@ -1,0 +1,273 @@
+//! [`Emulator`]: issuer, identity endpoints, gateway and a throwaway PostgreSQL, started together.
+
+use crate::backend::{BackendError, Cluster, quote_ident};
+use crate::ca::Ca;
+use crate::gateway::{Gateway, GatewayConfig, RoleGrant};
+use crate::identity::{Identities, IdentityServer};
+use crate::issuer::{IssuedToken, Issuer, Principal};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Errors from starting the emulator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmulatorError {
+    /// The PostgreSQL backend could not be started.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A listener or file could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The certificate authority could not be made.
+    #[error("making the emulator's certificates: {0}")]
+    Certificates(String),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> EmulatorError {
+    move |source| EmulatorError::Io { what, source }
+}
+
+/// What the emulator issues tokens for and accepts.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// Lifetime of issued tokens (seconds to hours).
+    pub token_lifetime: Duration,
+    /// The tenant ID.
+    pub tenant: String,
+    /// The accepted audience (the public cloud's by default).
+    pub audience: String,
+    /// Principals with a role in the database.
+    pub principals: Vec<Principal>,
+    /// Group roles and their members.
+    pub groups: Vec<(String, Vec<Principal>)>,
+    /// The identity the managed-identity endpoints answer as without a `client_id`.
+    pub managed_identity: Principal,
+    /// The user signed in to the `az`/`azd` shims.
+    pub cli_user: Principal,
+    /// Service principals and their client secrets.
+    pub service_principals: Vec<(Principal, String)>,
+    /// How long a client may take to log in to the gateway.
+    pub login_timeout: Duration,
+    /// Allowed clock skew when checking `nbf`/`exp`.
+    pub skew: Duration,
+}
+
+/// The default user principal.
+pub const USER: &str = "alice@contoso.com";
+/// The default user-assigned managed identity, which the managed-identity endpoints answer as.
+pub const MANAGED_IDENTITY: &str = "orders-api-identity";
+/// The default service principal's client secret.
+pub const CLIENT_SECRET: &str = "emulator-client-secret";
+
+impl Default for EmulatorConfig {
+    /// A user ([`USER`], also signed in to the CLI shims), a user-assigned managed identity
+    /// ([`MANAGED_IDENTITY`], answering the managed-identity endpoints), a service principal
+    /// `reporting-app`, a group `readers` with all three, 1-hour tokens.
+    fn default() -> Self {
+        let user = Principal::user(USER);
+        let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+        let app = Principal::service_principal("reporting-app");
+        Self {
+            token_lifetime: Duration::from_secs(3600),
+            tenant: "72f988bf-0000-4000-8000-00000000e001".into(),
+            audience: pgentra::Cloud::Public.audience().into(),
+            principals: vec![user.clone(), identity.clone(), app.clone()],
+            groups: vec![(
+                "readers".into(),
+                vec![user.clone(), identity.clone(), app.clone()],
+            )],
+            managed_identity: identity,
+            cli_user: user,
+            service_principals: vec![(app, CLIENT_SECRET.into())],
+            login_timeout: Duration::from_secs(10),
+            skew: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running emulator: Entra ID endpoints, the gateway, and the PostgreSQL behind it.
+///
+/// ```no_run
+/// use pgentra_emulator::Emulator;
+/// let emulator = Emulator::shared(); // started once per test binary
+/// for (name, value) in emulator.env() {
+///     println!("export {name}={value}");
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Emulator {
+    config: EmulatorConfig,
+    issuer: Arc<Issuer>,
+    identity: IdentityServer,
+    gateway: Gateway,
+    ca_file: PathBuf,
+    bin_dir: PathBuf,
+    // Last: the cluster's directory holds the files above.
+    cluster: Cluster,
+}
+
+impl Emulator {
+    /// Starts everything: the cluster (with a role per principal and group), the issuer, the
+    /// identity endpoints and the gateway.
+    pub fn start(config: EmulatorConfig) -> Result<Self, EmulatorError> {
+        let cluster = Cluster::start()?;
+        let mut sql = String::new();
+        let groups = config.groups.iter().map(|(name, _)| name);
+        for role in config.principals.iter().map(|p| &p.role).chain(groups) {
+            sql.push_str(&format!("CREATE ROLE {} LOGIN;\n", quote_ident(role)));
+        }
+        cluster.psql(&sql)?;
+
+        let ca = Ca::new().map_err(|e| EmulatorError::Certificates(e.to_string()))?;
+        let files = cluster.scratch_dir("emulator")?;
+        let ca_file = files.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).map_err(io("writing the CA file"))?;
+        let bin_dir = files.join("bin");
+        std::fs::create_dir_all(&bin_dir).map_err(io("creating the shim directory"))?;
+
+        let issuer = Arc::new(Issuer::new(&config.tenant, config.token_lifetime));
+        let user_assigned = config
+            .principals
+            .iter()
+            .chain([&config.managed_identity])
+            .filter(|p| matches!(p.kind, crate::issuer::PrincipalKind::UserAssignedIdentity))
+            .cloned()
+            .collect();
+        let https = ca
+            .server_config(&[])
+            .map_err(|e| EmulatorError::Certificates(e.to_string()))?;
+        let identity = IdentityServer::start(
+            Arc::clone(&issuer),
+            Identities {
+                default_identity: config.managed_identity.clone(),
+                user_assigned,
+                cli_user: config.cli_user.clone(),
+                service_principals: config.service_principals.clone(),
+            },
+            https,
+        )
+        .map_err(io("starting the identity endpoints"))?;
+        identity
+            .write_cli_shims(&bin_dir)
+            .map_err(io("writing the CLI shims"))?;
+
+        let mut gateway_config = GatewayConfig {
+            audience: config.audience.clone(),
+            skew: config.skew,
+            login_timeout: config.login_timeout,
+            roles: HashMap::new(),
+            backend_socket_dir: cluster.socket_dir().to_owned(),
+            backend_port: cluster.port(),
+        };
+        gateway_config.grant_principals(&config.principals);
+        for (name, members) in &config.groups {
+            gateway_config.roles.insert(
+                name.clone(),
+                RoleGrant::Group {
+                    members: members.iter().map(|m| m.oid.clone()).collect(),
+                },
+            );
+        }
+        let pg_tls = ca
+            .server_config(&[b"postgresql"])
+            .map_err(|e| EmulatorError::Certificates(e.to_string()))?;
+        let gateway = Gateway::start(gateway_config, Arc::clone(&issuer), pg_tls)
+            .map_err(io("starting the gateway"))?;
+        Ok(Self {
+            config,
+            issuer,
+            identity,
+            gateway,
+            ca_file,
+            bin_dir,
+            cluster,
+        })
+    }
+
+    /// One emulator with the default configuration for the whole test binary, started on
+    /// first use. Panics with the reason (such as the package to install) if it cannot start.
+    pub fn shared() -> &'static Self {
+        static SHARED: OnceLock<Emulator> = OnceLock::new();
+        SHARED.get_or_init(|| match Self::start(EmulatorConfig::default()) {
+            Ok(emulator) => emulator,
+            Err(error) => panic!("the pgentra emulator could not start: {error}"),
+        })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EmulatorConfig {
+        &self.config
+    }
+
+    /// The token issuer.
+    pub fn issuer(&self) -> &Arc<Issuer> {
+        &self.issuer
+    }
+
+    /// The identity endpoints (fault injection, counters).
+    pub fn identity(&self) -> &IdentityServer {
+        &self.identity
+    }
+
+    /// The gateway.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// The PostgreSQL cluster behind the gateway.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The emulator CA's PEM file (`PGSSLROOTCERT`, `SSL_CERT_FILE`).
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// The directory with the `az` and `azd` shims.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// A token for `principal`, valid for the database.
+    pub fn token_for(&self, principal: &Principal) -> IssuedToken {
+        self.issuer.issue(principal, &self.config.audience)
+    }
+
+    /// The environment that points clients and `azure_identity` at the emulator: the `PG*`
+    /// variables for the gateway, the App Service managed-identity variables, the OAuth
+    /// authority and its CA, the IMDS redirect, and `PATH` with the CLI shims first.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let ca = self.ca_file.display().to_string();
+        [
+            ("PGHOST", "localhost".to_owned()),
+            ("PGPORT", self.gateway.port().to_string()),
+            ("PGDATABASE", "postgres".to_owned()),
+            ("PGSSLMODE", "verify-full".to_owned()),
+            ("PGSSLROOTCERT", ca.clone()),
+            ("IDENTITY_ENDPOINT", self.identity.identity_endpoint()),
+            (
+                "IDENTITY_HEADER",
+                self.identity.identity_header().to_owned(),
+            ),
+            (
+                "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+                self.identity.imds_authority(),
+            ),
+            ("AZURE_AUTHORITY_HOST", self.identity.authority_host()),
+            ("SSL_CERT_FILE", ca),
+            ("PATH", format!("{}:{path}", self.bin_dir.display())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
