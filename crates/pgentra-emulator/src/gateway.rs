@@ -265,6 +265,10 @@ async fn read_tagged<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> Result
 
 /// `key\0value\0...\0` startup parameters.
 fn parameters(body: &[u8]) -> Result<Vec<(String, String)>, End> {
+    // The list ends with an empty key, so a well-formed body ends with a NUL.
+    if body.last() != Some(&0) {
+        return Err(End::Protocol);
+    }
     let mut strings = body
         .split(|b| *b == 0)
         .map(|s| String::from_utf8(s.to_vec()));
