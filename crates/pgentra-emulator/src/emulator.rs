@@ -57,6 +57,10 @@ pub struct EmulatorConfig {
     pub login_timeout: Duration,
     /// Allowed clock skew when checking `nbf`/`exp`.
     pub skew: Duration,
+    /// The gateway's port (0: any free port).
+    pub gateway_port: u16,
+    /// The identity endpoints' HTTP port (0: any free port).
+    pub identity_port: u16,
 }
 
 /// The default user principal.
@@ -88,6 +92,8 @@ impl Default for EmulatorConfig {
             service_principals: vec![(app, CLIENT_SECRET.into())],
             login_timeout: Duration::from_secs(10),
             skew: Duration::from_secs(5),
+            gateway_port: 0,
+            identity_port: 0,
         }
     }
 }
@@ -152,6 +158,7 @@ impl Emulator {
                 service_principals: config.service_principals.clone(),
             },
             https,
+            config.identity_port,
         )
         .map_err(io("starting the identity endpoints"))?;
         identity
@@ -165,6 +172,7 @@ impl Emulator {
             roles: HashMap::new(),
             backend_socket_dir: cluster.socket_dir().to_owned(),
             backend_port: cluster.port(),
+            port: config.gateway_port,
         };
         gateway_config.grant_principals(&config.principals);
         for (name, members) in &config.groups {

@@ -72,6 +72,8 @@ pub struct GatewayConfig {
     pub backend_socket_dir: PathBuf,
     /// The backend port (names the socket file).
     pub backend_port: u16,
+    /// The loopback port to listen on (0: any free port).
+    pub port: u16,
 }
 
 impl GatewayConfig {
@@ -128,7 +130,7 @@ impl Gateway {
         issuer: Arc<Issuer>,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", config.port))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {

@@ -120,18 +120,21 @@ impl std::fmt::Debug for IdentityServer {
 impl IdentityServer {
     /// Starts the endpoints on a free loopback port, on a runtime of their own (so they outlive
     /// any one test's runtime).
-    /// `tls` serves the HTTPS listener (see [`Ca::server_config`](crate::ca::Ca::server_config)).
+    /// `tls` serves the HTTPS listener (see [`Ca::server_config`](crate::ca::Ca::server_config));
+    /// `http_port` is the HTTP listener's port (0: any free port; HTTPS always takes a free
+    /// one).
     pub fn start(
         issuer: Arc<Issuer>,
         identities: Identities,
         tls: Arc<rustls::ServerConfig>,
+        http_port: u16,
     ) -> std::io::Result<Self> {
-        let bind = || -> std::io::Result<std::net::TcpListener> {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let bind = |port: u16| -> std::io::Result<std::net::TcpListener> {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
             listener.set_nonblocking(true)?;
             Ok(listener)
         };
-        let (listener, tls_listener) = (bind()?, bind()?);
+        let (listener, tls_listener) = (bind(http_port)?, bind(0)?);
         let addr = listener.local_addr()?;
         let tls_addr = tls_listener.local_addr()?;
         let state = Arc::new(State {

@@ -1,8 +1,33 @@
 //! A local stand-in for Microsoft Entra ID and for Azure Database for PostgreSQL's token check,
-//! in front of a real PostgreSQL, so that token refresh and expiry can be tested for real.
+//! in front of a real PostgreSQL, so that token refresh and expiry can be tested for real, on
+//! any machine.
 //!
-//! This crate is being built up; today it holds the throwaway PostgreSQL cluster
-//! ([`backend::Cluster`]) and the token issuer ([`issuer::Issuer`]).
+//! - [`issuer`]: an RSA key made at start; RS256 JWTs shaped like Entra's v1 access tokens for
+//!   users, guests, service principals and user- or system-assigned managed identities.
+//! - [`identity`]: the token endpoints the real `azure_identity` credentials call, unchanged:
+//!   App Service and IMDS managed identity (with IMDS's rate limits), OAuth2 client
+//!   credentials over HTTPS, `az`/`azd` shims; fault injection and request counters.
+//! - [`gateway`]: a PostgreSQL-protocol server that validates tokens like Azure (TLS required,
+//!   cleartext password, signature, audience, expiry, principal ↔ role) and relays to the
+//!   backend as the role.
+//! - [`backend`]: a throwaway PostgreSQL cluster from the machine's server binaries.
+//! - [`Emulator`]: all of the above in one line, once per test binary with
+//!   [`Emulator::shared`].
+//!
+//! # In your tests
+//!
+//! ```no_run
+//! use pgentra_emulator::{Emulator, USER};
+//! let emulator = Emulator::shared();
+//! // Point an application at it: PGHOST, PGPORT, PGSSLROOTCERT, IDENTITY_ENDPOINT, ...
+//! let env = emulator.env();
+//! // Or mint tokens directly, for a client that takes a password.
+//! let token = emulator.token_for(&pgentra_emulator::issuer::Principal::user(USER));
+//! # let _ = (env, token);
+//! ```
+//!
+//! The emulator is for tests only: its CA key and token-signing key live in memory, anyone on
+//! the machine can ask its endpoints for tokens, and its backend trusts local connections.
 
 pub mod backend;
 pub mod ca;

@@ -215,6 +215,7 @@ fn a_silent_client_is_dropped_after_the_login_timeout() {
         roles: Default::default(),
         backend_socket_dir: emulator().cluster().socket_dir().to_owned(),
         backend_port: emulator().cluster().port(),
+        port: 0,
     };
     let ca = pgentra_emulator::ca::Ca::new().unwrap();
     let gateway = Gateway::start(

@@ -37,6 +37,7 @@ fn server_with_ca(lifetime: Duration) -> ((IdentityServer, Principal, Arc<Issuer
             )],
         },
         ca.server_config(&[]).unwrap(),
+        0,
     )
     .unwrap();
     ((server, uami, issuer), ca)
