@@ -190,43 +190,13 @@ rm -rf "$2"
     /// Runs SQL as the superuser through `psql` on the Unix socket, stopping at the first
     /// error, and returns its standard output.
     pub fn psql(&self, sql: &str) -> Result<String, BackendError> {
-        let mut child = Command::new(self.bin_dir.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-h",
-            ])
+        let mut command = Command::new(self.bin_dir.join("psql"));
+        command
+            .args(["-U", "postgres", "-d", "postgres", "-h"])
             .arg(&self.dir)
             .arg("-p")
-            .arg(self.port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| step("running psql", e))?;
-        let mut stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| step("running psql", "no stdin"))?;
-        stdin
-            .write_all(sql.as_bytes())
-            .map_err(|e| step("running psql", e))?;
-        drop(stdin);
-        let output = child
-            .wait_with_output()
-            .map_err(|e| step("running psql", e))?;
-        if !output.status.success() {
-            return Err(step("psql", String::from_utf8_lossy(&output.stderr)));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+            .arg(self.port.to_string());
+        run_psql(command, sql)
     }
 }
 
@@ -235,6 +205,39 @@ impl Drop for Cluster {
         drop(self.lifeline.take());
         let _ = self.supervisor.wait();
     }
+}
+
+/// Runs SQL through `psql` (found on `PATH`) against the server of a `postgres://` URL,
+/// stopping at the first error, and returns its standard output.
+pub fn psql_url(url: &str, sql: &str) -> Result<String, BackendError> {
+    let mut command = Command::new("psql");
+    command.arg(url);
+    run_psql(command, sql)
+}
+
+fn run_psql(mut command: Command, sql: &str) -> Result<String, BackendError> {
+    let mut child = command
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| step("running psql", e))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| step("running psql", "no stdin"))?;
+    stdin
+        .write_all(sql.as_bytes())
+        .map_err(|e| step("running psql", e))?;
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| step("running psql", e))?;
+    if !output.status.success() {
+        return Err(step("psql", String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// `name` as a quoted SQL identifier.

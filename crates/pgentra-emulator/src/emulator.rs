@@ -1,8 +1,8 @@
 //! [`Emulator`]: issuer, identity endpoints, gateway and a throwaway PostgreSQL, started together.
 
-use crate::backend::{BackendError, Cluster, quote_ident};
+use crate::backend::{BackendError, Cluster, psql_url, quote_ident};
 use crate::ca::Ca;
-use crate::gateway::{Gateway, GatewayConfig, RoleGrant};
+use crate::gateway::{BackendAddr, Gateway, GatewayConfig, RoleGrant};
 use crate::identity::{Identities, IdentityServer};
 use crate::issuer::{IssuedToken, Issuer, Principal};
 use std::collections::HashMap;
@@ -25,6 +25,9 @@ pub enum EmulatorError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The backend URL is not a usable `postgres://` URL.
+    #[error("invalid backend URL: {0}")]
+    BackendUrl(String),
     /// The certificate authority could not be made.
     #[error("making the emulator's certificates: {0}")]
     Certificates(String),
@@ -61,6 +64,10 @@ pub struct EmulatorConfig {
     pub gateway_port: u16,
     /// The identity endpoints' HTTP port (0: any free port).
     pub identity_port: u16,
+    /// An existing PostgreSQL to use instead of a throwaway cluster, as a
+    /// `postgres://user@host:port/db` URL whose user may create roles. The server must trust
+    /// the gateway's connections from loopback (`host all all 127.0.0.1/32 trust`).
+    pub backend_url: Option<String>,
 }
 
 /// The default user principal.
@@ -94,6 +101,7 @@ impl Default for EmulatorConfig {
             skew: Duration::from_secs(5),
             gateway_port: 0,
             identity_port: 0,
+            backend_url: None,
         }
     }
 }
@@ -115,27 +123,68 @@ pub struct Emulator {
     gateway: Gateway,
     ca_file: PathBuf,
     bin_dir: PathBuf,
-    // Last: the cluster's directory holds the files above.
-    cluster: Cluster,
+    backend: BackendAddr,
+    // Last: the directory that holds the files above (the cluster's, or a temp dir).
+    files: Files,
+}
+
+/// Where the emulator's files live: inside the throwaway cluster's directory, or in a temp
+/// directory of their own when the backend is external.
+#[derive(Debug)]
+enum Files {
+    Cluster(Cluster),
+    Own(PathBuf),
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        if let Self::Own(dir) = self {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Emulator {
     /// Starts everything: the cluster (with a role per principal and group), the issuer, the
     /// identity endpoints and the gateway.
     pub fn start(config: EmulatorConfig) -> Result<Self, EmulatorError> {
-        let cluster = Cluster::start()?;
         let mut sql = String::new();
         let groups = config.groups.iter().map(|(name, _)| name);
         for role in config.principals.iter().map(|p| &p.role).chain(groups) {
-            sql.push_str(&format!("CREATE ROLE {} LOGIN;\n", quote_ident(role)));
+            // Idempotent, so an external backend may already have the roles.
+            sql.push_str(&format!(
+                "DO $$ BEGIN CREATE ROLE {} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;\n",
+                quote_ident(role)
+            ));
         }
-        cluster.psql(&sql)?;
+        let (files, files_dir, backend) = match &config.backend_url {
+            None => {
+                let cluster = Cluster::start()?;
+                cluster.psql(&sql)?;
+                let dir = cluster.scratch_dir("emulator")?;
+                let backend = BackendAddr::Unix {
+                    dir: cluster.socket_dir().to_owned(),
+                    port: cluster.port(),
+                };
+                (Files::Cluster(cluster), dir, backend)
+            }
+            Some(url) => {
+                let backend = backend_addr(url)?;
+                psql_url(url, &sql)?;
+                let dir = std::env::temp_dir().join(format!(
+                    "pgentra-emulator-{}-{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                ));
+                std::fs::create_dir_all(&dir).map_err(io("creating the emulator directory"))?;
+                (Files::Own(dir.clone()), dir, backend)
+            }
+        };
 
         let ca = Ca::new().map_err(|e| EmulatorError::Certificates(e.to_string()))?;
-        let files = cluster.scratch_dir("emulator")?;
-        let ca_file = files.join("ca.pem");
+        let ca_file = files_dir.join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).map_err(io("writing the CA file"))?;
-        let bin_dir = files.join("bin");
+        let bin_dir = files_dir.join("bin");
         std::fs::create_dir_all(&bin_dir).map_err(io("creating the shim directory"))?;
 
         let issuer = Arc::new(Issuer::new(&config.tenant, config.token_lifetime));
@@ -170,8 +219,7 @@ impl Emulator {
             skew: config.skew,
             login_timeout: config.login_timeout,
             roles: HashMap::new(),
-            backend_socket_dir: cluster.socket_dir().to_owned(),
-            backend_port: cluster.port(),
+            backend: backend.clone(),
             port: config.gateway_port,
         };
         gateway_config.grant_principals(&config.principals);
@@ -195,7 +243,8 @@ impl Emulator {
             gateway,
             ca_file,
             bin_dir,
-            cluster,
+            backend,
+            files,
         })
     }
 
@@ -229,9 +278,17 @@ impl Emulator {
         &self.gateway
     }
 
-    /// The PostgreSQL cluster behind the gateway.
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+    /// The throwaway PostgreSQL cluster behind the gateway (`None` with an external backend).
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match &self.files {
+            Files::Cluster(cluster) => Some(cluster),
+            Files::Own(_) => None,
+        }
+    }
+
+    /// Where the gateway's backend listens.
+    pub fn backend(&self) -> &BackendAddr {
+        &self.backend
     }
 
     /// The emulator CA's PEM file (`PGSSLROOTCERT`, `SSL_CERT_FILE`).
@@ -278,4 +335,25 @@ impl Emulator {
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
     }
+}
+
+/// The TCP address of a `postgres://` backend URL.
+fn backend_addr(url: &str) -> Result<BackendAddr, EmulatorError> {
+    let parsed = url::Url::parse(url).map_err(|e| EmulatorError::BackendUrl(e.to_string()))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(EmulatorError::BackendUrl(
+            "the scheme must be postgres://".into(),
+        ));
+    }
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| EmulatorError::BackendUrl("no host".into()))?;
+    Ok(BackendAddr::Tcp {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port: parsed.port().unwrap_or(5432),
+    })
 }

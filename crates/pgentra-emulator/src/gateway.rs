@@ -57,6 +57,40 @@ pub enum RoleGrant {
     },
 }
 
+/// Where the backend PostgreSQL listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    /// A Unix socket: the socket directory and the port that names the socket file.
+    Unix {
+        /// The socket directory.
+        dir: PathBuf,
+        /// The port.
+        port: u16,
+    },
+    /// TCP without TLS (for an external server on this machine).
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// A connection to the backend, whichever transport it uses.
+trait BackendIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendIo for T {}
+
+impl BackendAddr {
+    async fn connect(&self) -> std::io::Result<Box<dyn BackendIo>> {
+        Ok(match self {
+            Self::Unix { dir, port } => {
+                Box::new(UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
+            }
+            Self::Tcp { host, port } => Box::new(TcpStream::connect((host.as_str(), *port)).await?),
+        })
+    }
+}
+
 /// The gateway's settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -68,10 +102,9 @@ pub struct GatewayConfig {
     pub login_timeout: Duration,
     /// Role name → who may use it.
     pub roles: HashMap<String, RoleGrant>,
-    /// The backend cluster's Unix socket directory and port.
-    pub backend_socket_dir: PathBuf,
-    /// The backend port (names the socket file).
-    pub backend_port: u16,
+    /// Where the PostgreSQL behind the gateway listens. It must trust the gateway's
+    /// connections (the gateway has already checked the token).
+    pub backend: BackendAddr,
     /// The loopback port to listen on (0: any free port).
     pub port: u16,
 }
@@ -480,7 +513,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     role: &str,
     state: &State,
 ) -> Result<(), End> {
-    let mut backend = UnixStream::connect(backend_socket(&state.config)).await?;
+    let mut backend = state.config.backend.connect().await?;
     let forwarded = params
         .iter()
         .filter(|(k, _)| k != "user")
@@ -537,12 +570,6 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn backend_socket(config: &GatewayConfig) -> PathBuf {
-    config
-        .backend_socket_dir
-        .join(format!(".s.PGSQL.{}", config.backend_port))
-}
-
 /// Forwards a `CancelRequest` with the backend's real key, if the key is one we issued.
 async fn cancel(state: &State, body: &[u8]) {
     let mut body = body;
@@ -555,7 +582,7 @@ async fn cancel(state: &State, body: &[u8]) {
     };
     let mut request = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(pid, key, &mut request);
-    if let Ok(mut backend) = UnixStream::connect(backend_socket(&state.config)).await {
+    if let Ok(mut backend) = state.config.backend.connect().await {
         let _ = backend.write_all(&request).await;
         // The server closes the connection once it has read the request.
         let _ = backend.read(&mut [0; 1]).await;

@@ -31,6 +31,10 @@ struct Args {
     /// Which managed identity the managed-identity endpoints answer as (default: the first).
     #[arg(long, value_name = "NAME")]
     answer_as: Option<String>,
+    /// Use this PostgreSQL instead of a throwaway cluster (`postgres://user@host:port/db`; the
+    /// user must be able to create roles, and the server must trust loopback connections).
+    #[arg(long, value_name = "URL")]
+    backend: Option<String>,
     /// The gateway's port (default: any free port).
     #[arg(long, default_value_t = 0)]
     gateway_port: u16,
@@ -44,6 +48,7 @@ fn config(args: &Args) -> Result<EmulatorConfig, String> {
         token_lifetime: args.token_lifetime,
         gateway_port: args.gateway_port,
         identity_port: args.identity_port,
+        backend_url: args.backend.clone(),
         ..EmulatorConfig::default()
     };
     if !args.users.is_empty() || !args.managed_identities.is_empty() {

@@ -213,8 +213,7 @@ fn a_silent_client_is_dropped_after_the_login_timeout() {
         skew: Duration::from_secs(5),
         login_timeout: Duration::from_millis(300),
         roles: Default::default(),
-        backend_socket_dir: emulator().cluster().socket_dir().to_owned(),
-        backend_port: emulator().cluster().port(),
+        backend: emulator().backend().clone(),
         port: 0,
     };
     let ca = pgentra_emulator::ca::Ca::new().unwrap();
@@ -339,4 +338,37 @@ async fn cancel_requests_reach_the_backend() {
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
         "{err}"
     );
+}
+
+/// A token for alice padded to about `size` bytes.
+fn padded_token(size: usize) -> String {
+    let issuer = emulator().issuer();
+    let alice = alice();
+    // base64 grows by 4/3; the header and signature take about 450 bytes.
+    let pad = "x".repeat((size.saturating_sub(600)) * 3 / 4);
+    let token = issuer.sign(&serde_json::json!({
+        "aud": emulator().config().audience, "iss": issuer.issuer(), "tid": issuer.tenant(),
+        "oid": alice.oid, "upn": USER, "nbf": now(), "iat": now(), "exp": now() + 3600, "pad": pad,
+    }));
+    assert!(
+        (size * 9 / 10..=size * 11 / 10).contains(&token.len()),
+        "{} bytes",
+        token.len()
+    );
+    token
+}
+
+#[test]
+fn tokens_up_to_64_kib_are_accepted_and_larger_ones_refused() {
+    // Real user tokens reach about 7 KB; the gateway, like Azure, takes far more.
+    for size in [7_000, 60_000] {
+        let token = padded_token(size);
+        assert!(token.len() < 64 * 1024);
+        let output = psql(USER, &token, "SELECT current_user", &[]);
+        assert_eq!(stdout(&output), USER, "{size}: {}", stderr(&output));
+    }
+    let oversized = padded_token(70_000);
+    assert!(oversized.len() > 64 * 1024 + 1);
+    let output = psql(USER, &oversized, "SELECT 1", &[]);
+    assert!(!output.status.success());
 }
