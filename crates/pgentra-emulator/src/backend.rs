@@ -356,6 +356,12 @@ mod tests {
         assert!(!dir.exists(), "{} should be removed", dir.display());
     }
 
+    #[test]
+    fn missing_binaries_name_the_package_to_install() {
+        let message = BackendError::NoBinaries.to_string();
+        assert!(message.contains("apt-get install postgresql"), "{message}");
+    }
+
     /// Run in a child process by the next test: start a cluster and exit without dropping it,
     /// as a test binary does with a cluster kept in a static.
     #[test]

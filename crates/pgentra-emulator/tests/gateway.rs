@@ -372,3 +372,43 @@ fn tokens_up_to_64_kib_are_accepted_and_larger_ones_refused() {
     let output = psql(USER, &oversized, "SELECT 1", &[]);
     assert!(!output.status.success());
 }
+
+#[tokio::test]
+async fn rejections_carry_sqlstates_28p01_and_28000() {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("localhost")
+        .port(emulator().gateway().port())
+        .dbname("postgres")
+        .user(USER);
+    let tls = pgentra::tls::TlsOptions::verify_full()
+        .with_root_cert(emulator().ca_file())
+        .make_tls_connect()
+        .unwrap();
+    let expired = config
+        .clone()
+        .password("not-a-token")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect(tls)
+        .await
+        .err()
+        .expect("a bad token is refused");
+    assert_eq!(
+        expired.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{expired}"
+    );
+    let plain = config
+        .clone()
+        .password(emulator().token_for(&alice()).token)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a plain-text login is refused");
+    assert_eq!(
+        plain.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{plain}"
+    );
+}
