@@ -18,6 +18,7 @@
 //!
 //! The token is checked at login only, so an open session outlives its token, as on Azure.
 
+use crate::background::lock;
 use crate::issuer::{Issuer, Principal, TokenRejection};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
@@ -174,26 +175,12 @@ impl Gateway {
             next_pid: AtomicI32::new(10_000),
             counters: Counters::default(),
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pgentra-emulator-gateway")
-            .enable_all()
-            .build()?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let serving = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("pgentra-emulator-gateway".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    tokio::select! {
-                        () = accept_loop(listener, serving) => {}
-                        _ = stopped => {}
-                    }
-                });
-            })?;
+        let stop = crate::background::run("pgentra-emulator-gateway", move || async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                accept_loop(listener, serving).await;
+            }
+        })?;
         Ok(Self {
             addr,
             state,
@@ -587,12 +574,6 @@ async fn cancel(state: &State, body: &[u8]) {
         // The server closes the connection once it has read the request.
         let _ = backend.read(&mut [0; 1]).await;
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //! once) with 429s, so a thundering herd is visible. Faults can be injected, and every endpoint
 //! counts its requests.
 
+use crate::background::lock;
 use crate::issuer::{Issuer, Principal, PrincipalKind};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -168,31 +169,20 @@ impl IdentityServer {
             recent: Mutex::new(VecDeque::new()),
             throttled: AtomicU64::new(0),
         });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pgentra-emulator-identity")
-            .enable_all()
-            .build()?;
-        let (stop, stopped) = oneshot::channel::<()>();
         let serving = Arc::clone(&state);
-        std::thread::Builder::new()
-            .name("pgentra-emulator-identity".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let (Ok(listener), Ok(tls_listener)) = (
-                        tokio::net::TcpListener::from_std(listener),
-                        tokio::net::TcpListener::from_std(tls_listener),
-                    ) else {
-                        return;
-                    };
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                    tokio::select! {
-                        () = accept_loop(listener, None, Arc::clone(&serving)) => {}
-                        () = accept_loop(tls_listener, Some(acceptor), serving) => {}
-                        _ = stopped => {}
-                    }
-                });
-            })?;
+        let stop = crate::background::run("pgentra-emulator-identity", move || async move {
+            let (Ok(listener), Ok(tls_listener)) = (
+                tokio::net::TcpListener::from_std(listener),
+                tokio::net::TcpListener::from_std(tls_listener),
+            ) else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            tokio::join!(
+                accept_loop(listener, None, Arc::clone(&serving)),
+                accept_loop(tls_listener, Some(acceptor), serving),
+            );
+        })?;
         Ok(Self {
             addr,
             tls_addr,
@@ -302,12 +292,6 @@ case "$status" in
   *) printf 'ERROR: %s\n' "$body" >&2; exit 1 ;;
 esac
 "#;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,

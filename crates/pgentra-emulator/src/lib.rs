@@ -30,6 +30,7 @@
 //! the machine can ask its endpoints for tokens, and its backend trusts local connections.
 
 pub mod backend;
+mod background;
 pub mod ca;
 mod emulator;
 pub mod gateway;

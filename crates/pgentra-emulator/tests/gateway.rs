@@ -235,19 +235,30 @@ fn a_silent_client_is_dropped_after_the_login_timeout() {
     );
 }
 
-async fn connect(token: &str) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+/// tokio-postgres settings for the gateway as alice, TLS required.
+fn gateway_config() -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host("localhost")
         .port(emulator().gateway().port())
         .dbname("postgres")
         .user(USER)
-        .password(token)
         .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let tls = pgentra::tls::TlsOptions::verify_full()
+    config
+}
+
+/// verify-full TLS trusting the emulator's CA.
+fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+    pgentra::tls::TlsOptions::verify_full()
         .with_root_cert(emulator().ca_file())
         .make_tls_connect()
-        .unwrap();
+        .unwrap()
+}
+
+async fn connect(token: &str) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let mut config = gateway_config();
+    config.password(token);
+    let tls = tls();
     let (client, connection) = config.connect(tls).await.unwrap();
     (
         client,
@@ -327,11 +338,7 @@ async fn cancel_requests_reach_the_backend() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let tls = pgentra::tls::TlsOptions::verify_full()
-        .with_root_cert(emulator().ca_file())
-        .make_tls_connect()
-        .unwrap();
-    cancel.cancel_query(tls).await.unwrap();
+    cancel.cancel_query(tls()).await.unwrap();
     let err = query.await.unwrap().unwrap_err();
     assert_eq!(
         err.code(),
@@ -375,21 +382,11 @@ fn tokens_up_to_64_kib_are_accepted_and_larger_ones_refused() {
 
 #[tokio::test]
 async fn rejections_carry_sqlstates_28p01_and_28000() {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host("localhost")
-        .port(emulator().gateway().port())
-        .dbname("postgres")
-        .user(USER);
-    let tls = pgentra::tls::TlsOptions::verify_full()
-        .with_root_cert(emulator().ca_file())
-        .make_tls_connect()
-        .unwrap();
+    let config = gateway_config();
     let expired = config
         .clone()
         .password("not-a-token")
-        .ssl_mode(tokio_postgres::config::SslMode::Require)
-        .connect(tls)
+        .connect(tls())
         .await
         .err()
         .expect("a bad token is refused");

@@ -1,0 +1,41 @@
+//! What the emulator's servers share: a runtime on a thread of their own, so that they outlive
+//! any one test's runtime, and a stop signal that ends it when the server is dropped.
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+/// Runs the future made by `serve` on a new two-thread runtime on a thread named `name`,
+/// until the returned sender is dropped. `serve` runs on that runtime, so it may create tokio
+/// listeners.
+pub(crate) fn run<F, Fut>(name: &str, serve: F) -> std::io::Result<oneshot::Sender<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = serve() => {}
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(stop)
+}
+
+/// Locks a mutex whose data (counters, maps of keys, fault settings) stays usable even if a
+/// holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
