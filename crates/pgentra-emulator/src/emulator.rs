@@ -162,6 +162,8 @@ impl Emulator {
                 let cluster = Cluster::start()?;
                 cluster.psql(&sql)?;
                 let dir = cluster.scratch_dir("emulator")?;
+                // The server's user removes the cluster directory, so it must own `bin` too.
+                cluster.scratch_dir("emulator/bin")?;
                 let backend = BackendAddr::Unix {
                     dir: cluster.socket_dir().to_owned(),
                     port: cluster.port(),
