@@ -93,6 +93,13 @@ pub enum Error {
         /// What is wrong, and how to fix it.
         message: String,
     },
+    /// The database driver failed to connect or the server refused the login. The driver's own
+    /// error is the source (for example a `tokio_postgres::Error` with the server's message).
+    #[error("connecting to the database failed: {source}")]
+    Connect {
+        /// The driver's error.
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// The provider's background thread is gone (it panicked or the process is exiting).
     #[error("the token provider has stopped; create a new EntraAuth")]
     ProviderStopped,
@@ -109,6 +116,13 @@ impl Error {
         Self::Credential {
             credential: credential.to_owned(),
             reason: reason(error),
+        }
+    }
+
+    /// Wraps a database driver's error (see [`Error::Connect`]).
+    pub fn connect(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Connect {
+            source: Arc::new(error),
         }
     }
 

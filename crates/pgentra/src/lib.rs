@@ -49,15 +49,30 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "bb8-0_9")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bb8-0_9")))]
+pub mod bb8;
 pub mod claims;
 pub mod clock;
 pub mod cloud;
 pub mod conninfo;
 pub mod credential;
+#[cfg(feature = "deadpool-postgres-0_14")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deadpool-postgres-0_14")))]
+pub mod deadpool;
 mod error;
+#[cfg(feature = "postgres-0_19")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres-0_19")))]
+pub mod postgres;
 pub mod provider;
+#[cfg(feature = "r2d2-0_8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "r2d2-0_8")))]
+pub mod r2d2;
 mod secret;
 pub mod tls;
+#[cfg(feature = "tokio-postgres-0_7")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio-postgres-0_7")))]
+pub mod tokio_postgres;
 
 pub use cloud::Cloud;
 pub use error::{CredentialAttempt, Error, Result};
