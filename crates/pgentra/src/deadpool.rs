@@ -198,9 +198,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_cause_is_in_the_source_chain() {
-        let cause =
+        let credential_failure =
             Error::config("no credential could get a token: AzureCliCredential: az not found");
-        let carried = carry(cause).await;
+        let carried = carry(credential_failure).await;
         let mut chain: Vec<String> = Vec::new();
         let mut source: Option<&dyn std::error::Error> = Some(&carried);
         while let Some(error) = source {
