@@ -95,7 +95,7 @@ pub enum Error {
     },
     /// The database driver failed to connect or the server refused the login. The driver's own
     /// error is the source (for example a `tokio_postgres::Error` with the server's message).
-    #[error("connecting to the database failed: {source}")]
+    #[error("connecting to the database failed: {}", Chain(&**source))]
     Connect {
         /// The driver's error.
         source: Arc<dyn std::error::Error + Send + Sync + 'static>,
@@ -177,6 +177,24 @@ pub struct CredentialAttempt {
     pub credential: String,
     /// Why it did not produce a token.
     pub reason: String,
+}
+
+/// An error and its sources, as one line: drivers keep the server's message in a source
+/// (tokio-postgres says only "db error"), and some pools keep nothing but the text.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for error in std::iter::successors(Some(self.0), |e| e.source()) {
+            if !first {
+                f.write_str(": ")?;
+            }
+            first = false;
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
 }
 
 struct Attempts<'a>(&'a [CredentialAttempt]);

@@ -3,8 +3,9 @@
 //!
 //! r2d2 opens connections on its own worker threads, outside any tokio runtime, where the
 //! blocking credential call and the driver's own runtime are both fine. `Pool::get` blocks the
-//! caller: from async code, call it inside `spawn_blocking`. r2d2 keeps only the text of the
-//! last connect error and logs it; pgentra's errors never contain a token.
+//! caller: from async code, call it inside `spawn_blocking`. Dropping a `postgres::Client` also
+//! blocks, so drop the pool (and its connections) outside async code too. r2d2 keeps only the
+//! text of the last connect error and logs it; pgentra's errors never contain a token.
 //!
 //! ```no_run
 //! let auth = pgentra::EntraAuth::from_env()?;

@@ -1,0 +1,506 @@
+//! Drivers I against the emulator: one scenario table, run over tokio-postgres, postgres,
+//! deadpool-postgres, bb8 and r2d2.
+#![cfg(all(
+    feature = "tokio-postgres-0_7",
+    feature = "postgres-0_19",
+    feature = "deadpool-postgres-0_14",
+    feature = "bb8-0_9",
+    feature = "r2d2-0_8"
+))]
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use pgentra::conninfo::ConnInfo;
+use pgentra::credential::CredentialChain;
+use pgentra::tokio_postgres::EntraConnector;
+use pgentra::{EntraAuth, Error};
+use pgentra_emulator::issuer::Principal;
+use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+// ---------------------------------------------------------------------------------------------
+// The drivers, behind one interface: check out `n` connections at once, ask each for its role.
+// ---------------------------------------------------------------------------------------------
+
+type Users = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send>>;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    TokioPostgres,
+    Postgres,
+    Deadpool,
+    Bb8,
+    R2d2,
+}
+
+/// A driver (and, for pools, its pool) set up with a connector.
+#[derive(Clone)]
+enum Driver {
+    TokioPostgres(EntraConnector),
+    Postgres(EntraConnector),
+    Deadpool(deadpool_postgres::Pool),
+    Bb8(
+        bb8::Pool<pgentra::bb8::EntraConnectionManager>,
+        pgentra::bb8::LastErrorSink,
+    ),
+    R2d2(Arc<R2d2Pool>),
+}
+
+/// An r2d2 pool that is dropped on a plain thread: `postgres::Client`'s destructor blocks on
+/// its own runtime, which tokio forbids on an async worker.
+struct R2d2Pool(Option<r2d2::Pool<pgentra::r2d2::EntraConnectionManager>>);
+
+impl Drop for R2d2Pool {
+    fn drop(&mut self) {
+        let pool = self.0.take();
+        std::thread::spawn(move || drop(pool)).join().unwrap();
+    }
+}
+
+const POOL_SIZE: u32 = 250;
+
+async fn driver(kind: Kind, connector: EntraConnector) -> Driver {
+    match kind {
+        Kind::TokioPostgres => Driver::TokioPostgres(connector),
+        Kind::Postgres => Driver::Postgres(connector),
+        Kind::Deadpool => {
+            Driver::Deadpool(pgentra::deadpool::pool(connector, POOL_SIZE as usize).unwrap())
+        }
+        Kind::Bb8 => {
+            let errors = pgentra::bb8::LastErrorSink::default();
+            let pool = bb8::Pool::builder()
+                .max_size(POOL_SIZE)
+                .connection_timeout(Duration::from_secs(5))
+                .error_sink(Box::new(errors.clone()))
+                .build(pgentra::bb8::EntraConnectionManager::new(connector))
+                .await
+                .unwrap();
+            Driver::Bb8(pool, errors)
+        }
+        Kind::R2d2 => Driver::R2d2(Arc::new(R2d2Pool(Some(
+            r2d2::Pool::builder()
+                .max_size(POOL_SIZE)
+                .min_idle(Some(0))
+                .connection_timeout(Duration::from_secs(10))
+                .build(pgentra::r2d2::EntraConnectionManager::new(connector))
+                .unwrap(),
+        )))),
+    }
+}
+
+/// Every message of an error's source chain, joined, plus its `Debug`.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let chain: Vec<String> = std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect();
+    format!("{} | {error:?}", chain.join(": "))
+}
+
+const QUERY: &str = "SELECT current_user::text";
+
+impl Driver {
+    fn users(&self, n: usize) -> Users {
+        let driver = self.clone();
+        Box::pin(async move {
+            match driver {
+                Self::TokioPostgres(connector) => {
+                    let connects = (0..n).map(|_| {
+                        let connector = connector.clone();
+                        tokio::spawn(async move {
+                            let (client, connection) =
+                                connector.connect().await.map_err(|e| describe(&e))?;
+                            tokio::spawn(connection);
+                            let row = client
+                                .query_one(QUERY, &[])
+                                .await
+                                .map_err(|e| describe(&e))?;
+                            Ok::<String, String>(row.get(0))
+                        })
+                    });
+                    let results = futures_join(connects).await;
+                    results.into_iter().collect()
+                }
+                Self::Postgres(connector) => {
+                    blocking(n, move || {
+                        let mut client =
+                            pgentra::postgres::connect(&connector).map_err(|e| describe(&e))?;
+                        let row = client.query_one(QUERY, &[]).map_err(|e| describe(&e))?;
+                        Ok(row.get(0))
+                    })
+                    .await
+                }
+                Self::Deadpool(pool) => {
+                    let mut clients = Vec::new();
+                    let gets = (0..n).map(|_| {
+                        let pool = pool.clone();
+                        tokio::spawn(async move { pool.get().await.map_err(|e| describe(&e)) })
+                    });
+                    for client in futures_join(gets).await {
+                        clients.push(client?);
+                    }
+                    let mut users = Vec::new();
+                    for client in &clients {
+                        let row = client
+                            .query_one(QUERY, &[])
+                            .await
+                            .map_err(|e| describe(&e))?;
+                        users.push(row.get(0));
+                    }
+                    Ok(users)
+                }
+                Self::Bb8(pool, errors) => {
+                    let gets = (0..n).map(|_| pool.get());
+                    let results = futures::future::join_all(gets).await;
+                    let mut users = Vec::new();
+                    let mut clients = Vec::new();
+                    for result in results {
+                        match result {
+                            Ok(client) => clients.push(client),
+                            // bb8 only says "timed out": the sink knows why.
+                            Err(timeout) => {
+                                return Err(errors
+                                    .last_error()
+                                    .map_or_else(|| describe(&timeout), |e| describe(&e)));
+                            }
+                        }
+                    }
+                    for client in &clients {
+                        let row = client
+                            .query_one(QUERY, &[])
+                            .await
+                            .map_err(|e| describe(&e))?;
+                        users.push(row.get(0));
+                    }
+                    Ok(users)
+                }
+                Self::R2d2(holder) => {
+                    tokio::task::spawn_blocking(move || {
+                        let pool = holder.0.as_ref().expect("the pool lives until dropped");
+                        // Hold them all at once, so the pool must open n connections.
+                        let mut clients = Vec::new();
+                        for _ in 0..n {
+                            clients.push(pool.get().map_err(|e| describe(&e))?);
+                        }
+                        clients
+                            .iter_mut()
+                            .map(|client| {
+                                let row = client.query_one(QUERY, &[]).map_err(|e| describe(&e))?;
+                                Ok(row.get(0))
+                            })
+                            .collect()
+                    })
+                    .await
+                    .unwrap()
+                }
+            }
+        })
+    }
+}
+
+async fn futures_join<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut results = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+/// Runs `work` on `n` blocking threads at once.
+async fn blocking(
+    n: usize,
+    work: impl Fn() -> Result<String, String> + Send + Sync + Clone + 'static,
+) -> Result<Vec<String>, String> {
+    let tasks = (0..n).map(|_| tokio::task::spawn_blocking(work.clone()));
+    futures_join(tasks).await.into_iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// Counts calls into a real credential.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn TokenCredential>,
+    calls: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for Counting {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_token(scopes, options).await
+    }
+}
+
+impl Counting {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// The real managed-identity credential over IMDS, redirected to `emulator`, answering as
+/// `identity` (by client ID) or as the emulator's default identity.
+fn managed_identity(emulator: &Emulator, identity: Option<&Principal>) -> Arc<Counting> {
+    let mut vars = vec![
+        (
+            "AZURE_TOKEN_CREDENTIALS".to_owned(),
+            "ManagedIdentityCredential".to_owned(),
+        ),
+        (
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST".to_owned(),
+            emulator.identity().imds_authority(),
+        ),
+    ];
+    if let Some(identity) = identity {
+        vars.push(("AZURE_CLIENT_ID".to_owned(), identity.client_id.clone()));
+    }
+    Arc::new(Counting {
+        inner: Arc::new(CredentialChain::from_vars(vars).unwrap()),
+        calls: AtomicUsize::new(0),
+    })
+}
+
+/// The real Azure CLI credential, running the emulator's `az`.
+fn azure_cli(emulator: &Emulator) -> Arc<Counting> {
+    let chain = CredentialChain::from_vars([
+        ("PATH", emulator.bin_dir().to_str().unwrap()),
+        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
+    ])
+    .unwrap();
+    Arc::new(Counting {
+        inner: Arc::new(chain),
+        calls: AtomicUsize::new(0),
+    })
+}
+
+fn auth(credential: &Arc<Counting>) -> EntraAuth {
+    EntraAuth::builder()
+        .credential_named("counted", credential.clone())
+        .build()
+        .unwrap()
+}
+
+/// Connection settings for `emulator`'s gateway, verify-full with its CA.
+fn conninfo(emulator: &Emulator, user: Option<&str>) -> ConnInfo {
+    let mut info = ConnInfo::parse(&format!(
+        "host=localhost port={} dbname=postgres sslmode=verify-full sslrootcert={}",
+        emulator.gateway().port(),
+        emulator.ca_file().display()
+    ))
+    .unwrap();
+    info.user = user.map(str::to_owned);
+    info
+}
+
+fn connector(emulator: &Emulator, auth: EntraAuth, user: Option<&str>) -> EntraConnector {
+    EntraConnector::new(auth, &conninfo(emulator, user)).unwrap()
+}
+
+/// An emulator whose tokens live 4 seconds, for refresh scenarios.
+fn short_lived() -> &'static Emulator {
+    static SHORT: OnceLock<Emulator> = OnceLock::new();
+    SHORT.get_or_init(|| {
+        Emulator::start(EmulatorConfig {
+            token_lifetime: Duration::from_secs(4),
+            ..EmulatorConfig::default()
+        })
+        .expect(
+            "start the emulator (needs the PostgreSQL server binaries: apt-get install postgresql)",
+        )
+    })
+}
+
+/// Storms open hundreds of connections: one at a time, within the backend's limit.
+static STORMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------------------------
+
+async fn connects_as_the_derived_role(kind: Kind) {
+    let emulator = Emulator::shared();
+    // A user principal, through the real Azure CLI credential.
+    let user = driver(kind, connector(emulator, auth(&azure_cli(emulator)), None)).await;
+    assert_eq!(user.users(3).await.unwrap(), [USER; 3]);
+    // A user-assigned managed identity, through the real managed-identity credential.
+    let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+    let credential = managed_identity(emulator, Some(&identity));
+    let mi = driver(kind, connector(emulator, auth(&credential), None)).await;
+    assert_eq!(mi.users(3).await.unwrap(), [MANAGED_IDENTITY; 3]);
+}
+
+async fn refreshes_under_a_pool(kind: Kind) {
+    let emulator = short_lived();
+    let credential = managed_identity(emulator, None);
+    let auth = auth(&credential);
+    let pool = driver(kind, connector(emulator, auth.clone(), None)).await;
+    let started = std::time::Instant::now();
+    let mut opened = 0;
+    for round in 1..=3 {
+        // Hold more connections each round, so the pool must open new ones.
+        let n = 4 * round;
+        let users = pool
+            .users(n)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(users, vec![MANAGED_IDENTITY; n]);
+        opened += n;
+        // Let the token in use expire: the next round's new connections need a newer one.
+        let expires = auth.stats().expires_at.unwrap();
+        let wait = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait + Duration::from_millis(200)).await;
+    }
+    let calls = credential.calls();
+    let lifetimes = started.elapsed().as_secs_f64() / 4.0;
+    // Short tokens are refreshed at their midpoint: about two calls per lifetime, however many
+    // connections the pool opens.
+    assert!(
+        calls >= 3 && calls as f64 <= 2.0 * lifetimes + 2.0 && calls < opened / 2,
+        "{calls} credential calls for {opened} connections over {lifetimes:.1} token lifetimes"
+    );
+    assert_eq!(auth.stats().fetch_failures, 0);
+}
+
+async fn a_storm_on_a_cold_provider_makes_one_credential_call(kind: Kind) {
+    let _one_storm_at_a_time = STORMS.lock().await;
+    let emulator = Emulator::shared();
+    let credential = managed_identity(emulator, None);
+    let pool = driver(kind, connector(emulator, auth(&credential), None)).await;
+    let users = pool.users(200).await.unwrap();
+    assert_eq!(users.len(), 200);
+    assert!(users.iter().all(|u| u == MANAGED_IDENTITY));
+    assert_eq!(credential.calls(), 1);
+}
+
+async fn an_explicit_user_wins(kind: Kind) {
+    let emulator = Emulator::shared();
+    // alice logs in as the group role she belongs to.
+    let pool = driver(
+        kind,
+        connector(emulator, auth(&azure_cli(emulator)), Some("readers")),
+    )
+    .await;
+    assert_eq!(pool.users(2).await.unwrap(), ["readers"; 2]);
+}
+
+async fn failures_surface_with_their_causes(kind: Kind) {
+    let emulator = Emulator::shared();
+    // The credential fails (no `az` on its PATH): the error names it, not just a timeout.
+    let empty = std::env::temp_dir().join(format!("pgentra-no-az-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let chain = CredentialChain::from_vars([
+        ("PATH", empty.to_str().unwrap()),
+        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
+    ])
+    .unwrap();
+    let failing = EntraAuth::builder()
+        .credential_chain(chain)
+        .build()
+        .unwrap();
+    let err = driver(kind, connector(emulator, failing, None))
+        .await
+        .users(1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("AzureCliCredential") && err.contains("az not found"),
+        "{kind:?}: {err}"
+    );
+
+    // The gateway refuses the token (a managed identity's token for alice's role): the
+    // driver's error carries the server's message, and never the token.
+    let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+    let credential = managed_identity(emulator, Some(&identity));
+    let auth = auth(&credential);
+    let token = auth
+        .credentials()
+        .await
+        .unwrap()
+        .password()
+        .expose_secret()
+        .to_owned();
+    let err = driver(kind, connector(emulator, auth, Some(USER)))
+        .await
+        .users(1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "password authentication failed for user \"{USER}\""
+        )),
+        "{kind:?}: {err}"
+    );
+    assert!(
+        !err.contains(&token),
+        "{kind:?}: the token leaked into the error"
+    );
+    let (_, signature) = token.rsplit_once('.').unwrap();
+    assert!(
+        !err.contains(signature),
+        "{kind:?}: the token leaked into the error"
+    );
+}
+
+/// One test per driver per scenario.
+macro_rules! scenarios {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn tokio_postgres() { super::$scenario(Kind::TokioPostgres).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() { super::$scenario(Kind::Postgres).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn deadpool() { super::$scenario(Kind::Deadpool).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn bb8() { super::$scenario(Kind::Bb8).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn r2d2() { super::$scenario(Kind::R2d2).await }
+            }
+        )*
+    };
+}
+
+scenarios!(
+    connects_as_the_derived_role,
+    refreshes_under_a_pool,
+    a_storm_on_a_cold_provider_makes_one_credential_call,
+    an_explicit_user_wins,
+    failures_surface_with_their_causes,
+);
+
+#[tokio::test]
+async fn the_deadpool_error_leads_to_pgentras_cause() {
+    let emulator = Emulator::shared();
+    let chain = CredentialChain::from_vars([
+        ("PATH", "/nonexistent"),
+        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
+    ])
+    .unwrap();
+    let auth = EntraAuth::builder()
+        .credential_chain(chain)
+        .build()
+        .unwrap();
+    let pool = pgentra::deadpool::pool(connector(emulator, auth, None), 2).unwrap();
+    let err = pool.get().await.unwrap_err();
+    let cause = pgentra::deadpool::cause(&err).expect("pgentra's error in the chain");
+    assert!(matches!(cause, Error::NoCredential { .. }), "{cause:?}");
+}
