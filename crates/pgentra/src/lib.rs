@@ -40,11 +40,25 @@
 //! - [`tls`]: rustls configurations with libpq `sslmode` semantics.
 //! - [`clock`]: the injectable clock used for expiry.
 //!
+//! # Drivers
+//!
+//! - [`tokio_postgres`]: [`EntraConnector`](tokio_postgres::EntraConnector), the base every
+//!   integration shares: libpq URLs with `sslmode=verify-full`, TLS forced on, fresh
+//!   credentials per connection.
+//! - [`postgres`]: the sync client.
+//! - [`deadpool`]: a `deadpool_postgres::Connect` and ready-made pools.
+//! - [`bb8`]: a `bb8::ManageConnection` and an error sink that keeps the real connect error.
+//! - [`r2d2`]: an `r2d2::ManageConnection` for the sync client.
+//!
 //! # Features
 //!
 //! | Feature | Description | Extra dependencies | Default |
 //! |---------|-------------|--------------------|---------|
-//! | `tokio-postgres-0_7` | [`TlsOptions::make_tls_connect`](tls::TlsOptions::make_tls_connect) for tokio-postgres | `tokio-postgres`, `tokio-postgres-rustls` | no |
+//! | `tokio-postgres-0_7` | [`tokio_postgres`] module, [`TlsOptions::make_tls_connect`](tls::TlsOptions::make_tls_connect) | `tokio-postgres`, `tokio-postgres-rustls` | no |
+//! | `postgres-0_19` | [`postgres`] module | `postgres` | no |
+//! | `deadpool-postgres-0_14` | [`deadpool`] module | `deadpool-postgres` | no |
+//! | `bb8-0_9` | [`bb8`] module | `bb8` | no |
+//! | `r2d2-0_8` | [`r2d2`] module | `r2d2`, `postgres` | no |
 //! | `client-certificate` | service principals with a certificate (`AZURE_CLIENT_CERTIFICATE_PATH`) | OpenSSL | no |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
