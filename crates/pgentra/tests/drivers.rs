@@ -504,3 +504,25 @@ async fn the_deadpool_error_leads_to_pgentras_cause() {
     let cause = pgentra::deadpool::cause(&err).expect("pgentra's error in the chain");
     assert!(matches!(cause, Error::NoCredential { .. }), "{cause:?}");
 }
+
+#[tokio::test]
+async fn a_deadpool_pool_from_its_own_config() {
+    let emulator = Emulator::shared();
+    let mut config = deadpool_postgres::Config::new();
+    config.host = Some("localhost".into());
+    config.port = Some(emulator.gateway().port());
+    config.dbname = Some("postgres".into());
+    config.pool = Some(deadpool_postgres::PoolConfig::new(4));
+    let tls = pgentra::tls::TlsOptions::verify_full().with_root_cert(emulator.ca_file());
+    let pool =
+        pgentra::deadpool::pool_from_config(auth(&azure_cli(emulator)), &config, &tls).unwrap();
+    assert_eq!(pool.status().max_size, 4);
+    let row = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(QUERY, &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), USER);
+}
