@@ -101,15 +101,7 @@ async fn open(kind: Kind, setup: &Setup, entra: bool) -> Duration {
                     .build()
                     .unwrap()
             };
-            let gets = (0..CONNECTIONS).map(|_| pool.get());
-            let clients: Vec<_> = futures::future::join_all(gets)
-                .await
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
-            let elapsed = started.elapsed();
-            drop(clients);
-            elapsed
+            hold_all((0..CONNECTIONS).map(|_| pool.get()), started).await
         }
         Kind::Bb8 => {
             if entra {
@@ -169,14 +161,21 @@ where
         .build(manager)
         .await
         .unwrap();
-    let gets = (0..CONNECTIONS).map(|_| pool.get());
-    let clients: Vec<_> = futures::future::join_all(gets)
+    hold_all((0..CONNECTIONS).map(|_| pool.get()), started).await
+}
+
+/// Awaits all `gets` at once, holds what they return, and returns the time since `started`.
+async fn hold_all<T, E: std::fmt::Debug>(
+    gets: impl Iterator<Item = impl Future<Output = Result<T, E>>>,
+    started: Instant,
+) -> Duration {
+    let held: Vec<T> = futures::future::join_all(gets)
         .await
         .into_iter()
         .map(Result::unwrap)
         .collect();
     let elapsed = started.elapsed();
-    drop(clients);
+    drop(held);
     elapsed
 }
 

@@ -141,20 +141,11 @@ impl Driver {
                     for client in futures_join(gets).await {
                         clients.push(client?);
                     }
-                    let mut users = Vec::new();
-                    for client in &clients {
-                        let row = client
-                            .query_one(QUERY, &[])
-                            .await
-                            .map_err(|e| describe(&e))?;
-                        users.push(row.get(0));
-                    }
-                    Ok(users)
+                    query_each(clients.iter().map(|c| &***c)).await
                 }
                 Self::Bb8(pool, errors) => {
                     let gets = (0..n).map(|_| pool.get());
                     let results = futures::future::join_all(gets).await;
-                    let mut users = Vec::new();
                     let mut clients = Vec::new();
                     for result in results {
                         match result {
@@ -167,14 +158,7 @@ impl Driver {
                             }
                         }
                     }
-                    for client in &clients {
-                        let row = client
-                            .query_one(QUERY, &[])
-                            .await
-                            .map_err(|e| describe(&e))?;
-                        users.push(row.get(0));
-                    }
-                    Ok(users)
+                    query_each(clients.iter().map(|c| &**c)).await
                 }
                 Self::R2d2(holder) => {
                     tokio::task::spawn_blocking(move || {
@@ -198,6 +182,21 @@ impl Driver {
             }
         })
     }
+}
+
+/// Each client's role, queried one after the other while all are held.
+async fn query_each<'a>(
+    clients: impl Iterator<Item = &'a tokio_postgres::Client>,
+) -> Result<Vec<String>, String> {
+    let mut users = Vec::new();
+    for client in clients {
+        let row = client
+            .query_one(QUERY, &[])
+            .await
+            .map_err(|e| describe(&e))?;
+        users.push(row.get(0));
+    }
+    Ok(users)
 }
 
 async fn futures_join<T: Send + 'static>(
