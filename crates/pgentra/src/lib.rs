@@ -83,6 +83,9 @@ pub mod provider;
 #[cfg_attr(docsrs, doc(cfg(feature = "r2d2-0_8")))]
 pub mod r2d2;
 mod secret;
+#[cfg(feature = "sqlx-0_9")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_9")))]
+pub mod sqlx;
 pub mod tls;
 #[cfg(feature = "tokio-postgres-0_7")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio-postgres-0_7")))]

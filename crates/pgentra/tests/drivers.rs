@@ -1,11 +1,12 @@
-//! Drivers I against the emulator: one scenario table, run over tokio-postgres, postgres,
-//! deadpool-postgres, bb8 and r2d2.
+//! The drivers against the emulator: one scenario table, run over tokio-postgres, postgres,
+//! deadpool-postgres, bb8, r2d2 and sqlx.
 #![cfg(all(
     feature = "tokio-postgres-0_7",
     feature = "postgres-0_19",
     feature = "deadpool-postgres-0_14",
     feature = "bb8-0_9",
-    feature = "r2d2-0_8"
+    feature = "r2d2-0_8",
+    feature = "sqlx-0_9"
 ))]
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
@@ -34,6 +35,14 @@ enum Kind {
     Deadpool,
     Bb8,
     R2d2,
+    Sqlx,
+}
+
+/// The connectors of one provider and one set of connection settings, for every driver.
+#[derive(Clone)]
+struct Connectors {
+    postgres: EntraConnector,
+    sqlx: pgentra::sqlx::SqlxConnector,
 }
 
 /// A driver (and, for pools, its pool) set up with a connector.
@@ -47,6 +56,9 @@ enum Driver {
         pgentra::bb8::LastErrorSink,
     ),
     R2d2(Arc<R2d2Pool>),
+    Sqlx(sqlx::PgPool, Arc<pgentra::sqlx::RefreshGuard>),
+    /// The pool could not even be built (sqlx opens a connection to build it).
+    Failed(String),
 }
 
 /// An r2d2 pool that is dropped on a plain thread: `postgres::Client`'s destructor blocks on
@@ -62,7 +74,8 @@ impl Drop for R2d2Pool {
 
 const POOL_SIZE: u32 = 250;
 
-async fn driver(kind: Kind, connector: EntraConnector) -> Driver {
+async fn driver(kind: Kind, connectors: Connectors) -> Driver {
+    let connector = connectors.postgres;
     match kind {
         Kind::TokioPostgres => Driver::TokioPostgres(connector),
         Kind::Postgres => Driver::Postgres(connector),
@@ -88,6 +101,15 @@ async fn driver(kind: Kind, connector: EntraConnector) -> Driver {
                 .build(pgentra::r2d2::EntraConnectionManager::new(connector))
                 .unwrap(),
         )))),
+        Kind::Sqlx => {
+            let options = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(Duration::from_secs(10));
+            match connectors.sqlx.pool(options).await {
+                Ok((pool, guard)) => Driver::Sqlx(pool, Arc::new(guard)),
+                Err(error) => Driver::Failed(describe(&error)),
+            }
+        }
     }
 }
 
@@ -160,6 +182,23 @@ impl Driver {
                     }
                     query_each(clients.iter().map(|c| &**c)).await
                 }
+                Self::Sqlx(pool, _refresher) => {
+                    let acquires = (0..n).map(|_| pool.acquire());
+                    let mut connections = Vec::new();
+                    for result in futures::future::join_all(acquires).await {
+                        connections.push(result.map_err(|e| describe(&e))?);
+                    }
+                    let mut users = Vec::new();
+                    for connection in &mut connections {
+                        let user: String = sqlx::query_scalar(QUERY)
+                            .fetch_one(&mut **connection)
+                            .await
+                            .map_err(|e| describe(&e))?;
+                        users.push(user);
+                    }
+                    Ok(users)
+                }
+                Self::Failed(error) => Err(error),
                 Self::R2d2(holder) => {
                     tokio::task::spawn_blocking(move || {
                         let pool = holder.0.as_ref().expect("the pool lives until dropped");
@@ -301,8 +340,12 @@ fn conninfo(emulator: &Emulator, user: Option<&str>) -> ConnInfo {
     info
 }
 
-fn connector(emulator: &Emulator, auth: EntraAuth, user: Option<&str>) -> EntraConnector {
-    EntraConnector::new(auth, &conninfo(emulator, user)).unwrap()
+fn connector(emulator: &Emulator, auth: EntraAuth, user: Option<&str>) -> Connectors {
+    let info = conninfo(emulator, user);
+    Connectors {
+        postgres: EntraConnector::new(auth.clone(), &info).unwrap(),
+        sqlx: pgentra::sqlx::SqlxConnector::new(auth, &info).unwrap(),
+    }
 }
 
 /// An emulator whose tokens live 4 seconds, for refresh scenarios.
@@ -473,6 +516,9 @@ macro_rules! scenarios {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn r2d2() { super::$scenario(Kind::R2d2).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlx() { super::$scenario(Kind::Sqlx).await }
             }
         )*
     };
@@ -498,7 +544,7 @@ async fn the_deadpool_error_leads_to_pgentras_cause() {
         .credential_chain(chain)
         .build()
         .unwrap();
-    let pool = pgentra::deadpool::pool(connector(emulator, auth, None), 2).unwrap();
+    let pool = pgentra::deadpool::pool(connector(emulator, auth, None).postgres, 2).unwrap();
     let err = pool.get().await.unwrap_err();
     let cause = pgentra::deadpool::cause(&err).expect("pgentra's error in the chain");
     assert!(matches!(cause, Error::NoCredential { .. }), "{cause:?}");
@@ -524,4 +570,70 @@ async fn a_deadpool_pool_from_its_own_config() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), USER);
+}
+
+/// sqlx: a pool left idle past two token lifetimes still opens 20 new connections, because the
+/// refresher kept its options fresh; without the refresher the same pool cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlx_pool_idle_past_two_lifetimes_opens_new_connections() {
+    let emulator = short_lived();
+    let connectors = connector(emulator, auth(&managed_identity(emulator, None)), None);
+    let options = || {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(30)
+            .min_connections(0)
+            // Idle connections close quickly, so later acquires must open new ones.
+            .idle_timeout(Duration::from_secs(1))
+            .acquire_timeout(Duration::from_secs(10))
+    };
+    let (fresh, _refresher) = connectors.sqlx.pool(options()).await.unwrap();
+    let (stale, refresher) = connectors.sqlx.pool(options()).await.unwrap();
+    drop(refresher); // the control: nobody updates this pool's options
+    let first = connectors.sqlx.auth().stats().expires_at.unwrap();
+    // Past two token lifetimes (4 s each), and past the first token's expiry plus the
+    // gateway's 5 s clock skew allowance.
+    let idle_until = first + Duration::from_secs(6);
+    tokio::time::sleep(
+        idle_until
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+
+    let acquires = (0..20).map(|_| fresh.acquire());
+    let mut held = Vec::new();
+    for result in futures::future::join_all(acquires).await {
+        held.push(result.expect("a new connection with the refreshed token"));
+    }
+    assert_eq!(held.len(), 20);
+    // The control: asked for 20, it must open new connections with its expired token.
+    let acquires = (0..20).map(|_| stale.acquire());
+    let errors: Vec<String> = futures::future::join_all(acquires)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| describe(&e)))
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("The access token has expired")),
+        "{errors:?}"
+    );
+}
+
+/// sqlx: closing the pool ends its refresher task.
+#[tokio::test]
+async fn closing_a_sqlx_pool_stops_its_refresher() {
+    let emulator = Emulator::shared();
+    let connectors = connector(emulator, auth(&azure_cli(emulator)), None);
+    let (pool, refresher) = connectors
+        .sqlx
+        .pool(sqlx::postgres::PgPoolOptions::new().max_connections(2))
+        .await
+        .unwrap();
+    assert!(!refresher.is_finished());
+    pool.close().await;
+    tokio::time::timeout(Duration::from_secs(10), refresher.finished())
+        .await
+        .expect("the refresher ends when its pool is closed");
 }
