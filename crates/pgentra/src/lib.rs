@@ -82,6 +82,9 @@ pub mod provider;
 #[cfg(feature = "r2d2-0_8")]
 #[cfg_attr(docsrs, doc(cfg(feature = "r2d2-0_8")))]
 pub mod r2d2;
+#[cfg(feature = "sea-orm-2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sea-orm-2")))]
+pub mod sea_orm;
 mod secret;
 #[cfg(feature = "sqlx-0_9")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_9")))]

@@ -1,12 +1,13 @@
 //! The drivers against the emulator: one scenario table, run over tokio-postgres, postgres,
-//! deadpool-postgres, bb8, r2d2 and sqlx.
+//! deadpool-postgres, bb8, r2d2, sqlx and SeaORM.
 #![cfg(all(
     feature = "tokio-postgres-0_7",
     feature = "postgres-0_19",
     feature = "deadpool-postgres-0_14",
     feature = "bb8-0_9",
     feature = "r2d2-0_8",
-    feature = "sqlx-0_9"
+    feature = "sqlx-0_9",
+    feature = "sea-orm-2"
 ))]
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
@@ -36,6 +37,7 @@ enum Kind {
     Bb8,
     R2d2,
     Sqlx,
+    SeaOrm,
 }
 
 /// The connectors of one provider and one set of connection settings, for every driver.
@@ -57,6 +59,10 @@ enum Driver {
     ),
     R2d2(Arc<R2d2Pool>),
     Sqlx(sqlx::PgPool, Arc<pgentra::sqlx::RefreshGuard>),
+    SeaOrm(
+        sea_orm::DatabaseConnection,
+        Arc<pgentra::sqlx::RefreshGuard>,
+    ),
     /// The pool could not even be built (sqlx opens a connection to build it).
     Failed(String),
 }
@@ -107,6 +113,15 @@ async fn driver(kind: Kind, connectors: Connectors) -> Driver {
                 .acquire_timeout(Duration::from_secs(10));
             match connectors.sqlx.pool(options).await {
                 Ok((pool, guard)) => Driver::Sqlx(pool, Arc::new(guard)),
+                Err(error) => Driver::Failed(describe(&error)),
+            }
+        }
+        Kind::SeaOrm => {
+            let options = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(Duration::from_secs(10));
+            match pgentra::sea_orm::connect(&connectors.sqlx, options).await {
+                Ok((db, guard)) => Driver::SeaOrm(db, Arc::new(guard)),
                 Err(error) => Driver::Failed(describe(&error)),
             }
         }
@@ -198,6 +213,7 @@ impl Driver {
                     }
                     Ok(users)
                 }
+                Self::SeaOrm(db, _refresher) => sea_orm_users(&db, n).await,
                 Self::Failed(error) => Err(error),
                 Self::R2d2(holder) => {
                     tokio::task::spawn_blocking(move || {
@@ -221,6 +237,31 @@ impl Driver {
             }
         })
     }
+}
+
+/// `n` SeaORM transactions at once (each holds a pool connection, so the pool opens `n`), and
+/// each one's role.
+async fn sea_orm_users(db: &sea_orm::DatabaseConnection, n: usize) -> Result<Vec<String>, String> {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let begins = (0..n).map(|_| db.begin());
+    let mut transactions = Vec::new();
+    for result in futures::future::join_all(begins).await {
+        transactions.push(result.map_err(|e| describe(&e))?);
+    }
+    let mut users = Vec::new();
+    for transaction in &transactions {
+        let statement = sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT current_user::text AS u",
+        );
+        let row = transaction
+            .query_one_raw(statement)
+            .await
+            .map_err(|e| describe(&e))?
+            .ok_or("no row")?;
+        users.push(row.try_get::<String>("", "u").map_err(|e| describe(&e))?);
+    }
+    Ok(users)
 }
 
 /// Each client's role, queried one after the other while all are held.
@@ -519,6 +560,9 @@ macro_rules! scenarios {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn sqlx() { super::$scenario(Kind::Sqlx).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sea_orm() { super::$scenario(Kind::SeaOrm).await }
             }
         )*
     };
@@ -636,4 +680,33 @@ async fn closing_a_sqlx_pool_stops_its_refresher() {
     tokio::time::timeout(Duration::from_secs(10), refresher.finished())
         .await
         .expect("the refresher ends when its pool is closed");
+}
+
+/// SeaORM: a connection left idle past two token lifetimes opens 20 new connections (through
+/// its sqlx pool, kept fresh), and closing it ends the refresher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sea_orm_idle_past_two_lifetimes_then_closed() {
+    let emulator = short_lived();
+    let connectors = connector(emulator, auth(&managed_identity(emulator, None)), None);
+    let options = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(30)
+        .idle_timeout(Duration::from_secs(1))
+        .acquire_timeout(Duration::from_secs(10));
+    let (db, refresher) = pgentra::sea_orm::connect(&connectors.sqlx, options)
+        .await
+        .unwrap();
+    let first = connectors.sqlx.auth().stats().expires_at.unwrap();
+    let idle_until = first + Duration::from_secs(6);
+    tokio::time::sleep(
+        idle_until
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let users = sea_orm_users(&db, 20).await.unwrap();
+    assert_eq!(users, vec![MANAGED_IDENTITY; 20]);
+    db.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), refresher.finished())
+        .await
+        .expect("the refresher ends when the connection is closed");
 }
