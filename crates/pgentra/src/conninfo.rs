@@ -150,6 +150,54 @@ impl ConnInfo {
         self
     }
 
+    /// A libpq `key='value'` connection string with `user` and `password`, every value quoted
+    /// (a token holds characters that break naive strings). It holds the token, so it is a
+    /// [`Secret`](crate::Secret): never log it.
+    ///
+    /// ```
+    /// use pgentra::conninfo::ConnInfo;
+    /// let info = ConnInfo::parse("postgres://srv/app?sslrootcert=/ca.pem")?;
+    /// let conninfo = info.to_libpq("o'brien@contoso.com", &pgentra::Secret::new("a.b.c"));
+    /// assert_eq!(
+    ///     conninfo.expose_secret(),
+    ///     "host='srv' dbname='app' sslmode='verify-full' sslrootcert='/ca.pem' user='o\\'brien@contoso.com' password='a.b.c'"
+    /// );
+    /// # Ok::<(), pgentra::Error>(())
+    /// ```
+    pub fn to_libpq(&self, user: &str, password: &crate::Secret) -> crate::Secret {
+        let port = self.port.map(|p| p.to_string());
+        let sslmode = self.sslmode.unwrap_or_default();
+        let sslrootcert = self.sslrootcert.as_ref().map(|p| p.display().to_string());
+        let fields = [
+            ("host", self.host.as_deref()),
+            ("hostaddr", self.hostaddr.as_deref()),
+            ("port", port.as_deref()),
+            ("dbname", self.dbname.as_deref()),
+            ("application_name", self.application_name.as_deref()),
+            ("sslmode", Some(sslmode.as_str())),
+            ("sslrootcert", sslrootcert.as_deref()),
+        ];
+        let params = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())));
+        let credentials = [
+            ("user", Some(user)),
+            ("password", Some(password.expose_secret())),
+        ];
+        let mut out = String::new();
+        for (key, value) in fields.into_iter().chain(params).chain(credentials) {
+            if let Some(value) = value {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+                out.push_str(&format!("{key}='{quoted}'"));
+            }
+        }
+        crate::Secret::new(out)
+    }
+
     /// The TLS settings these connection settings ask for.
     pub fn tls_options(&self) -> TlsOptions {
         TlsOptions {

@@ -74,6 +74,12 @@ pub mod credential;
 #[cfg(feature = "deadpool-postgres-0_14")]
 #[cfg_attr(docsrs, doc(cfg(feature = "deadpool-postgres-0_14")))]
 pub mod deadpool;
+#[cfg(feature = "diesel-2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel-2")))]
+pub mod diesel;
+#[cfg(feature = "diesel-async-0_9")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel-async-0_9")))]
+pub mod diesel_async;
 mod error;
 #[cfg(feature = "postgres-0_19")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres-0_19")))]

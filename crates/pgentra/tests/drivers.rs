@@ -1,5 +1,5 @@
 //! The drivers against the emulator: one scenario table, run over tokio-postgres, postgres,
-//! deadpool-postgres, bb8, r2d2, sqlx and SeaORM.
+//! deadpool-postgres, bb8, r2d2, sqlx, SeaORM, diesel-async and diesel.
 #![cfg(all(
     feature = "tokio-postgres-0_7",
     feature = "postgres-0_19",
@@ -7,7 +7,9 @@
     feature = "bb8-0_9",
     feature = "r2d2-0_8",
     feature = "sqlx-0_9",
-    feature = "sea-orm-2"
+    feature = "sea-orm-2",
+    feature = "diesel-async-0_9",
+    feature = "diesel-2"
 ))]
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
@@ -38,6 +40,8 @@ enum Kind {
     R2d2,
     Sqlx,
     SeaOrm,
+    DieselAsync,
+    Diesel,
 }
 
 /// The connectors of one provider and one set of connection settings, for every driver.
@@ -45,6 +49,7 @@ enum Kind {
 struct Connectors {
     postgres: EntraConnector,
     sqlx: pgentra::sqlx::SqlxConnector,
+    diesel: pgentra::diesel::EntraPgConnectionManager,
 }
 
 /// A driver (and, for pools, its pool) set up with a connector.
@@ -63,6 +68,8 @@ enum Driver {
         sea_orm::DatabaseConnection,
         Arc<pgentra::sqlx::RefreshGuard>,
     ),
+    DieselAsync(diesel_async::pooled_connection::deadpool::Pool<diesel_async::AsyncPgConnection>),
+    Diesel(r2d2::Pool<pgentra::diesel::EntraPgConnectionManager>),
     /// The pool could not even be built (sqlx opens a connection to build it).
     Failed(String),
 }
@@ -116,6 +123,17 @@ async fn driver(kind: Kind, connectors: Connectors) -> Driver {
                 Err(error) => Driver::Failed(describe(&error)),
             }
         }
+        Kind::DieselAsync => Driver::DieselAsync(
+            pgentra::diesel_async::deadpool(connector, POOL_SIZE as usize).unwrap(),
+        ),
+        Kind::Diesel => Driver::Diesel(
+            r2d2::Pool::builder()
+                .max_size(POOL_SIZE)
+                .min_idle(Some(0))
+                .connection_timeout(Duration::from_secs(10))
+                .build(connectors.diesel)
+                .unwrap(),
+        ),
         Kind::SeaOrm => {
             let options = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(POOL_SIZE)
@@ -214,6 +232,40 @@ impl Driver {
                     Ok(users)
                 }
                 Self::SeaOrm(db, _refresher) => sea_orm_users(&db, n).await,
+                Self::DieselAsync(pool) => {
+                    use diesel_async::RunQueryDsl;
+                    let gets = (0..n).map(|_| pool.get());
+                    let mut connections = Vec::new();
+                    for result in futures::future::join_all(gets).await {
+                        connections.push(result.map_err(|e| describe(&e))?);
+                    }
+                    let mut users = Vec::new();
+                    for connection in &mut connections {
+                        let user: String = diesel::select(current_user())
+                            .get_result(&mut **connection)
+                            .await
+                            .map_err(|e| describe(&e))?;
+                        users.push(user);
+                    }
+                    Ok(users)
+                }
+                Self::Diesel(pool) => tokio::task::spawn_blocking(move || {
+                    use diesel::RunQueryDsl;
+                    let mut connections = Vec::new();
+                    for _ in 0..n {
+                        connections.push(pool.get().map_err(|e| describe(&e))?);
+                    }
+                    connections
+                        .iter_mut()
+                        .map(|connection| {
+                            diesel::select(current_user())
+                                .get_result::<String>(&mut **connection)
+                                .map_err(|e| describe(&e))
+                        })
+                        .collect()
+                })
+                .await
+                .unwrap(),
                 Self::Failed(error) => Err(error),
                 Self::R2d2(holder) => {
                     tokio::task::spawn_blocking(move || {
@@ -262,6 +314,11 @@ async fn sea_orm_users(db: &sea_orm::DatabaseConnection, n: usize) -> Result<Vec
         users.push(row.try_get::<String>("", "u").map_err(|e| describe(&e))?);
     }
     Ok(users)
+}
+
+/// `current_user` as a diesel expression.
+fn current_user() -> diesel::expression::SqlLiteral<diesel::sql_types::Text> {
+    diesel::dsl::sql::<diesel::sql_types::Text>("current_user::text")
 }
 
 /// Each client's role, queried one after the other while all are held.
@@ -385,7 +442,8 @@ fn connector(emulator: &Emulator, auth: EntraAuth, user: Option<&str>) -> Connec
     let info = conninfo(emulator, user);
     Connectors {
         postgres: EntraConnector::new(auth.clone(), &info).unwrap(),
-        sqlx: pgentra::sqlx::SqlxConnector::new(auth, &info).unwrap(),
+        sqlx: pgentra::sqlx::SqlxConnector::new(auth.clone(), &info).unwrap(),
+        diesel: pgentra::diesel::EntraPgConnectionManager::new(auth, info),
     }
 }
 
@@ -563,6 +621,12 @@ macro_rules! scenarios {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn sea_orm() { super::$scenario(Kind::SeaOrm).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn diesel_async() { super::$scenario(Kind::DieselAsync).await }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn diesel() { super::$scenario(Kind::Diesel).await }
             }
         )*
     };
