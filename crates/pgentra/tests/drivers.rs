@@ -774,3 +774,52 @@ async fn sea_orm_idle_past_two_lifetimes_then_closed() {
         .await
         .expect("the refresher ends when the connection is closed");
 }
+
+/// diesel-async's bb8 pool works too, and both diesel integrations keep pgentra's error as a
+/// typed cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diesel_async_bb8_pool_and_typed_causes() {
+    use diesel_async::RunQueryDsl;
+    let emulator = Emulator::shared();
+    let connectors = connector(emulator, auth(&azure_cli(emulator)), None);
+    let pool = pgentra::diesel_async::bb8(connectors.postgres, 4)
+        .await
+        .unwrap();
+    let mut connection = pool.get().await.unwrap();
+    let user: String = diesel::select(current_user())
+        .get_result(&mut *connection)
+        .await
+        .unwrap();
+    assert_eq!(user, USER);
+
+    let chain = CredentialChain::from_vars([
+        ("PATH", "/nonexistent"),
+        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
+    ])
+    .unwrap();
+    let failing = EntraAuth::builder()
+        .credential_chain(chain)
+        .build()
+        .unwrap();
+    let connectors = connector(emulator, failing, None);
+    let setup = pgentra::diesel_async::setup(connectors.postgres);
+    let err = setup("ignored").await.err().expect("no credentials");
+    assert!(
+        matches!(
+            pgentra::diesel_async::cause(&err),
+            Some(Error::NoCredential { .. })
+        ),
+        "{err}"
+    );
+    let err = tokio::task::spawn_blocking(move || connectors.diesel.establish().err())
+        .await
+        .unwrap()
+        .expect("no credentials");
+    assert!(
+        matches!(
+            pgentra::diesel::cause(&err),
+            Some(Error::NoCredential { .. })
+        ),
+        "{err}"
+    );
+}

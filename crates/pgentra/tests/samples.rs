@@ -53,7 +53,13 @@ fn postgres_sample_in_each_mode() {
 
 #[test]
 fn pool_samples() {
-    for name in ["sample_deadpool", "sample_bb8", "sample_r2d2"] {
+    for name in [
+        "sample_deadpool",
+        "sample_bb8",
+        "sample_r2d2",
+        "sample_sqlx",
+        "sample_sea_orm",
+    ] {
         let out = run(name, &[]);
         assert!(
             out.contains(&format!("connected as {MANAGED_IDENTITY} at")),
@@ -63,6 +69,29 @@ fn pool_samples() {
             assert!(
                 out.contains(&format!("query result: {}", i * 10)),
                 "{name}:\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn diesel_sample_in_each_mode() {
+    for (mode, sync, async_) in [
+        ("sync", true, false),
+        ("async", false, true),
+        ("both", true, true),
+    ] {
+        let out = run("sample_diesel", &["--mode", mode]);
+        for (side, expected) in [("sync: ", sync), ("async:", async_)] {
+            assert_eq!(
+                out.contains(&format!("{side} connected as {MANAGED_IDENTITY} at")),
+                expected,
+                "{mode}:\n{out}"
+            );
+            assert_eq!(
+                out.contains(&format!("{side} query result: 30")),
+                expected,
+                "{mode}:\n{out}"
             );
         }
     }
