@@ -13,9 +13,11 @@
 use pgentra::EntraAuth;
 use pgentra::conninfo::ConnInfo;
 use pgentra::credential::CredentialChain;
+use pgentra::sqlx::SqlxConnector;
 use pgentra::tokio_postgres::{EntraConnector, Tls};
 use pgentra_emulator::issuer::Principal;
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
+use sqlx::postgres::PgPoolOptions;
 use std::time::{Duration, Instant};
 
 const CONNECTIONS: usize = 50;
@@ -27,12 +29,20 @@ enum Kind {
     Deadpool,
     Bb8,
     R2d2,
+    Sqlx,
+    SeaOrm,
+    DieselAsync,
+    Diesel,
 }
 
 struct Setup {
     connector: EntraConnector,
     static_config: tokio_postgres::Config,
     tls: Tls,
+    sqlx: SqlxConnector,
+    static_sqlx: sqlx::postgres::PgConnectOptions,
+    diesel: pgentra::diesel::EntraPgConnectionManager,
+    static_libpq: String,
 }
 
 /// Opens `CONNECTIONS` connections at once and holds them; returns the time it took.
@@ -118,25 +128,78 @@ async fn open(kind: Kind, setup: &Setup, entra: bool) -> Duration {
                 .await
             }
         }
-        Kind::R2d2 => tokio::task::spawn_blocking(move || {
-            fn hold<M: r2d2::ManageConnection>(manager: M, started: Instant) -> Duration {
-                let pool = r2d2::Pool::builder()
-                    .max_size(CONNECTIONS as u32)
-                    .min_idle(Some(0))
-                    .build(manager)
-                    .unwrap();
-                let clients: Vec<_> = (0..CONNECTIONS).map(|_| pool.get().unwrap()).collect();
-                let elapsed = started.elapsed();
-                drop(clients);
-                elapsed
+        Kind::Sqlx | Kind::SeaOrm => {
+            let options = PgPoolOptions::new().max_connections(CONNECTIONS as u32);
+            // Both sides build the pool the same way (one connection opened to check it).
+            let (pool, _refresher) = if entra {
+                let (pool, refresher) = setup.sqlx.pool(options).await.unwrap();
+                (pool, Some(refresher))
+            } else {
+                (
+                    options
+                        .connect_with(setup.static_sqlx.clone())
+                        .await
+                        .unwrap(),
+                    None,
+                )
+            };
+            if let Kind::SeaOrm = kind {
+                use sea_orm::TransactionTrait;
+                let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
+                hold_all((0..CONNECTIONS).map(|_| db.begin()), started).await
+            } else {
+                hold_all((0..CONNECTIONS).map(|_| pool.acquire()), started).await
             }
+        }
+        Kind::DieselAsync => {
+            use diesel_async::AsyncPgConnection;
+            use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+            let manager = if entra {
+                pgentra::diesel_async::manager(connector)
+            } else {
+                // The same TLS connect, with the fixed password.
+                let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+                manager_config.custom_setup = Box::new(move |_| {
+                    let (config, tls) = (config.clone(), tls.clone());
+                    Box::pin(async move {
+                        let (client, connection) = config
+                            .connect(tls)
+                            .await
+                            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                    })
+                });
+                AsyncDieselConnectionManager::new_with_config("static", manager_config)
+            };
+            let pool = diesel_async::pooled_connection::deadpool::Pool::builder(manager)
+                .max_size(CONNECTIONS)
+                .build()
+                .unwrap();
+            hold_all((0..CONNECTIONS).map(|_| pool.get()), started).await
+        }
+        Kind::Diesel => {
+            let (manager, conninfo) = (setup.diesel.clone(), setup.static_libpq.clone());
+            tokio::task::spawn_blocking(move || {
+                if entra {
+                    hold_r2d2(manager, started)
+                } else {
+                    hold_r2d2(
+                        diesel::r2d2::ConnectionManager::<diesel::PgConnection>::new(conninfo),
+                        started,
+                    )
+                }
+            })
+            .await
+            .unwrap()
+        }
+        Kind::R2d2 => tokio::task::spawn_blocking(move || {
             if entra {
-                hold(
+                hold_r2d2(
                     pgentra::r2d2::EntraConnectionManager::new(connector),
                     started,
                 )
             } else {
-                hold(
+                hold_r2d2(
                     r2d2_postgres::PostgresConnectionManager::new(
                         postgres::Config::from(config),
                         tls,
@@ -148,6 +211,19 @@ async fn open(kind: Kind, setup: &Setup, entra: bool) -> Duration {
         .await
         .unwrap(),
     }
+}
+
+/// Opens `CONNECTIONS` connections, one after the other as r2d2 does, and holds them.
+fn hold_r2d2<M: r2d2::ManageConnection>(manager: M, started: Instant) -> Duration {
+    let pool = r2d2::Pool::builder()
+        .max_size(CONNECTIONS as u32)
+        .min_idle(Some(0))
+        .build(manager)
+        .unwrap();
+    let clients: Vec<_> = (0..CONNECTIONS).map(|_| pool.get().unwrap()).collect();
+    let elapsed = started.elapsed();
+    drop(clients);
+    elapsed
 }
 
 /// Opens `CONNECTIONS` connections at once through a bb8 pool of `manager`.
@@ -210,19 +286,34 @@ fn main() {
         .unwrap();
     // "Once the token is cached": fetch it before measuring.
     auth.credentials_blocking().unwrap();
-    let connector = EntraConnector::new(auth, &info).unwrap();
-    let token = emulator.token_for(&Principal::user(USER)).token;
-    let mut static_config = connector.base_config().clone();
-    static_config.user(USER).password(token);
-    let setup = Setup {
-        tls: connector.tls().clone(),
-        connector,
-        static_config,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    let connector = EntraConnector::new(auth.clone(), &info).unwrap();
+    let sqlx = SqlxConnector::new(auth.clone(), &info).unwrap();
+    // The static password every baseline uses: a fixed token the gateway accepts.
+    let token = emulator.token_for(&Principal::user(USER)).token;
+    let mut static_config = connector.base_config().clone();
+    static_config.user(USER).password(&token);
+    let static_sqlx = runtime
+        .block_on(sqlx.connect_options())
+        .unwrap()
+        .username(USER)
+        .password(&token);
+    let static_libpq = info
+        .to_libpq(USER, &pgentra::Secret::new(token.as_str()))
+        .expose_secret()
+        .to_owned();
+    let setup = Setup {
+        tls: connector.tls().clone(),
+        connector,
+        static_config,
+        sqlx,
+        static_sqlx,
+        diesel: pgentra::diesel::EntraPgConnectionManager::new(auth, info),
+        static_libpq,
+    };
     println!(
         "connect_overhead: {CONNECTIONS} connections at once, median of {rounds} rounds, baseline measured in the same run"
     );
@@ -236,6 +327,10 @@ fn main() {
         Kind::Deadpool,
         Kind::Bb8,
         Kind::R2d2,
+        Kind::Sqlx,
+        Kind::SeaOrm,
+        Kind::DieselAsync,
+        Kind::Diesel,
     ] {
         let (mut ours, mut base) = (Vec::new(), Vec::new());
         runtime.block_on(async {
