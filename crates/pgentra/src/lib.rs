@@ -49,6 +49,12 @@
 //! - [`deadpool`]: a `deadpool_postgres::Connect` and ready-made pools.
 //! - [`bb8`]: a `bb8::ManageConnection` and an error sink that keeps the real connect error.
 //! - [`r2d2`]: an `r2d2::ManageConnection` for the sync client.
+//! - [`sqlx`]: [`SqlxConnector`](sqlx::SqlxConnector): one-shot options, and pools whose
+//!   shared connect options a refresher keeps fresh (sqlx has no per-connection hook).
+//! - [`sea_orm`]: a `DatabaseConnection` over such a sqlx pool.
+//! - [`diesel_async`]: a `ManagerConfig` whose `custom_setup` connects over rustls with a fresh
+//!   token, for diesel-async's deadpool and bb8 pools.
+//! - [`diesel`]: an r2d2 `ManageConnection` for diesel's sync `PgConnection` (libpq).
 //!
 //! # Features
 //!
@@ -59,6 +65,10 @@
 //! | `deadpool-postgres-0_14` | [`deadpool`] module | `deadpool-postgres` | no |
 //! | `bb8-0_9` | [`bb8`] module | `bb8` | no |
 //! | `r2d2-0_8` | [`r2d2`] module | `r2d2`, `postgres` | no |
+//! | `sqlx-0_9` | [`sqlx`] module (the application picks sqlx's TLS feature) | `sqlx` | no |
+//! | `sea-orm-2` | [`sea_orm`] module | `sea-orm`, `sqlx` | no |
+//! | `diesel-async-0_9` | [`diesel_async`] module | `diesel-async`, `diesel` | no |
+//! | `diesel-2` | [`diesel`] module | `diesel`, `r2d2`, libpq (`libpq-dev`) | no |
 //! | `client-certificate` | service principals with a certificate (`AZURE_CLIENT_CERTIFICATE_PATH`) | OpenSSL | no |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -106,6 +116,6 @@ pub use provider::{DbCredentials, EntraAuth, EntraAuthBuilder, Stats};
 pub use secret::Secret;
 
 /// The README's examples, compiled as doc tests so they cannot drift from the API.
-#[cfg(all(doctest, feature = "tokio-postgres-0_7"))]
+#[cfg(all(doctest, feature = "tokio-postgres-0_7", feature = "deadpool-postgres-0_14"))]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
