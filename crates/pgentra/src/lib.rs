@@ -116,6 +116,10 @@ pub use provider::{DbCredentials, EntraAuth, EntraAuthBuilder, Stats};
 pub use secret::Secret;
 
 /// The README's examples, compiled as doc tests so they cannot drift from the API.
-#[cfg(all(doctest, feature = "tokio-postgres-0_7", feature = "deadpool-postgres-0_14"))]
+#[cfg(all(
+    doctest,
+    feature = "tokio-postgres-0_7",
+    feature = "deadpool-postgres-0_14"
+))]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
