@@ -31,7 +31,6 @@
 //! ```
 
 use crate::conninfo::ConnInfo;
-use crate::error::Error;
 use crate::provider::EntraAuth;
 use diesel::r2d2::R2D2Connection;
 use diesel::{Connection, ConnectionError, PgConnection};
@@ -51,11 +50,10 @@ impl EntraPgConnectionManager {
 
     /// Establishes one connection with the current credentials.
     pub fn establish(&self) -> Result<PgConnection, ConnectionError> {
-        let creds = self.auth.credentials_blocking().map_err(|error| {
-            ConnectionError::CouldntSetupConfiguration(diesel::result::Error::QueryBuilderError(
-                Box::new(error),
-            ))
-        })?;
+        let creds = self
+            .auth
+            .credentials_blocking()
+            .map_err(crate::diesel_errors::typed)?;
         let user = self.info.user.as_deref().unwrap_or_else(|| creds.user());
         let conninfo = self.info.to_libpq(user, creds.password());
         let token = creds.password().expose_secret();
@@ -87,12 +85,4 @@ impl r2d2::ManageConnection for EntraPgConnectionManager {
     }
 }
 
-/// The pgentra error inside a diesel `ConnectionError` made by this module, if any.
-pub fn cause(error: &ConnectionError) -> Option<&Error> {
-    match error {
-        ConnectionError::CouldntSetupConfiguration(diesel::result::Error::QueryBuilderError(
-            source,
-        )) => source.downcast_ref::<Error>(),
-        _ => None,
-    }
-}
+pub use crate::diesel_errors::cause;

@@ -82,23 +82,13 @@ pub async fn bb8(
         .map_err(Error::connect)
 }
 
-/// pgentra's error as a diesel `ConnectionError`, keeping it as a typed source.
+/// pgentra's error as a diesel `ConnectionError`: the server's or driver's refusal as text,
+/// anything else as a typed source.
 fn connection_error(error: Error) -> ConnectionError {
     match error {
-        // The server's or the driver's own error: diesel shows connection failures as text.
         Error::Connect { .. } => ConnectionError::BadConnection(error.to_string()),
-        other => ConnectionError::CouldntSetupConfiguration(
-            diesel::result::Error::QueryBuilderError(Box::new(other)),
-        ),
+        other => crate::diesel_errors::typed(other),
     }
 }
 
-/// The pgentra error inside a diesel `ConnectionError` made by this module, if any.
-pub fn cause(error: &ConnectionError) -> Option<&Error> {
-    match error {
-        ConnectionError::CouldntSetupConfiguration(diesel::result::Error::QueryBuilderError(
-            source,
-        )) => source.downcast_ref::<Error>(),
-        _ => None,
-    }
-}
+pub use crate::diesel_errors::cause;

@@ -90,6 +90,8 @@ pub mod diesel;
 #[cfg(feature = "diesel-async-0_9")]
 #[cfg_attr(docsrs, doc(cfg(feature = "diesel-async-0_9")))]
 pub mod diesel_async;
+#[cfg(any(feature = "diesel-2", feature = "diesel-async-0_9"))]
+mod diesel_errors;
 mod error;
 #[cfg(feature = "postgres-0_19")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres-0_19")))]

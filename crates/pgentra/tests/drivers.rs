@@ -594,39 +594,31 @@ async fn failures_surface_with_their_causes(kind: Kind) {
     );
 }
 
-/// One test per driver per scenario.
+/// One test per driver per scenario: the driver list is written once, here.
 macro_rules! scenarios {
     ($($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
                 use super::*;
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn tokio_postgres() { super::$scenario(Kind::TokioPostgres).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn postgres() { super::$scenario(Kind::Postgres).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn deadpool() { super::$scenario(Kind::Deadpool).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn bb8() { super::$scenario(Kind::Bb8).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn r2d2() { super::$scenario(Kind::R2d2).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn sqlx() { super::$scenario(Kind::Sqlx).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn sea_orm() { super::$scenario(Kind::SeaOrm).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn diesel_async() { super::$scenario(Kind::DieselAsync).await }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn diesel() { super::$scenario(Kind::Diesel).await }
+                scenarios!(@drivers $scenario:
+                    tokio_postgres => TokioPostgres,
+                    postgres => Postgres,
+                    deadpool => Deadpool,
+                    bb8 => Bb8,
+                    r2d2 => R2d2,
+                    sqlx => Sqlx,
+                    sea_orm => SeaOrm,
+                    diesel_async => DieselAsync,
+                    diesel => Diesel,
+                );
+            }
+        )*
+    };
+    (@drivers $scenario:ident: $($test:ident => $kind:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                super::$scenario(Kind::$kind).await
             }
         )*
     };
