@@ -1,0 +1,236 @@
+//! `pgentra inspect`: decode a token offline.
+
+use crate::Context;
+use crate::error::CliError;
+use crate::output::{print_json, relative, timestamp};
+use base64::Engine as _;
+use pgentra::Cloud;
+use pgentra::claims::{Claims, PrincipalKind};
+use serde_json::{Value, json};
+use std::io::{IsTerminal as _, Read as _};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest input read from standard input; Entra tokens are a few kilobytes.
+const MAX_INPUT: u64 = 1 << 20;
+
+/// Decodes a token's claims without verifying its signature (that needs the issuer's keys,
+/// which the server checks) and shows the role pgentra would log in as.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The token; `-` or nothing reads it from standard input. A `Bearer ` prefix and the JSON
+    /// of `az account get-access-token` are accepted too.
+    token: Option<String>,
+}
+
+pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
+    let input = match args.token.as_deref() {
+        Some(token) if token != "-" => token.to_owned(),
+        _ => read_stdin()?,
+    };
+    let token = extract_token(&input)?;
+    let claims = Claims::decode(&token)?;
+    let header = decode_header(&token);
+    let role = claims.role_name();
+    let kind = principal_kind(&claims);
+    let audience = database_cloud(&claims);
+    let expired = claims
+        .exp()
+        .is_some_and(|exp| time_of(exp) <= SystemTime::now());
+
+    if context.json {
+        let (role, source, role_error) = match &role {
+            Ok((role, source)) => (Some(role.as_str()), Some(source.describe()), None),
+            Err(missing) => (None, None, Some(missing.to_string())),
+        };
+        print_json(&json!({
+            "signature_verified": false,
+            "header": header,
+            "claims": claims.as_map(),
+            "principal": kind,
+            "role": role,
+            "role_source": source,
+            "role_error": role_error,
+            "database_audience": audience,
+            "expired": expired,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let style = context.style;
+    let row = |name: &str, value: &str| println!("{}  {value}", style.dim(&format!("{name:<10}")));
+    row(
+        "signature",
+        "not verified (decoded offline; the server checks it)",
+    );
+    if let Some(Value::Object(header)) = &header {
+        let field = |name: &str| header.get(name).and_then(Value::as_str).unwrap_or("-");
+        row(
+            "header",
+            &format!("alg {}, kid {}", field("alg"), field("kid")),
+        );
+    }
+    row("principal", kind);
+    match &role {
+        Ok((role, source)) => row("role", &format!("{} ({source})", style.bold(role))),
+        Err(missing) => row("role", &style.bad(&format!("none: {missing}"))),
+    }
+    let audiences = claims.audiences().join(", ");
+    match audience {
+        Some(cloud) => row(
+            "audience",
+            &format!("{audiences} (database, {cloud} cloud)"),
+        ),
+        None => row(
+            "audience",
+            &style.bad(&format!(
+                "{audiences} (not a database audience: get a token for {})",
+                Cloud::Public.scope()
+            )),
+        ),
+    }
+    for (name, value) in [
+        ("issued", claims.iat()),
+        ("not before", claims.nbf()),
+        ("expires", claims.exp()),
+    ] {
+        if let Some(seconds) = value {
+            let time = time_of(seconds);
+            let text = format!("{} ({})", timestamp(time), relative(time));
+            let expired_now = name == "expires" && expired;
+            row(
+                name,
+                &if expired_now {
+                    style.bad(&format!("{text}, expired"))
+                } else {
+                    text
+                },
+            );
+        }
+    }
+    println!("{}", style.dim("claims"));
+    for (name, value) in claims.as_map() {
+        println!("  {name:<20} {value}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A short name for the kind of principal, as `whoami` and `inspect` print it.
+pub(crate) fn principal_kind(claims: &Claims) -> &'static str {
+    match claims.principal_kind() {
+        PrincipalKind::User => "user",
+        PrincipalKind::GuestUser => "guest user",
+        PrincipalKind::ServicePrincipal => "service principal",
+        PrincipalKind::UserAssignedManagedIdentity => "user-assigned managed identity",
+        PrincipalKind::SystemAssignedManagedIdentity => "system-assigned managed identity",
+        _ => "unknown",
+    }
+}
+
+fn read_stdin() -> Result<String, CliError> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Err(CliError::Usage(
+            "give a token as an argument, or pipe one in: `pgentra token | pgentra inspect`".into(),
+        ));
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(CliError::io("reading the token from standard input"))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(CliError::Usage(format!(
+            "the input is larger than {} KiB; a token is a few KiB",
+            MAX_INPUT / 1024
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| CliError::Usage("the input is not UTF-8 text".into()))
+}
+
+/// The token in `input`: trimmed, without a `Bearer ` prefix, or taken out of the JSON that
+/// `az account get-access-token` and `pgentra token --json` print.
+fn extract_token(input: &str) -> Result<String, CliError> {
+    let input = input.trim();
+    if input.starts_with('{') {
+        let value: Value = serde_json::from_str(input).map_err(|error| {
+            CliError::Usage(format!(
+                "the input looks like JSON but is not valid JSON (line {}, column {})",
+                error.line(),
+                error.column()
+            ))
+        })?;
+        return ["accessToken", "access_token", "token"]
+            .iter()
+            .find_map(|key| value.get(key).and_then(Value::as_str))
+            .map(|token| token.trim().to_owned())
+            .ok_or_else(|| {
+                CliError::Usage("the JSON has no accessToken, access_token or token field".into())
+            });
+    }
+    let token = input
+        .strip_prefix("Bearer ")
+        .or_else(|| input.strip_prefix("bearer "))
+        .unwrap_or(input);
+    Ok(token.trim().to_owned())
+}
+
+/// The JOSE header, if it is readable JSON (it is informational only).
+fn decode_header(token: &str) -> Option<Value> {
+    let segment = token.split('.').next()?.trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Which cloud's database audience the token is for, if any.
+fn database_cloud(claims: &Claims) -> Option<&'static str> {
+    let audiences = claims.audiences();
+    [
+        (Cloud::Public, "public"),
+        (Cloud::UsGovernment, "US Government"),
+        (Cloud::China, "China"),
+    ]
+    .into_iter()
+    .find(|(cloud, _)| {
+        audiences
+            .iter()
+            .any(|aud| aud.trim_end_matches('/') == cloud.audience())
+    })
+    .map(|(_, name)| name)
+}
+
+/// A claim's time, clamped to 1970..=9999 so that any value can be printed.
+fn time_of(seconds: i64) -> SystemTime {
+    const YEAR_9999_END: u64 = 253_402_300_799;
+    let seconds = u64::try_from(seconds).unwrap_or(0).min(YEAR_9999_END);
+    UNIX_EPOCH + Duration::from_secs(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_taken_out_of_what_people_paste() {
+        assert_eq!(extract_token("  a.b.c\n").unwrap(), "a.b.c");
+        assert_eq!(extract_token("Bearer a.b.c").unwrap(), "a.b.c");
+        assert_eq!(
+            extract_token(r#"{"accessToken": "a.b.c", "expiresOn": "x"}"#).unwrap(),
+            "a.b.c"
+        );
+        assert!(matches!(
+            extract_token(r#"{"nothing": 1}"#),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(extract_token("{oops"), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn times_outside_the_range_do_not_panic() {
+        assert_eq!(time_of(-5), UNIX_EPOCH);
+        assert_eq!(timestamp(time_of(i64::MAX)), "9999-12-31T23:59:59Z");
+    }
+}

@@ -1,0 +1,151 @@
+//! Output helpers: logging, colour, shell quoting and time formatting.
+
+use std::io::IsTerminal as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+
+/// Logs go to standard error: warnings by default, more with `-v`, or what `RUST_LOG` says.
+pub(crate) fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse().unwrap_or_else(|error| {
+            eprintln!("pgentra: ignoring RUST_LOG ({error})");
+            Targets::new().with_default(level)
+        }),
+        // A failed token fetch is already this command's error; the provider's warning about
+        // it (meant for long-running apps) would say it twice.
+        _ if verbose == 0 => Targets::new()
+            .with_default(level)
+            .with_target("pgentra::provider", LevelFilter::ERROR),
+        _ => Targets::new().with_default(level),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(verbose > 1),
+        )
+        .with(filter)
+        .init();
+}
+
+/// Colour for standard output: only on a terminal, and never with `NO_COLOR` set.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Style {
+    colour: bool,
+}
+
+impl Style {
+    pub(crate) fn for_stdout() -> Self {
+        Self {
+            colour: std::io::stdout().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        }
+    }
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    pub(crate) fn good(self, text: &str) -> String {
+        self.paint("32", text)
+    }
+
+    pub(crate) fn bad(self, text: &str) -> String {
+        self.paint("31", text)
+    }
+
+    pub(crate) fn dim(self, text: &str) -> String {
+        self.paint("2", text)
+    }
+
+    pub(crate) fn bold(self, text: &str) -> String {
+        self.paint("1", text)
+    }
+}
+
+/// The shells `env` and `emulator` print variables for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Shell {
+    /// POSIX `sh`, bash, zsh: `export NAME='value'`.
+    #[default]
+    Sh,
+    /// fish: `set -gx NAME 'value'`.
+    Fish,
+    /// PowerShell: `$Env:NAME = 'value'`.
+    Powershell,
+}
+
+impl Shell {
+    /// One line that sets `name` to `value` in this shell.
+    pub(crate) fn export(self, name: &str, value: &str) -> String {
+        match self {
+            Self::Sh => format!("export {name}='{}'", value.replace('\'', r"'\''")),
+            Self::Fish => format!(
+                "set -gx {name} '{}'",
+                value.replace('\\', r"\\").replace('\'', r"\'")
+            ),
+            Self::Powershell => format!("$Env:{name} = '{}'", value.replace('\'', "''")),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// An RFC 3339 time, seconds precision.
+pub(crate) fn timestamp(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// `in 59m 58s` or `3m 2s ago`, to whole seconds.
+pub(crate) fn relative(time: SystemTime) -> String {
+    let now = SystemTime::now();
+    let whole = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs()));
+    match time.duration_since(now) {
+        Ok(ahead) => format!("in {}", whole(ahead)),
+        Err(behind) => format!("{} ago", whole(behind.duration())),
+    }
+}
+
+/// Prints a JSON value on one line.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_quoted_for_each_shell() {
+        assert_eq!(Shell::Sh.export("A", "it's"), r"export A='it'\''s'");
+        assert_eq!(
+            Shell::Fish.export("A", r"it's \o/"),
+            r"set -gx A 'it\'s \\o/'"
+        );
+        assert_eq!(Shell::Powershell.export("A", "it's"), "$Env:A = 'it''s'");
+    }
+
+    #[test]
+    fn times_are_relative_to_now() {
+        let later = SystemTime::now() + Duration::from_secs(125);
+        assert!(relative(later).starts_with("in 2m"), "{}", relative(later));
+        let earlier = SystemTime::now() - Duration::from_secs(3600);
+        assert_eq!(relative(earlier), "1h ago");
+    }
+}

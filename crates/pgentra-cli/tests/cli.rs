@@ -1,0 +1,461 @@
+//! `pgentra token`, `whoami`, `inspect`, `env`, `exec`, `psql` and `emulator`, run as a user
+//! runs them, against the emulator with the real `azure_identity` credentials.
+
+use base64::Engine as _;
+use pgentra_emulator::issuer::Principal;
+use pgentra_emulator::{Emulator, MANAGED_IDENTITY, USER};
+use serde_json::Value;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `pgentra` with only the emulator's environment (no inherited Azure or libpq settings), its
+/// `az` as the credential.
+fn pgentra(emulator: &Emulator) -> Command {
+    let mut command = bare();
+    command
+        .envs(emulator.env())
+        .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential");
+    command
+}
+
+/// `pgentra` with an empty environment but `PATH`.
+fn bare() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgentra"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("run pgentra")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Every JWT starts with `eyJ` (`{"` in base64url).
+fn assert_no_token(output: &Output) {
+    for (name, text) in [("stdout", stdout(output)), ("stderr", stderr(output))] {
+        assert!(
+            !text.contains("eyJ"),
+            "a token was printed on {name}:\n{text}"
+        );
+    }
+}
+
+/// A failed command: the given exit code and one `pgentra: ...` line on stderr.
+fn assert_one_line_error(output: &Output, code: i32) -> String {
+    assert_eq!(output.status.code(), Some(code), "{}", stderr(output));
+    let err = stderr(output);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("pgentra: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    lines[0].to_owned()
+}
+
+fn json(output: &Output) -> Value {
+    assert!(output.status.success(), "{}", stderr(output));
+    serde_json::from_str(&stdout(output)).expect("one JSON object on stdout")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn token_prints_a_database_token_the_gateway_accepts() {
+    let emulator = Emulator::shared();
+    let output = run(pgentra(emulator).arg("token"));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    let token = out.trim_end();
+    assert_eq!(out.lines().count(), 1);
+    let claims = emulator
+        .issuer()
+        .verify(token, &emulator.config().audience, Duration::ZERO)
+        .expect("a valid database token");
+    assert_eq!(claims.str("upn"), Some(USER));
+
+    let value = json(&run(pgentra(emulator).args(["token", "--json"])));
+    assert_eq!(value["user"], USER);
+    let expires_on = value["expires_on"].as_u64().unwrap();
+    assert!(expires_on > now() && expires_on <= now() + 3600 + 5);
+    assert!(value["token"].as_str().unwrap().starts_with("eyJ"));
+
+    // --user pins the role; --scope changes the audience.
+    let value = json(&run(pgentra(emulator).args([
+        "token",
+        "--json",
+        "--user",
+        "readers",
+        "--scope",
+        "https://other.example/.default",
+    ])));
+    assert_eq!(value["user"], "readers");
+    let token = value["token"].as_str().unwrap();
+    let aud = emulator
+        .issuer()
+        .verify(token, "https://other.example", Duration::ZERO)
+        .expect("a token for the other audience");
+    assert_eq!(aud.str("upn"), Some(USER));
+}
+
+#[test]
+fn whoami_names_the_credential_principal_and_role_without_the_token() {
+    let emulator = Emulator::shared();
+    let output = run(pgentra(emulator).args(["whoami", "-vv"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_no_token(&output);
+    let out = stdout(&output);
+    for expected in [
+        "AzureCliCredential",
+        "user",
+        &format!("{USER} (upn claim)"),
+        emulator.issuer().tenant(),
+        "https://ossrdbms-aad.database.windows.net/.default",
+        "expires",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+
+    // The managed identity, through the App Service endpoint the emulator's env points at.
+    let output = run(pgentra(emulator).args([
+        "whoami",
+        "--json",
+        "--credential",
+        "ManagedIdentityCredential",
+    ]));
+    assert_no_token(&output);
+    let value = json(&output);
+    assert_eq!(value["credential"], "ManagedIdentityCredential");
+    assert_eq!(value["principal"], "user-assigned managed identity");
+    assert_eq!(value["role"], MANAGED_IDENTITY);
+    assert_eq!(
+        value["role_source"],
+        "user-assigned managed identity name (xms_mirid)"
+    );
+    assert_eq!(value["tenant_id"], emulator.issuer().tenant());
+}
+
+#[test]
+fn failures_are_one_line_errors_without_the_token() {
+    // No `az` on PATH: the CLI credential fails, with its reason.
+    let output = run(bare()
+        .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential")
+        .env("PATH", "/nonexistent")
+        .args(["whoami"]));
+    let line = assert_one_line_error(&output, 1);
+    assert!(line.contains("AzureCliCredential"), "{line}");
+
+    // An unknown credential name.
+    let output = run(bare().args(["token", "--credential", "NoSuchCredential"]));
+    let line = assert_one_line_error(&output, 1);
+    assert!(line.contains("NoSuchCredential"), "{line}");
+
+    // Bad flags are clap's usage errors (exit 2).
+    let output = run(bare().args(["token", "--timeout", "soon"]));
+    assert_eq!(output.status.code(), Some(2));
+}
+
+fn inspect(input: &str) -> Output {
+    let mut child = bare()
+        .args(["inspect", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The child may stop reading early (oversized input), so a write error is fine.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn inspect_decodes_tokens_offline_and_derives_the_role() {
+    let emulator = Emulator::shared();
+    let token = emulator
+        .token_for(&Principal::user_assigned_identity("inventory-mi"))
+        .token;
+    let output = run(bare().args(["inspect", &token]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    for expected in [
+        "not verified",
+        "user-assigned managed identity",
+        "inventory-mi (user-assigned managed identity name (xms_mirid))",
+        "(database, public cloud)",
+        "xms_mirid",
+        "alg RS256",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+
+    // From stdin, as `az account get-access-token` prints it, as JSON.
+    let az = format!(r#"{{"accessToken": "{token}", "expiresOn": "2030-01-01"}}"#);
+    let mut child = bare()
+        .args(["--json", "inspect"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(az.as_bytes())
+        .unwrap();
+    let value = json(&child.wait_with_output().unwrap());
+    assert_eq!(value["signature_verified"], false);
+    assert_eq!(value["role"], "inventory-mi");
+    assert_eq!(value["expired"], false);
+    assert_eq!(value["database_audience"], "public");
+    assert_eq!(value["claims"]["tid"], emulator.issuer().tenant());
+
+    // A guest's role is not in the token: said, not guessed.
+    let guest = emulator
+        .token_for(&Principal::guest(
+            "bob_fabrikam.com#EXT#@contoso.onmicrosoft.com",
+            "bob@fabrikam.com",
+        ))
+        .token;
+    let value = json(&run(bare().args(["--json", "inspect", &guest])));
+    assert_eq!(value["role"], Value::Null);
+    assert!(
+        value["role_error"].as_str().unwrap().contains("guest"),
+        "{value}"
+    );
+
+    // An expired token is decoded and marked expired.
+    let old = emulator
+        .issuer()
+        .issue_at(
+            &Principal::user(USER),
+            &emulator.config().audience,
+            now() - 7200,
+        )
+        .token;
+    let output = run(bare().args(["inspect", &format!("Bearer {old}")]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("expired"), "{}", stdout(&output));
+    let value = json(&run(bare().args(["--json", "inspect", &old])));
+    assert_eq!(value["expired"], true);
+}
+
+#[test]
+fn inspect_refuses_malformed_tokens_with_exit_code_2() {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let with_payload = |payload: &[u8]| format!("e30.{}.c2ln", b64(payload));
+    let cases: Vec<(&str, String)> = vec![
+        ("empty", String::new()),
+        ("blank", "  \n\t ".into()),
+        ("one segment", "notatoken".into()),
+        ("two segments", "e30.e30".into()),
+        ("four segments", "e30.e30.c2ln.extra".into()),
+        ("encrypted JWE", "a.b.c.d.e".into()),
+        ("bad base64", "e30.!!!not-base64!!!.c2ln".into()),
+        ("payload not UTF-8", with_payload(&[0xff, 0xfe, 0xfd])),
+        ("payload not JSON", with_payload(b"hello")),
+        ("payload a JSON array", with_payload(b"[1, 2]")),
+        ("exp not a number", with_payload(br#"{"exp": "soon"}"#)),
+        ("oid not a string", with_payload(br#"{"oid": 42}"#)),
+        (
+            "JSON without a token",
+            r#"{"expiresOn": "2030-01-01"}"#.into(),
+        ),
+        ("broken JSON", r#"{"accessToken": "#.into()),
+        ("oversized input", "a".repeat(2 << 20)),
+    ];
+    for (kind, input) in &cases {
+        let output = inspect(input);
+        let line = assert_one_line_error(&output, 2);
+        assert!(stdout(&output).is_empty(), "{kind}: {}", stdout(&output));
+        // The input is never echoed back.
+        if input.len() > 8 {
+            assert!(!line.contains(input.as_str()), "{kind}: {line}");
+        }
+    }
+}
+
+#[test]
+fn env_prints_exports_a_shell_can_eval_to_log_in() {
+    let emulator = Emulator::shared();
+    let output = run(pgentra(emulator).args(["env"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    for name in [
+        "PGHOST",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGSSLMODE",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("export {name}='"))),
+            "{name} missing from:\n{out}"
+        );
+    }
+    assert!(out.contains(&format!("export PGUSER='{USER}'")), "{out}");
+
+    // The shell way: eval, then psql.
+    let script = format!(
+        "eval \"$('{}' env)\" && psql -X -A -t -c 'SELECT current_user'",
+        env!("CARGO_BIN_EXE_pgentra")
+    );
+    let psql = Command::new("sh")
+        .args(["-c", &script])
+        .env_clear()
+        .envs(emulator.env())
+        .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential")
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&psql).trim(), USER, "{}", stderr(&psql));
+
+    let fish = stdout(&run(pgentra(emulator).args(["env", "--shell", "fish"])));
+    assert!(fish.contains(&format!("set -gx PGUSER '{USER}'")), "{fish}");
+    let powershell = stdout(&run(pgentra(emulator).args([
+        "env",
+        "--shell",
+        "powershell",
+    ])));
+    assert!(
+        powershell.contains(&format!("$Env:PGUSER = '{USER}'")),
+        "{powershell}"
+    );
+    let value = json(&run(
+        pgentra(emulator).args(["env", "--json", "--user", "readers"])
+    ));
+    assert_eq!(value["PGUSER"], "readers");
+    assert_eq!(value["PGSSLMODE"], "verify-full");
+}
+
+#[test]
+fn exec_and_psql_pass_the_token_and_the_exit_code() {
+    let emulator = Emulator::shared();
+    let output = run(pgentra(emulator).args(["exec", "--", "sh", "-c", "exit 7"]));
+    assert_eq!(output.status.code(), Some(7));
+
+    let output = run(pgentra(emulator).args([
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        r#"printf '%s\n%s' "$PGUSER" "$PGPASSWORD""#,
+    ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    let (user, token) = out.split_once('\n').unwrap();
+    assert_eq!(user, USER);
+    emulator
+        .issuer()
+        .verify(token, &emulator.config().audience, Duration::ZERO)
+        .expect("PGPASSWORD holds a valid database token");
+
+    let output = run(pgentra(emulator).args(["exec", "--", "no-such-program-pgentra"]));
+    let line = assert_one_line_error(&output, 127);
+    assert!(line.contains("no-such-program-pgentra"), "{line}");
+
+    // psql gets every argument, including its own -v, -X and -c.
+    let output = run(pgentra(emulator).args([
+        "psql",
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "SELECT current_user",
+    ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), USER);
+    // A group the user belongs to, chosen with psql's own -U.
+    let output =
+        run(pgentra(emulator).args(["psql", "-XAt", "-U", "readers", "-c", "SELECT current_user"]));
+    assert_eq!(stdout(&output).trim(), "readers", "{}", stderr(&output));
+    // psql's failure is the command's failure.
+    let output = run(pgentra(emulator).args(["psql", "-X", "-c", "SELECT 1/0"]));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("division by zero"));
+}
+
+#[test]
+fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
+    let mut child = bare()
+        .args(["emulator", "--token-lifetime", "30s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut env = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "# ready" {
+            break;
+        }
+        let (name, value) = line
+            .strip_prefix("export ")
+            .and_then(|l| l.split_once('='))
+            .unwrap_or_else(|| panic!("stdout must carry only exports, got {line:?}"));
+        env.push((name.to_owned(), value.trim_matches('\'').to_owned()));
+    }
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "PGHOST",
+        "PGPORT",
+        "PGDATABASE",
+        "PGSSLMODE",
+        "PGSSLROOTCERT",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "AZURE_AUTHORITY_HOST",
+        "SSL_CERT_FILE",
+        "PATH",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    // Its environment is all `pgentra psql` needs: token from its `az`, TLS verified by its CA.
+    let output = run(bare()
+        .envs(env.iter().cloned())
+        .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential")
+        .args(["psql", "-XAt", "-c", "SELECT current_user"]));
+    assert_eq!(stdout(&output).trim(), USER, "{}", stderr(&output));
+
+    // SIGTERM: exit 0, and the cluster directory (which held the CA and the shims) is gone.
+    let ca = std::path::PathBuf::from(&env.iter().find(|(n, _)| n == "PGSSLROOTCERT").unwrap().1);
+    assert!(ca.is_file());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let cluster_dir = ca.parent().and_then(|p| p.parent()).unwrap();
+    assert!(
+        !cluster_dir.exists(),
+        "{} was not removed",
+        cluster_dir.display()
+    );
+    assert_eq!(
+        lines.count(),
+        0,
+        "nothing may follow the ready line on stdout"
+    );
+}
