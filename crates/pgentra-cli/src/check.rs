@@ -47,8 +47,6 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_PORT: u16 = 5432;
 const DEFAULT_DBNAME: &str = "postgres";
-/// The PostgreSQL `SSLRequest`: length 8, then the code 80877103.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -369,7 +367,7 @@ async fn tls(settings: &Settings, mut stream: TcpStream) -> StepResult<()> {
     let not_postgres =
         "is this a PostgreSQL server? Check the port (Azure: 5432, or 6432 for its PgBouncer)";
     let answer = timeout(TLS_TIMEOUT, async {
-        stream.write_all(&SSL_REQUEST).await?;
+        stream.write_all(&pgentra_wire::ssl_request()).await?;
         stream.read_u8().await
     })
     .await;

@@ -14,6 +14,7 @@ use pgentra::credential::CredentialChain;
 use pgentra::tls::SslMode;
 use pgentra::{DbCredentials, EntraAuth};
 use pgentra_emulator::{Emulator, EmulatorConfig};
+use pgentra_proxy::{Instance, Proxy, ProxyConfig};
 use serde_json::json;
 use std::error::Error as StdError;
 use std::hash::{DefaultHasher, Hash, Hasher as _};
@@ -37,6 +38,10 @@ pub(crate) struct Args {
     /// Pool size: connections used at once.
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// Also run this many sessions through a `pgentra proxy` (in this process), each
+    /// reconnecting like a pooled connection.
+    #[arg(long, default_value_t = 0)]
+    proxy_sessions: usize,
 }
 
 /// Pause between two queries of one worker, so the demo does not saturate a small machine.
@@ -91,7 +96,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     let connector = pgentra::tokio_postgres::EntraConnector::new(auth.clone(), &info)?;
     let pool = pgentra::deadpool::pool(connector, args.connections)?;
 
-    let summary = runtime.block_on(demo(args, context, &emulator, &auth, pool))?;
+    let summary = runtime.block_on(demo(args, context, &emulator, &auth, &info, pool))?;
     let problems = summary.problems();
     if context.json {
         print_json(&summary.to_json(problems.is_empty()));
@@ -124,6 +129,12 @@ fn validate(args: &Args) -> Result<(), CliError> {
             args.connections
         )));
     }
+    if args.proxy_sessions > 100 {
+        return Err(CliError::Usage(format!(
+            "--proxy-sessions must be at most 100 (got {})",
+            args.proxy_sessions
+        )));
+    }
     Ok(())
 }
 
@@ -134,18 +145,21 @@ struct Counters {
     login_failures: AtomicU64,
     query_failures: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// How long each new login took, in seconds (pool and proxy sessions).
+    login_seconds: Mutex<Vec<f64>>,
 }
 
 impl Counters {
     fn fail(&self, counter: &AtomicU64, what: &str, error: &(dyn StdError + 'static)) {
         counter.fetch_add(1, Ordering::Relaxed);
-        let mut first = self
-            .first_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut first = lock(&self.first_error);
         if first.is_none() {
             *first = Some(format!("{what}: {}", one_line(error)));
         }
+    }
+
+    fn login_took(&self, started: Instant) {
+        lock(&self.login_seconds).push(started.elapsed().as_secs_f64());
     }
 
     fn failures(&self) -> u64 {
@@ -189,9 +203,14 @@ async fn worker(
     counters: Arc<Counters>,
 ) {
     while !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
         match pool.get().await {
             Err(error) => counters.fail(&counters.login_failures, "login", &error),
             Ok(client) => {
+                if Object::metrics(&client).recycled.is_none() {
+                    // Never recycled: this get opened the connection.
+                    counters.login_took(asked);
+                }
                 let failed = match client.simple_query("SELECT current_user, now()").await {
                     Ok(_) => {
                         counters.queries.fetch_add(1, Ordering::Relaxed);
@@ -213,6 +232,85 @@ async fn worker(
     }
 }
 
+/// One client of the proxy: connects as psql would, queries for the same lifetime as a pooled
+/// connection, disconnects, again.
+async fn proxy_worker(
+    addr: std::net::SocketAddr,
+    role: String,
+    token_lifetime: Duration,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(addr.ip().to_string())
+        .port(addr.port())
+        .dbname("postgres")
+        // The token's own role, named on purpose (see the proxy's role rule).
+        .user(role);
+    let mut session = 0_u64;
+    while !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
+        let client = match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                counters.login_took(asked);
+                tokio::spawn(connection);
+                client
+            }
+            Err(error) => {
+                counters.fail(&counters.login_failures, "proxy login", &error);
+                tokio::time::sleep(PAUSE).await;
+                continue;
+            }
+        };
+        session += 1;
+        let retire = retire_after((addr.port(), session, asked), token_lifetime);
+        while !stop.load(Ordering::Relaxed) && asked.elapsed() < retire {
+            match client.simple_query("SELECT current_user, now()").await {
+                Ok(_) => counters.queries.fetch_add(1, Ordering::Relaxed),
+                Err(error) => {
+                    counters.fail(&counters.query_failures, "proxy query", &error);
+                    break;
+                }
+            };
+            tokio::time::sleep(PAUSE).await;
+        }
+    }
+}
+
+/// Starts an in-process `pgentra proxy` in front of the gateway.
+async fn start_proxy(
+    auth: &EntraAuth,
+    info: &ConnInfo,
+) -> Result<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>), CliError> {
+    let mut config = ProxyConfig::default();
+    config
+        .instances
+        .push(Instance::new(info.clone(), ([127, 0, 0, 1], 0).into()));
+    let proxy = Proxy::bind(config, auth.clone())
+        .await
+        .map_err(|error| CliError::Failed(error.to_string()))?;
+    let addr = proxy.local_addrs()[0];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(proxy.run(async {
+        let _ = stopped.await;
+    }));
+    Ok((addr, stop))
+}
+
+/// This process's resident memory in KiB, from `/proc/self/status`.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Everything the summary reports.
 #[derive(Debug)]
 struct Summary {
@@ -220,6 +318,7 @@ struct Summary {
     interrupted: bool,
     token_lifetime: Duration,
     connections: usize,
+    proxy_sessions: usize,
     role: String,
     tokens_fetched: u64,
     connections_opened: u64,
@@ -230,6 +329,10 @@ struct Summary {
     /// For each refresh, seconds between fetching the new token and the old one's expiry
     /// (negative if it came late).
     refresh_leads: Vec<f64>,
+    /// New logins' durations in seconds, sorted.
+    login_seconds: Vec<f64>,
+    /// Resident memory once the workload ran for a while, and at the end.
+    rss_kib: (Option<u64>, Option<u64>),
     first_error: Option<String>,
 }
 
@@ -239,6 +342,7 @@ async fn demo(
     context: Context,
     emulator: &Emulator,
     auth: &EntraAuth,
+    info: &ConnInfo,
     pool: Pool,
 ) -> Result<Summary, CliError> {
     // The first token, before the clock starts: it names the role, and a credential that
@@ -258,6 +362,21 @@ async fn demo(
             Arc::clone(&counters),
         ));
     }
+    let proxy = if args.proxy_sessions > 0 {
+        let (addr, stop_proxy) = start_proxy(auth, info).await?;
+        for _ in 0..args.proxy_sessions {
+            workers.spawn(proxy_worker(
+                addr,
+                first.user().to_owned(),
+                args.token_lifetime,
+                Arc::clone(&stop),
+                Arc::clone(&counters),
+            ));
+        }
+        Some(stop_proxy)
+    } else {
+        None
+    };
 
     let started = Instant::now();
     let mut tokens = auth.subscribe();
@@ -277,12 +396,18 @@ async fn demo(
     };
     let deadline = tokio::time::sleep(args.duration);
     tokio::pin!(deadline);
+    // Memory is first measured once the workload has run for a while (pools full, caches
+    // warm), so that start and end compare like with like.
+    let warm = tokio::time::sleep(args.token_lifetime.min(args.duration / 4));
+    tokio::pin!(warm);
+    let mut rss_start = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let interrupted = loop {
         tokio::select! {
             () = &mut deadline => break false,
             _ = &mut ctrl_c => break true,
+            () = &mut warm, if rss_start.is_none() => rss_start = rss_kib(),
             _ = ticks.tick() => {
                 if tty {
                     eprint!("\r{}\x1b[K", progress(started.elapsed()));
@@ -312,6 +437,7 @@ async fn demo(
         }
     };
     let elapsed = started.elapsed();
+    let rss_end = rss_kib();
     stop.store(true, Ordering::Relaxed);
     if tokio::time::timeout(STOP_GRACE, async {
         while workers.join_next().await.is_some() {}
@@ -328,17 +454,19 @@ async fn demo(
     }
     // Closes the connections before the emulator goes.
     pool.close();
+    if let Some(stop_proxy) = proxy {
+        let _ = stop_proxy.send(());
+    }
 
-    let first_error = counters
-        .first_error
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let first_error = lock(&counters.first_error).clone();
+    let mut login_seconds = std::mem::take(&mut *lock(&counters.login_seconds));
+    login_seconds.sort_by(f64::total_cmp);
     Ok(Summary {
         elapsed,
         interrupted,
         token_lifetime: args.token_lifetime,
         connections: args.connections,
+        proxy_sessions: args.proxy_sessions,
         role: previous.user().to_owned(),
         tokens_fetched: auth.stats().tokens_fetched,
         connections_opened: emulator.gateway().logins(),
@@ -347,6 +475,8 @@ async fn demo(
         login_failures: counters.login_failures.load(Ordering::Relaxed),
         query_failures: counters.query_failures.load(Ordering::Relaxed),
         refresh_leads,
+        login_seconds,
+        rss_kib: (rss_start, rss_end),
         first_error,
     })
 }
@@ -429,11 +559,20 @@ fn print_intro(
             ),
         ),
     ];
+    let proxy = (args.proxy_sessions > 0).then(|| {
+        (
+            "proxy",
+            format!(
+                "{} sessions through a pgentra proxy, reconnecting as often",
+                args.proxy_sessions
+            ),
+        )
+    });
     let mut text = format!(
         "{}\n",
         bold("pgentra demo: a pool kept logged in across token lifetimes")
     );
-    for (name, value) in rows {
+    for (name, value) in rows.into_iter().chain(proxy) {
         text.push_str(&format!("  {}  {value}\n", dim(&format!("{name:<10}"))));
     }
     if context.json {
@@ -515,6 +654,14 @@ impl Summary {
         problems
     }
 
+    /// The login time below which `share` of the logins took, in milliseconds.
+    fn login_ms(&self, share: f64) -> Option<f64> {
+        let sorted = &self.login_seconds;
+        let last = sorted.len().checked_sub(1)?;
+        let index = ((last as f64) * share).round() as usize;
+        Some(sorted[index.min(last)] * 1000.0)
+    }
+
     fn leads(&self) -> Option<(f64, f64, f64)> {
         let leads = &self.refresh_leads;
         let min = leads.iter().copied().reduce(f64::min)?;
@@ -543,10 +690,15 @@ impl Summary {
                 "Summary"
             })
         );
+        let proxied = if self.proxy_sessions > 0 {
+            format!(" and {} through the proxy", self.proxy_sessions)
+        } else {
+            String::new()
+        };
         row(
             "ran for",
             &format!(
-                "{:.1} s with {} connections, tokens valid {} each",
+                "{:.1} s with {} connections{proxied}, tokens valid {} each",
                 self.elapsed.as_secs_f64(),
                 self.connections,
                 humantime::format_duration(self.token_lifetime)
@@ -562,6 +714,9 @@ impl Summary {
                 self.role
             ),
         );
+        if let (Some(p50), Some(p99)) = (self.login_ms(0.5), self.login_ms(0.99)) {
+            row("login time", &format!("p50 {p50:.1} ms · p99 {p99:.1} ms"));
+        }
         row("queries", &thousands(self.queries));
         row(
             "failed logins",
@@ -582,6 +737,16 @@ impl Summary {
                 None => "no refresh (the run was shorter than a token's life)".into(),
             },
         );
+        if let (Some(start), Some(end)) = self.rss_kib {
+            row(
+                "memory (RSS)",
+                &format!(
+                    "{:.1} MiB once warm, {:.1} MiB at the end",
+                    start as f64 / 1024.0,
+                    end as f64 / 1024.0
+                ),
+            );
+        }
         println!();
         if problems.is_empty() {
             println!(
@@ -604,6 +769,7 @@ impl Summary {
             "interrupted": self.interrupted,
             "token_lifetime_s": ms(self.token_lifetime.as_secs_f64()),
             "connections": self.connections,
+            "proxy_sessions": self.proxy_sessions,
             "role": self.role,
             "tokens_fetched": self.tokens_fetched,
             "connections_opened": self.connections_opened,
@@ -612,6 +778,11 @@ impl Summary {
             "gateway_refused": self.gateway_refused,
             "query_failures": self.query_failures,
             "refresh_leads_s": self.refresh_leads.iter().copied().map(ms).collect::<Vec<_>>(),
+            "logins_timed": self.login_seconds.len(),
+            "login_p50_ms": self.login_ms(0.5).map(|v| ms(v / 1000.0) * 1000.0),
+            "login_p99_ms": self.login_ms(0.99).map(|v| ms(v / 1000.0) * 1000.0),
+            "rss_start_kib": self.rss_kib.0,
+            "rss_end_kib": self.rss_kib.1,
             "first_error": self.first_error,
             "ok": ok,
         })
@@ -627,6 +798,7 @@ mod tests {
             duration: Duration::from_secs(duration),
             token_lifetime: Duration::from_secs(token_lifetime),
             connections,
+            proxy_sessions: 0,
         }
     }
 

@@ -19,6 +19,7 @@ mod env;
 mod error;
 mod inspect;
 mod output;
+mod proxy;
 mod token;
 mod whoami;
 
@@ -67,12 +68,15 @@ enum Command {
     /// Watch pgentra keep a pool logged in across several token lifetimes, against the
     /// emulator.
     Demo(demo::Args),
+    /// Listen locally and log any PostgreSQL client in with a fresh Entra ID token.
+    Proxy(Box<proxy::Args>),
 }
 
 /// What every subcommand gets besides its own arguments.
 #[derive(Debug, Clone, Copy)]
 struct Context {
     json: bool,
+    verbose: u8,
     style: output::Style,
 }
 
@@ -102,9 +106,13 @@ fn main() -> ExitCode {
     if let (Command::Psql(args), Some(rest)) = (&mut cli.command, psql_args) {
         args.args = rest;
     }
-    output::init_logging(cli.verbose);
+    // The proxy starts logging itself, once it knows the log format.
+    if !matches!(cli.command, Command::Proxy(_)) {
+        output::init_logging(cli.verbose, output::LogFormat::Text);
+    }
     let context = Context {
         json: cli.json,
+        verbose: cli.verbose,
         style: output::Style::for_stdout(),
     };
     let result = match cli.command {
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args, context),
         Command::Emulator(args) => emulator::run(&args, context),
         Command::Demo(args) => demo::run(&args, context),
+        Command::Proxy(args) => proxy::run(&args, context),
     };
     match result {
         Ok(code) => code,

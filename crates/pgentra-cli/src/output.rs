@@ -5,8 +5,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`).
+    Json,
+}
+
 /// Logs go to standard error: warnings by default, more with `-v`, or what `RUST_LOG` says.
-pub(crate) fn init_logging(verbose: u8) {
+pub(crate) fn init_logging(verbose: u8, format: LogFormat) {
     let level = match verbose {
         0 => LevelFilter::WARN,
         1 => LevelFilter::INFO,
@@ -25,14 +36,14 @@ pub(crate) fn init_logging(verbose: u8) {
             .with_target("pgentra::provider", LevelFilter::ERROR),
         _ => Targets::new().with_default(level),
     };
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(verbose > 1),
-        )
-        .with(filter)
-        .init();
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(verbose > 1);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+    }
 }
 
 /// Colour for standard output: only on a terminal, and never with `NO_COLOR` set.

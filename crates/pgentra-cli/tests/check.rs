@@ -2,10 +2,13 @@
 //! known failure (role missing, expired token, untrusted certificate, nothing listening),
 //! with exit codes, and never a token in the output.
 
+mod common;
+
+use common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
 use pgentra_emulator::issuer::Principal;
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 const STEPS: [&str; 8] = [
@@ -15,42 +18,12 @@ const STEPS: [&str; 8] = [
 /// `pgentra -vv check` with only `PATH` and `extra` in its environment (no inherited Azure or
 /// libpq settings, so nothing reaches a real identity endpoint).
 fn check(extra: &[(String, String)], args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pgentra"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+    bare()
         .envs(extra.iter().map(|(k, v)| (k, v)))
         .args(["-vv", "check"])
         .args(args)
         .output()
         .expect("run pgentra")
-}
-
-/// The emulator's environment, with its `az` as the only credential.
-fn emulator_env(emulator: &Emulator) -> Vec<(String, String)> {
-    let mut env = emulator.env();
-    env.push((
-        "AZURE_TOKEN_CREDENTIALS".into(),
-        "AzureCliCredential".into(),
-    ));
-    env
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Every JWT starts with `eyJ` (`{"` in base64url).
-fn assert_no_token(output: &Output) {
-    for (name, text) in [("stdout", stdout(output)), ("stderr", stderr(output))] {
-        assert!(
-            !text.contains("eyJ"),
-            "a token was printed on {name}:\n{text}"
-        );
-    }
 }
 
 /// The line of `step` in the text report.
@@ -95,7 +68,7 @@ fn assert_fails_at(output: &Output, step: &str, hint: &[&str]) -> String {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
-    assert_no_token(output);
+    assert_output_has_no_token(output);
     out
 }
 
@@ -105,7 +78,7 @@ fn every_step_passes_against_the_emulator() {
     let output = check(&emulator_env(emulator), &[]);
     let out = stdout(&output);
     assert!(output.status.success(), "{out}\n{}", stderr(&output));
-    assert_no_token(&output);
+    assert_output_has_no_token(&output);
     for step in STEPS {
         assert!(line(&out, step).starts_with('✓'), "{step}:\n{out}");
     }
@@ -134,7 +107,7 @@ fn json_has_every_step() {
     );
     let output = check(&env, &["--json", &url]);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_no_token(&output);
+    assert_output_has_no_token(&output);
     let report: Value = serde_json::from_str(&stdout(&output)).expect("one JSON object");
     assert_eq!(report["ok"], true, "{report}");
     let steps = report["steps"].as_array().unwrap();
@@ -172,7 +145,7 @@ fn a_principal_without_a_role_is_told_how_to_create_it() {
 
     let output = check(&emulator_env(&emulator), &["--json"]);
     assert_eq!(output.status.code(), Some(1));
-    assert_no_token(&output);
+    assert_output_has_no_token(&output);
     let report: Value = serde_json::from_str(&stdout(&output)).expect("one JSON object");
     assert_eq!(report["ok"], false);
     let statuses: Vec<&str> = report["steps"]

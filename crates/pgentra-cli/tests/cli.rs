@@ -1,7 +1,10 @@
 //! `pgentra token`, `whoami`, `inspect`, `env`, `exec`, `psql` and `emulator`, run as a user
 //! runs them, against the emulator with the real `azure_identity` credentials.
 
+mod common;
+
 use base64::Engine as _;
+use common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
 use pgentra_emulator::issuer::Principal;
 use pgentra_emulator::{Emulator, MANAGED_IDENTITY, USER};
 use serde_json::Value;
@@ -13,41 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// `az` as the credential.
 fn pgentra(emulator: &Emulator) -> Command {
     let mut command = bare();
-    command
-        .envs(emulator.env())
-        .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential");
-    command
-}
-
-/// `pgentra` with an empty environment but `PATH`.
-fn bare() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_pgentra"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command.envs(emulator_env(emulator));
     command
 }
 
 fn run(command: &mut Command) -> Output {
     command.output().expect("run pgentra")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Every JWT starts with `eyJ` (`{"` in base64url).
-fn assert_no_token(output: &Output) {
-    for (name, text) in [("stdout", stdout(output)), ("stderr", stderr(output))] {
-        assert!(
-            !text.contains("eyJ"),
-            "a token was printed on {name}:\n{text}"
-        );
-    }
 }
 
 /// A failed command: the given exit code and one `pgentra: ...` line on stderr.
@@ -116,7 +90,7 @@ fn whoami_names_the_credential_principal_and_role_without_the_token() {
     let emulator = Emulator::shared();
     let output = run(pgentra(emulator).args(["whoami", "-vv"]));
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_no_token(&output);
+    assert_output_has_no_token(&output);
     let out = stdout(&output);
     for expected in [
         "AzureCliCredential",
@@ -136,7 +110,7 @@ fn whoami_names_the_credential_principal_and_role_without_the_token() {
         "--credential",
         "ManagedIdentityCredential",
     ]));
-    assert_no_token(&output);
+    assert_output_has_no_token(&output);
     let value = json(&output);
     assert_eq!(value["credential"], "ManagedIdentityCredential");
     assert_eq!(value["principal"], "user-assigned managed identity");

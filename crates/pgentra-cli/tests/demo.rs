@@ -1,15 +1,15 @@
 //! `pgentra demo`, run as a user runs it: its own emulator, the real `ManagedIdentityCredential`,
 //! a pool across several short token lifetimes. Needs the PostgreSQL server binaries.
 
-use serde_json::Value;
-use std::process::{Command, Output};
+mod common;
 
-/// `pgentra demo` with an empty environment but `PATH`: no inherited Azure, identity or libpq
-/// settings, so nothing can reach a real identity endpoint.
+use common::{assert_output_has_no_token, bare, stderr, stdout};
+use serde_json::Value;
+use std::process::Output;
+
+/// `pgentra demo` with an empty environment but `PATH`.
 fn demo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pgentra"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+    bare()
         .arg("demo")
         .args(args)
         .output()
@@ -27,24 +27,15 @@ const SHORT: [&str; 6] = [
     "4",
 ];
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Succeeded, and no token anywhere: every JWT starts with `eyJ` (`{"` in base64url).
+/// Succeeded, and no token anywhere.
 fn assert_ok_without_token(output: &Output) -> (String, String) {
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    let (stdout, stderr) = (stdout(output), stderr(output));
     assert_eq!(
         output.status.code(),
         Some(0),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
-        assert!(
-            !text.contains("eyJ"),
-            "a token was printed on {name}:\n{text}"
-        );
-    }
+    assert_output_has_no_token(output);
     (stdout, stderr)
 }
 
@@ -147,7 +138,7 @@ fn bad_flags_and_a_foreign_identity_endpoint_are_refused() {
         (&["--duration", "0s"], "--duration"),
     ] {
         let output = demo(args);
-        let stderr = text(&output.stderr);
+        let stderr = stderr(&output);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(
@@ -157,13 +148,12 @@ fn bad_flags_and_a_foreign_identity_endpoint_are_refused() {
         assert!(output.stdout.is_empty(), "{args:?}");
     }
     // App Service's variable would take ManagedIdentityCredential away from the emulator.
-    let output = Command::new(env!("CARGO_BIN_EXE_pgentra"))
-        .env_clear()
+    let output = bare()
         .env("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
         .args(["demo", "--duration", "1s"])
         .output()
         .expect("run pgentra demo");
-    let stderr = text(&output.stderr);
+    let stderr = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("IDENTITY_ENDPOINT"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

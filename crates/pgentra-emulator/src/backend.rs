@@ -65,10 +65,40 @@ pub struct Cluster {
 /// How long the server may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the server may take to serve TLS after [`Cluster::enable_tls`] reloads it.
+const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server settings of every cluster, unless [`Cluster::start_with`] replaces them: durability
+/// off (the data is thrown away) and a quiet log.
+const DEFAULT_SETTINGS: [(&str, &str); 6] = [
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "300"),
+    ("log_min_messages", "warning"),
+    ("log_connections", "off"),
+];
+
 impl Cluster {
     /// Initialises and starts a cluster whose superuser is `postgres` (trust authentication on
     /// its Unix socket and on loopback).
     pub fn start() -> Result<Self, BackendError> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with server settings passed as `-c name=value`; they
+    /// replace the defaults of the same name (`max_connections=300`, `fsync=off`,
+    /// `synchronous_commit=off`, `full_page_writes=off`, `log_min_messages=warning`,
+    /// `log_connections=off`). For example `&[("max_connections", "1100")]` for a load test.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self, BackendError> {
+        let mut options: Vec<(&str, &str)> = DEFAULT_SETTINGS.to_vec();
+        for &(name, value) in settings {
+            if name.is_empty() || name.contains(['=', ' ']) {
+                return Err(step("checking the settings", format!("bad name {name:?}")));
+            }
+            options.retain(|(default, _)| !default.eq_ignore_ascii_case(name));
+            options.push((name, value));
+        }
         let bin_dir = find_bin_dir().ok_or(BackendError::NoBinaries)?;
         let owner = unprivileged_owner()?;
         let dir = make_dir()?;
@@ -96,15 +126,16 @@ impl Cluster {
         let port = free_port()?;
         let postgres = bin_dir.join("postgres");
         // The supervisor: start the server, wait for the lifeline to close, then stop and clean.
+        // Arguments after the first three are the server's `-c name=value` options.
         let script = r#"
-"$1" -D "$2/data" -p "$3" -k "$2" -c listen_addresses=127.0.0.1 -c fsync=off \
-  -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
-  -c log_min_messages=warning -c log_connections=off 2>&1 &
+postgres=$1 dir=$2 port=$3
+shift 3
+"$postgres" -D "$dir/data" -p "$port" -k "$dir" -c listen_addresses=127.0.0.1 "$@" 2>&1 &
 server=$!
 cat > /dev/null
 kill -INT "$server" 2>/dev/null
 wait "$server"
-rm -rf "$2"
+rm -rf "$dir"
 "#;
         let mut supervisor = run_as(owner, Path::new("/bin/sh"))
             .arg("-c")
@@ -113,6 +144,11 @@ rm -rf "$2"
             .arg(&postgres)
             .arg(&dir)
             .arg(port.to_string())
+            .args(
+                options
+                    .iter()
+                    .flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -169,6 +205,81 @@ rm -rf "$2"
     /// The loopback TCP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The directory of the server binaries in use; Debian's client tools such as `pgbench`
+    /// and `psql` of the same version are there too.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// Turns on TLS on the TCP port with this certificate chain and private key (PEM), as a
+    /// managed server has it: the files go to `tls/server.crt` and `tls/server.key` in the
+    /// cluster's directory (owned by the server's user, the key with mode 0600), `ssl`,
+    /// `ssl_cert_file` and `ssl_key_file` are set with `ALTER SYSTEM` and the configuration is
+    /// reloaded. Returns once a new TCP connection with `sslmode=require` is encrypted
+    /// (connections without TLS are still accepted, as `pg_hba.conf` allows `host`).
+    ///
+    /// [`ca::Ca`](crate::ca::Ca) makes a matching pair for `localhost` and `127.0.0.1`:
+    /// `cluster.enable_tls(ca.server_cert_pem(), ca.server_key_pem())`.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), BackendError> {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let dir = self.scratch_dir("tls")?;
+        let write = |name: &str, contents: &str, mode: u32| -> Result<PathBuf, BackendError> {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .map_err(|e| step("writing the server certificate", e))?;
+            file.write_all(contents.as_bytes())
+                .map_err(|e| step("writing the server certificate", e))?;
+            // The umask may have narrowed the mode; PostgreSQL wants the key at 0600 exactly.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| step("writing the server certificate", e))?;
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| step("chown", e))?;
+            }
+            Ok(path)
+        };
+        let cert = write("server.crt", cert_pem, 0o644)?;
+        let key = write("server.key", key_pem, 0o600)?;
+        let literal = |path: &Path| format!("'{}'", path.display().to_string().replace('\'', "''"));
+        self.psql(&format!(
+            "ALTER SYSTEM SET ssl_cert_file = {};\n\
+             ALTER SYSTEM SET ssl_key_file = {};\n\
+             ALTER SYSTEM SET ssl = on;\n\
+             SELECT pg_reload_conf();\n",
+            literal(&cert),
+            literal(&key)
+        ))?;
+        // The postmaster reloads on SIGHUP, after pg_reload_conf returns: wait for the result
+        // (bounded), checking what matters, an encrypted session over TCP.
+        let deadline = std::time::Instant::now() + TLS_TIMEOUT;
+        loop {
+            let mut command = Command::new(self.bin_dir.join("psql"));
+            command.arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require connect_timeout=5",
+                self.port
+            ));
+            let answer = run_psql(
+                command,
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();",
+            );
+            match answer {
+                Ok(answer) if answer.trim() == "t" => return Ok(()),
+                answer if std::time::Instant::now() >= deadline => {
+                    return Err(step(
+                        "enabling TLS",
+                        format!("no TLS session within {TLS_TIMEOUT:?}: {answer:?}"),
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
 
     /// The directory holding the Unix socket (use it as `host`).

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 /// Runs the future made by `serve` on a new two-thread runtime on a thread named `name`,
@@ -13,13 +14,26 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    spawn(name, serve).map(|(stop, _thread)| stop)
+}
+
+/// As [`run`], and also returns the thread: once the sender is dropped, joining it waits until
+/// the runtime is gone, with every task it ran and every socket those tasks held.
+pub(crate) fn spawn<F, Fut>(
+    name: &str,
+    serve: F,
+) -> std::io::Result<(oneshot::Sender<()>, JoinHandle<()>)>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(name)
         .enable_all()
         .build()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             runtime.block_on(async move {
@@ -28,8 +42,10 @@ where
                     _ = stopped => {}
                 }
             });
+            // Dropping the runtime here, on this thread, ends its tasks before the join.
+            drop(runtime);
         })?;
-    Ok(stop)
+    Ok((stop, thread))
 }
 
 /// Locks a mutex whose data (counters, maps of keys, fault settings) stays usable even if a

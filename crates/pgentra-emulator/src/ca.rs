@@ -17,6 +17,8 @@ pub struct Ca {
     pem: String,
     server_chain: Vec<CertificateDer<'static>>,
     server_key_der: Vec<u8>,
+    server_cert_pem: String,
+    server_key_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -48,12 +50,27 @@ impl Ca {
             pem: ca.pem(),
             server_chain: vec![cert.der().clone()],
             server_key_der: key.serialize_der(),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
         })
     }
 
     /// The CA certificate, PEM-encoded: write it to a file and trust it.
     pub fn pem(&self) -> &str {
         &self.pem
+    }
+
+    /// The server certificate for `localhost` and `127.0.0.1`, PEM-encoded, for a server
+    /// that reads files (PostgreSQL's `ssl_cert_file`, see
+    /// [`Cluster::enable_tls`](crate::backend::Cluster::enable_tls)).
+    pub fn server_cert_pem(&self) -> &str {
+        &self.server_cert_pem
+    }
+
+    /// The server certificate's private key, PEM-encoded (PKCS#8). A test key: it lives in
+    /// memory and in the files a test writes.
+    pub fn server_key_pem(&self) -> &str {
+        &self.server_key_pem
     }
 
     /// A rustls server configuration presenting the server certificate, with `alpn` protocols.

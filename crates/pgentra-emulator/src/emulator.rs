@@ -280,6 +280,12 @@ impl Emulator {
         &self.gateway
     }
 
+    /// Restarts the gateway on the same port: open connections drop, new ones are accepted
+    /// again once this returns. See [`Gateway::restart`] (it blocks briefly).
+    pub fn restart_gateway(&self) -> Result<(), EmulatorError> {
+        self.gateway.restart().map_err(io("restarting the gateway"))
+    }
+
     /// The throwaway PostgreSQL cluster behind the gateway (`None` with an external backend).
     pub fn cluster(&self) -> Option<&Cluster> {
         match &self.files {

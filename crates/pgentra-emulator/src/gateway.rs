@@ -3,7 +3,7 @@
 //!
 //! Per connection:
 //!
-//! 1. Startup phase, bounded in size ([`MAX_STARTUP`]) and time (the login timeout):
+//! 1. Startup phase, bounded in size ([`pgentra_wire::MAX_STARTUP_PACKET`]) and time (the login timeout):
 //!    `SSLRequest` is answered `S` and TLS is negotiated with the emulator's certificate;
 //!    `GSSENCRequest` is answered `N`; `CancelRequest` is forwarded to the backend with the real
 //!    key. A `StartupMessage` over plain TCP is refused, as Azure's `require_secure_transport`
@@ -20,7 +20,12 @@
 
 use crate::background::lock;
 use crate::issuer::{Issuer, Principal, TokenRejection};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
+use pgentra_wire::{
+    ErrorFields, MAX_STARTUP_PACKET, StartupPacket, WireError, backend_key_data, cancel_request,
+    cleartext_password_request, message, negotiation, parse_password, parse_startup_packet,
+    read_message, read_startup_packet, startup_message,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,15 +36,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
-/// Largest startup packet accepted (as PostgreSQL's `MAX_STARTUP_PACKET_LENGTH`).
-pub const MAX_STARTUP: usize = 10_000;
 /// Largest password message accepted: a 64 KiB token and the framing.
 pub const MAX_PASSWORD: usize = 64 * 1024 + 1;
-
-const SSL_REQUEST: i32 = 80_877_103;
-const GSSENC_REQUEST: i32 = 80_877_104;
-const CANCEL_REQUEST: i32 = 80_877_102;
-const PROTOCOL_3_0: i32 = 196_608;
 
 /// Who may log in as a role.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,7 +144,14 @@ struct State {
 pub struct Gateway {
     addr: SocketAddr,
     state: Arc<State>,
-    _stop: oneshot::Sender<()>,
+    /// The serving thread; `None` only if a [`restart`](Gateway::restart) could not listen again.
+    running: Mutex<Option<Running>>,
+}
+
+/// The thread that serves the listener and its sessions, and what stops it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -164,8 +169,7 @@ impl Gateway {
         issuer: Arc<Issuer>,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", config.port))?;
-        listener.set_nonblocking(true)?;
+        let listener = listen(config.port)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             config,
@@ -175,17 +179,35 @@ impl Gateway {
             next_pid: AtomicI32::new(10_000),
             counters: Counters::default(),
         });
-        let serving = Arc::clone(&state);
-        let stop = crate::background::run("pgentra-emulator-gateway", move || async move {
-            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
-                accept_loop(listener, serving).await;
-            }
-        })?;
+        let running = serve(listener, Arc::clone(&state))?;
         Ok(Self {
             addr,
             state,
-            _stop: stop,
+            running: Mutex::new(Some(running)),
         })
+    }
+
+    /// Restarts the gateway the way a server restart looks to clients: closes the listener and
+    /// every session (open connections drop, their backend sessions end), then listens again on
+    /// the same port with the same settings. The counters carry on.
+    ///
+    /// Blocks until the old sessions are closed and the new listener is bound (milliseconds);
+    /// from async code, call it through `spawn_blocking` or `block_in_place`. If the port cannot
+    /// be bound again the error is returned, the gateway stays down, and a later call retries.
+    pub fn restart(&self) -> std::io::Result<()> {
+        let mut running = lock(&self.running);
+        if let Some(Running { stop, thread }) = running.take() {
+            drop(stop);
+            // The thread only ends after dropping its runtime, which closes every socket.
+            thread
+                .join()
+                .map_err(|_| std::io::Error::other("the gateway's thread panicked"))?;
+        }
+        // Keys of sessions that no longer exist.
+        lock(&self.state.cancel_keys).clear();
+        let listener = listen(self.addr.port())?;
+        *running = Some(serve(listener, Arc::clone(&self.state))?);
+        Ok(())
     }
 
     /// The loopback port clients connect to.
@@ -202,6 +224,26 @@ impl Gateway {
     pub fn rejected(&self) -> u64 {
         self.state.counters.rejected.load(Ordering::Relaxed)
     }
+}
+
+/// A non-blocking listener on the loopback `port` (0: any free port).
+fn listen(port: u16) -> std::io::Result<std::net::TcpListener> {
+    // std sets SO_REUSEADDR on Unix, so a restart can bind the port again at once although the
+    // sessions it closed leave connections in TIME_WAIT.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `listener` on a runtime of its own, on a thread of its own.
+fn serve(listener: std::net::TcpListener, state: Arc<State>) -> std::io::Result<Running> {
+    let (stop, thread) =
+        crate::background::spawn("pgentra-emulator-gateway", move || async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                accept_loop(listener, state).await;
+            }
+        })?;
+    Ok(Running { stop, thread })
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
@@ -231,84 +273,17 @@ impl From<std::io::Error> for End {
     }
 }
 
-/// A FATAL ErrorResponse.
-fn error_response(code: &str, message: &str, hint: Option<&str>) -> Bytes {
-    let mut fields = BytesMut::new();
-    for (tag, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', code),
-        (b'M', message),
-    ]
-    .into_iter()
-    .chain(hint.map(|h| (b'H', h)))
-    {
-        fields.put_u8(tag);
-        fields.put_slice(value.as_bytes());
-        fields.put_u8(0);
-    }
-    fields.put_u8(0);
-    tagged(b'E', &fields)
-}
-
-fn tagged(tag: u8, body: &[u8]) -> Bytes {
-    let mut message = BytesMut::with_capacity(body.len() + 5);
-    message.put_u8(tag);
-    message.put_i32(i32::try_from(body.len() + 4).unwrap_or(i32::MAX));
-    message.put_slice(body);
-    message.freeze()
-}
-
-/// Reads an untagged startup-phase packet: its code and body, within [`MAX_STARTUP`].
-async fn read_startup<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(i32, Bytes), End> {
-    let len = stream.read_i32().await?;
-    let len = usize::try_from(len).map_err(|_| End::Protocol)?;
-    if !(8..=MAX_STARTUP).contains(&len) {
-        return Err(End::Protocol);
-    }
-    let mut body = vec![0; len - 4];
-    stream.read_exact(&mut body).await?;
-    let mut body = Bytes::from(body);
-    let code = body.get_i32();
-    Ok((code, body))
-}
-
-/// Reads a tagged message with a body of at most `max` bytes.
-async fn read_tagged<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> Result<(u8, Bytes), End> {
-    let tag = stream.read_u8().await?;
-    let len = usize::try_from(stream.read_i32().await?).map_err(|_| End::Protocol)?;
-    if len < 4 || len - 4 > max {
-        return Err(End::Protocol);
-    }
-    let mut body = vec![0; len - 4];
-    stream.read_exact(&mut body).await?;
-    Ok((tag, Bytes::from(body)))
-}
-
-/// `key\0value\0...\0` startup parameters.
-fn parameters(body: &[u8]) -> Result<Vec<(String, String)>, End> {
-    // The list ends with an empty key, so a well-formed body ends with a NUL.
-    if body.last() != Some(&0) {
-        return Err(End::Protocol);
-    }
-    let mut strings = body
-        .split(|b| *b == 0)
-        .map(|s| String::from_utf8(s.to_vec()));
-    let mut params = Vec::new();
-    loop {
-        let key = strings
-            .next()
-            .ok_or(End::Protocol)?
-            .map_err(|_| End::Protocol)?;
-        if key.is_empty() {
-            return Ok(params);
+impl From<WireError> for End {
+    fn from(error: WireError) -> Self {
+        match error {
+            WireError::Io(_) => Self::Io,
+            _ => Self::Protocol,
         }
-        let value = strings
-            .next()
-            .ok_or(End::Protocol)?
-            .map_err(|_| End::Protocol)?;
-        params.push((key, value));
     }
+}
+
+fn fatal(code: &str, message: &str, hint: Option<&str>) -> Bytes {
+    ErrorFields::fatal(code, message, hint).to_error_response()
 }
 
 async fn session(mut stream: TcpStream, peer: SocketAddr, state: Arc<State>) -> Result<(), End> {
@@ -339,37 +314,28 @@ async fn plain_startup(
     state: &State,
 ) -> Result<bool, End> {
     loop {
-        let (code, body) = read_startup(stream).await?;
-        match code {
-            SSL_REQUEST => {
+        let packet = read_startup_packet(stream, MAX_STARTUP_PACKET).await?;
+        match parse_startup_packet(&packet)? {
+            StartupPacket::SslRequest => {
                 stream.write_all(b"S").await?;
                 return Ok(true);
             }
-            GSSENC_REQUEST => stream.write_all(b"N").await?,
-            CANCEL_REQUEST => {
-                cancel(state, &body).await;
+            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            StartupPacket::CancelRequest { pid, key } => {
+                cancel(state, pid, &key).await;
                 return Ok(false);
             }
-            _ => {
+            startup @ StartupPacket::Startup { .. } => {
                 // A login without TLS: refused like Azure's require_secure_transport.
-                let params = parameters(&body).unwrap_or_default();
-                let get = |k: &str| {
-                    params
-                        .iter()
-                        .find(|(key, _)| key == k)
-                        .map_or("", |(_, v)| v.as_str())
-                };
                 let message = format!(
                     "no pg_hba.conf entry for host \"{}\", user \"{}\", database \"{}\", no encryption",
                     peer.ip(),
-                    get("user"),
-                    get("database"),
+                    startup.param("user").unwrap_or_default(),
+                    startup.param("database").unwrap_or_default(),
                 );
                 state.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 let hint = Some("Connect with sslmode=verify-full (or require).");
-                stream
-                    .write_all(&error_response("28000", &message, hint))
-                    .await?;
+                stream.write_all(&fatal("28000", &message, hint)).await?;
                 return Ok(false);
             }
         }
@@ -381,63 +347,56 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     state: &State,
 ) -> Result<Option<(Vec<(String, String)>, String)>, End> {
-    let (mut code, mut body) = read_startup(client).await?;
-    while code == GSSENC_REQUEST || code == SSL_REQUEST {
-        client.write_all(b"N").await?;
-        (code, body) = read_startup(client).await?;
-    }
-    if code == CANCEL_REQUEST {
-        // Clients that require TLS send their cancel requests inside it.
-        cancel(state, &body).await;
-        return Ok(None);
-    }
-    if code >> 16 != 3 {
-        client
-            .write_all(&error_response(
-                "0A000",
-                "unsupported frontend protocol",
-                None,
-            ))
-            .await?;
-        return Ok(None);
-    }
-    let params = parameters(&body)?;
-    if code != PROTOCOL_3_0 {
-        // NegotiateProtocolVersion: we speak 3.0 and know no protocol options.
-        let unknown: Vec<&str> = params
-            .iter()
-            .filter(|(k, _)| k.starts_with("_pq_."))
-            .map(|(k, _)| k.as_str())
-            .collect();
-        let mut body = BytesMut::new();
-        body.put_i32(PROTOCOL_3_0);
-        body.put_i32(i32::try_from(unknown.len()).unwrap_or(0));
-        for option in unknown {
-            body.put_slice(option.as_bytes());
-            body.put_u8(0);
+    let params = loop {
+        let packet = read_startup_packet(client, MAX_STARTUP_PACKET).await;
+        let packet = match packet.and_then(|packet| parse_startup_packet(&packet)) {
+            Ok(packet) => packet,
+            Err(WireError::UnsupportedProtocol { .. }) => {
+                client
+                    .write_all(&fatal("0A000", "unsupported frontend protocol", None))
+                    .await?;
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                client.write_all(b"N").await?;
+            }
+            StartupPacket::CancelRequest { pid, key } => {
+                // Clients that require TLS send their cancel requests inside it.
+                cancel(state, pid, &key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup {
+                minor_version,
+                params,
+            } => {
+                if let Some(answer) = negotiation(minor_version, &params) {
+                    // We speak 3.0 and know no protocol options.
+                    client.write_all(&answer).await?;
+                }
+                break params;
+            }
         }
-        client.write_all(&tagged(b'v', &body)).await?;
-    }
+    };
     let role = params
         .iter()
         .find(|(k, _)| k == "user")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    // AuthenticationCleartextPassword.
-    client.write_all(&tagged(b'R', &3i32.to_be_bytes())).await?;
-    let (tag, password) = read_tagged(client, MAX_PASSWORD).await?;
+    client.write_all(&cleartext_password_request()).await?;
+    let (tag, password) = read_message(client, MAX_PASSWORD).await?;
     if tag != b'p' {
         return Err(End::Protocol);
     }
-    let token =
-        String::from_utf8_lossy(password.strip_suffix(&[0]).unwrap_or(&password)).into_owned();
-    match check(state, &token, &role) {
+    // A password that is not one UTF-8 string is a malformed token, as far as Azure is concerned.
+    let token = parse_password(&password).unwrap_or_default();
+    match check(state, token, &role) {
         Ok(()) => Ok(Some((params, role))),
         Err((code, message)) => {
             state.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            client
-                .write_all(&error_response(code, &message, None))
-                .await?;
+            client.write_all(&fatal(code, &message, None)).await?;
             Ok(None)
         }
     }
@@ -506,12 +465,11 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         .filter(|(k, _)| k != "user")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain([("user", role)]);
-    let mut startup = BytesMut::new();
-    postgres_protocol::message::frontend::startup_message(forwarded, &mut startup)?;
-    backend.write_all(&startup).await?;
+    let forwarded: Vec<(&str, &str)> = forwarded.collect();
+    backend.write_all(&startup_message(&forwarded)).await?;
     let mut issued_key = None;
     loop {
-        let (tag, body) = read_tagged(&mut backend, 1 << 20).await?;
+        let (tag, body) = read_message(&mut backend, 1 << 20).await?;
         match tag {
             b'K' if body.len() >= 8 => {
                 let mut real = body.clone();
@@ -522,14 +480,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 );
                 lock(&state.cancel_keys).insert(ours, real);
                 issued_key = Some(ours);
-                let mut key = BytesMut::new();
-                key.put_i32(ours.0);
-                key.put_i32(ours.1);
-                client.write_all(&tagged(b'K', &key)).await?;
+                client
+                    .write_all(&backend_key_data(ours.0, &ours.1.to_be_bytes()))
+                    .await?;
             }
             b'R' if body.len() >= 4 && body[..4] != [0, 0, 0, 0] => {
                 client
-                    .write_all(&error_response(
+                    .write_all(&fatal(
                         "28000",
                         "the emulator's backend asked for a password; it must trust local connections",
                         None,
@@ -538,11 +495,11 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             }
             b'E' => {
-                client.write_all(&tagged(tag, &body)).await?;
+                client.write_all(&message(tag, &body)).await?;
                 return Ok(());
             }
             _ => {
-                client.write_all(&tagged(tag, &body)).await?;
+                client.write_all(&message(tag, &body)).await?;
                 if tag == b'Z' {
                     break;
                 }
@@ -558,48 +515,19 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Forwards a `CancelRequest` with the backend's real key, if the key is one we issued.
-async fn cancel(state: &State, body: &[u8]) {
-    let mut body = body;
-    if body.len() < 8 {
+async fn cancel(state: &State, pid: i32, key: &[u8]) {
+    let Ok(key) = <[u8; 4]>::try_from(key) else {
         return;
-    }
-    let ours = (body.get_i32(), body.get_i32());
+    };
+    let ours = (pid, i32::from_be_bytes(key));
     let Some((pid, key)) = lock(&state.cancel_keys).get(&ours).copied() else {
         return;
     };
-    let mut request = BytesMut::new();
-    postgres_protocol::message::frontend::cancel_request(pid, key, &mut request);
     if let Ok(mut backend) = state.config.backend.connect().await {
-        let _ = backend.write_all(&request).await;
+        let _ = backend
+            .write_all(&cancel_request(pid, &key.to_be_bytes()))
+            .await;
         // The server closes the connection once it has read the request.
         let _ = backend.read(&mut [0; 1]).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parameters_are_parsed_totally() {
-        assert_eq!(
-            parameters(b"user\0alice\0database\0db\0\0").unwrap(),
-            vec![
-                ("user".into(), "alice".into()),
-                ("database".into(), "db".into())
-            ]
-        );
-        for garbage in [&b""[..], b"user", b"user\0", b"user\0alice", b"\xff\0x\0\0"] {
-            assert!(parameters(garbage).is_err(), "{garbage:?}");
-        }
-    }
-
-    #[test]
-    fn error_responses_are_well_formed() {
-        let message = error_response("28P01", "bad", Some("hint"));
-        assert_eq!(message[0], b'E');
-        let len = i32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
-        assert_eq!(len + 1, message.len());
-        assert!(message.ends_with(b"Hhint\0\0"));
     }
 }

@@ -20,8 +20,8 @@
 //!
 //! Both token protocols answer as Azure does: `expires_on` as a JSON string of epoch seconds,
 //! plus `resource` and `token_type`. They enforce the IMDS limits (20 requests a second, 5 at
-//! once) with 429s, so a thundering herd is visible. Faults can be injected, and every endpoint
-//! counts its requests.
+//! once) with 429s, so a thundering herd is visible. Faults can be injected into every token
+//! endpoint (managed identity, OAuth2, the CLI shims), and every endpoint counts its requests.
 
 use crate::background::lock;
 use crate::issuer::{Issuer, Principal, PrincipalKind};
@@ -235,7 +235,9 @@ impl IdentityServer {
         Ok(())
     }
 
-    /// Fails the next `count` token requests with HTTP `status` (429 or 500, say).
+    /// Fails the next `count` token requests with HTTP `status` (429 or 500, say), on every
+    /// token endpoint: managed identity, OAuth2 and the CLI shims (which then fail like the real
+    /// tool, with the error body on stderr). The error description names the status.
     pub fn fail_next(&self, count: u32, status: u16) {
         let mut faults = lock(&self.state.faults);
         faults.fail_next = count;
@@ -247,9 +249,15 @@ impl IdentityServer {
         lock(&self.state.faults).latency = latency;
     }
 
-    /// Stops answering token requests (they hang) until called with `false`.
+    /// Stops answering token requests (they hang) until called with `false`. Requests already
+    /// hanging stay unanswered.
     pub fn set_hang(&self, hang: bool) {
         lock(&self.state.faults).hang = hang;
+    }
+
+    /// Removes every injected fault: pending failures, latency and hanging.
+    pub fn clear_faults(&self) {
+        *lock(&self.state.faults) = Faults::default();
     }
 
     /// Requests received by `endpoint` so far (including refused ones).
@@ -378,7 +386,8 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             state,
             tool,
             query.get("scope").map(String::as_str).unwrap_or_default(),
-        );
+        )
+        .await;
     }
     let endpoint = match path.as_str() {
         "/msi/token" => Endpoint::AppService,
@@ -423,26 +432,8 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
     if !within_rate(state) {
         return throttle(state);
     }
-    let faults = {
-        let mut faults = lock(&state.faults);
-        let snapshot = faults.clone();
-        faults.fail_next = faults.fail_next.saturating_sub(1);
-        snapshot
-    };
-    if faults.hang {
-        std::future::pending::<()>().await;
-    }
-    if !faults.latency.is_zero() {
-        tokio::time::sleep(faults.latency).await;
-    }
-    if faults.fail_next > 0 {
-        let status =
-            StatusCode::from_u16(faults.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error(
-            status,
-            "injected_fault",
-            "fault injected by the pgentra emulator",
-        );
+    if let Some(fault) = injected_fault(state).await {
+        return fault;
     }
     let principal = match query.get("client_id") {
         None => &state.default_identity,
@@ -474,6 +465,33 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             "token_type": "Bearer",
         }),
     )
+}
+
+/// Applies the injected faults to one token request: hangs, delays, or returns the failure to
+/// send (counting it down); `None` when the request should be answered normally.
+async fn injected_fault(state: &State) -> Option<Response<Full<Bytes>>> {
+    let faults = {
+        let mut faults = lock(&state.faults);
+        let snapshot = faults.clone();
+        faults.fail_next = faults.fail_next.saturating_sub(1);
+        snapshot
+    };
+    if faults.hang {
+        std::future::pending::<()>().await;
+    }
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    if faults.fail_next == 0 {
+        return None;
+    }
+    let status =
+        StatusCode::from_u16(faults.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Some(error(
+        status,
+        "injected_fault",
+        &format!("fault injected by the pgentra emulator (HTTP {status})"),
+    ))
 }
 
 /// Largest form body the OAuth2 endpoint reads.
@@ -543,6 +561,9 @@ async fn client_credentials(state: &State, request: Request<Incoming>) -> Respon
             "Invalid client secret provided.",
         );
     }
+    if let Some(fault) = injected_fault(state).await {
+        return fault;
+    }
     let issued = state.issuer.issue(principal, scope);
     let expires_in = state.issuer.lifetime().as_secs();
     respond(
@@ -557,7 +578,7 @@ async fn client_credentials(state: &State, request: Request<Incoming>) -> Respon
 }
 
 /// What `az account get-access-token -o json` and `azd auth token -o json` print.
-fn cli(state: &State, tool: &str, scope: &str) -> Response<Full<Bytes>> {
+async fn cli(state: &State, tool: &str, scope: &str) -> Response<Full<Bytes>> {
     let endpoint = match tool {
         "az" => Endpoint::AzureCli,
         "azd" => Endpoint::AzureDeveloperCli,
@@ -570,6 +591,9 @@ fn cli(state: &State, tool: &str, scope: &str) -> Response<Full<Bytes>> {
             "invalid_request",
             "--scope is required",
         );
+    }
+    if let Some(fault) = injected_fault(state).await {
+        return fault;
     }
     let issued = state.issuer.issue(&state.cli_user, scope);
     let expires = time::OffsetDateTime::from_unix_timestamp(issued.expires_on as i64)

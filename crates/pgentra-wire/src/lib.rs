@@ -293,6 +293,18 @@ pub fn negotiate_protocol_version<'a>(unknown_options: impl IntoIterator<Item = 
     message(b'v', &body)
 }
 
+/// What a 3.0 server answers a `StartupMessage` for `minor_version` with `params`: a
+/// `NegotiateProtocolVersion` when the client asked for a newer minor version or for `_pq_.`
+/// protocol options (which this crate knows none of), nothing otherwise.
+pub fn negotiation(minor_version: u16, params: &[(String, String)]) -> Option<Bytes> {
+    let options = params
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| name.starts_with("_pq_."));
+    (minor_version > 0 || options.clone().next().is_some())
+        .then(|| negotiate_protocol_version(options))
+}
+
 /// The fields of an `ErrorResponse` or `NoticeResponse`: (field type, value) pairs such as
 /// `S` severity, `C` SQLSTATE, `M` message, `H` hint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -152,6 +152,11 @@ fn server_messages_are_framed() {
             key: Bytes::from_static(&[1, 2, 3, 4])
         }
     );
+    let params = vec![("user".to_owned(), "u".to_owned())];
+    assert_eq!(negotiation(0, &params), None);
+    assert!(negotiation(2, &params).is_some());
+    let with_option = vec![("_pq_.x".to_owned(), "1".to_owned())];
+    assert!(negotiation(0, &with_option).unwrap().ends_with(b"_pq_.x\0"));
     let negotiate = negotiate_protocol_version(["_pq_.a", "_pq_.b"]);
     assert_eq!(negotiate[0], b'v');
     assert!(negotiate.ends_with(b"_pq_.a\0_pq_.b\0"));

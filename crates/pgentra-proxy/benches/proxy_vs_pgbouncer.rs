@@ -1,0 +1,955 @@
+//! `proxy_vs_pgbouncer`: `pgbench` select-only (`-S`) and TPC-B-like with 1, 8 and 32 clients
+//! against a throwaway PostgreSQL directly, through the pgentra proxy and through PgBouncer in
+//! session mode, all measured in the same run, and the memory each holds per idle session.
+//!
+//! Every path uses TLS to PostgreSQL, as an application does with Azure:
+//!
+//! - direct: pgbench → PostgreSQL, `sslmode=verify-full` against the test CA;
+//! - proxy: pgbench → (plain, loopback) → pgentra proxy → PostgreSQL over verified TLS, the
+//!   login done with an Entra-shaped token (PostgreSQL trusts loopback, so it asks for none);
+//! - PgBouncer: pgbench → (plain, loopback) → PgBouncer, `pool_mode = session` →
+//!   PostgreSQL with `server_tls_sslmode = verify-full`.
+//!
+//! The proxy runs in a process of its own (this binary with `--serve-proxy`), on a tokio
+//! runtime with 2 worker threads like `pgentra proxy`, so that its resident memory is the
+//! proxy's alone. For each workload and client count, every round runs the three targets
+//! back to back, in an order that rotates between rounds, so that drift on this noisy machine
+//! affects them alike. The table shows medians over the rounds; a ratio is the median of each
+//! round's target/direct. It also shows the CPU time the proxy and PgBouncer spend per
+//! transaction (from the scheduler's counts, all threads), which depends much less on what
+//! else runs on the machine than throughput does. Nothing is asserted: the verdict lines
+//! compare with the targets (select-only, 8 clients: ≥ 90 % of direct and ahead of PgBouncer;
+//! < 64 KiB per idle proxied session, from the proxy's VmRSS with that many sessions open).
+//!
+//! Needs the PostgreSQL server binaries with `pgbench` and PgBouncer:
+//! `apt-get install postgresql pgbouncer`. When run as root, PostgreSQL and PgBouncer run as
+//! the `postgres` user. Everything it starts stops when it ends, also when it is killed, and
+//! every step is bounded in time.
+//!
+//! ```sh
+//! cargo bench -p pgentra-proxy --bench proxy_vs_pgbouncer            # about 10 minutes
+//! PGENTRA_BENCH_SECONDS=3 PGENTRA_BENCH_ROUNDS=1 \
+//!   cargo bench -p pgentra-proxy --bench proxy_vs_pgbouncer          # CI: about 2 minutes
+//! ```
+//!
+//! Settings (environment): `PGENTRA_BENCH_SECONDS` per pgbench run (default 5),
+//! `PGENTRA_BENCH_ROUNDS` (5), `PGENTRA_BENCH_CLIENTS` (`1,8,32`), `PGENTRA_BENCH_WORKLOADS`
+//! (`select-only,tpc-b`), `PGENTRA_BENCH_SCALE` (pgbench scale, 10), `PGENTRA_BENCH_IDLE` idle
+//! sessions for the memory test (1000; 0 skips it), `PGENTRA_BENCH_PROXY_WORKERS` (the proxy's
+//! worker threads; by default what `pgentra proxy` uses, 1 on this 2-core machine), `PGENTRA_BENCH_CLIENT_SOCKET` (`tcp`,
+//! or `unix`: pgbench reaches the proxy and PgBouncer over their Unix sockets).
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::time::OffsetDateTime;
+use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
+use pgentra_emulator::backend::Cluster;
+use pgentra_emulator::ca::Ca;
+use pgentra_emulator::issuer::{Issuer, Principal};
+use pgentra_proxy::{Instance, Proxy, ProxyConfig};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
+
+/// The role every path logs in as (the cluster's superuser, trusted on loopback).
+const ROLE: &str = "postgres";
+const DATABASE: &str = "postgres";
+/// How long a helper process (proxy, PgBouncer) may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Targets of the issue.
+const TPS_TARGET: f64 = 0.90;
+const IDLE_TARGET_KIB: f64 = 64.0;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; the proxy helper gets `--serve-proxy CONNINFO MAX DIR`.
+    let result = match args.iter().position(|a| a == "--serve-proxy") {
+        Some(at) => serve_proxy(&args[at + 1..]),
+        None => run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("proxy_vs_pgbouncer: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Settings from the environment.
+struct Knobs {
+    seconds: u64,
+    rounds: usize,
+    clients: Vec<u32>,
+    scale: u32,
+    idle: usize,
+    workloads: Vec<Workload>,
+    /// pgbench reaches the proxy and PgBouncer over their Unix sockets instead of TCP.
+    unix: bool,
+}
+
+impl Knobs {
+    fn from_env() -> Result<Self> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+            match std::env::var(name) {
+                Ok(value) => value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{name}={value:?} is not a valid number").into()),
+                Err(_) => Ok(default),
+            }
+        }
+        let clients = match std::env::var("PGENTRA_BENCH_CLIENTS") {
+            Ok(list) => list
+                .split(',')
+                .map(|c| c.trim().parse())
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(|_| format!("PGENTRA_BENCH_CLIENTS={list:?}: expected like 1,8,32"))?,
+            Err(_) => vec![1, 8, 32],
+        };
+        let workloads = match std::env::var("PGENTRA_BENCH_WORKLOADS") {
+            Ok(list) => list
+                .split(',')
+                .map(|w| match w.trim() {
+                    "select-only" => Ok(Workload::SelectOnly),
+                    "tpc-b" => Ok(Workload::TpcB),
+                    other => Err(format!(
+                        "PGENTRA_BENCH_WORKLOADS: {other:?} is neither select-only nor tpc-b"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Err(_) => vec![Workload::SelectOnly, Workload::TpcB],
+        };
+        let knobs = Self {
+            seconds: var("PGENTRA_BENCH_SECONDS", 5)?,
+            rounds: var("PGENTRA_BENCH_ROUNDS", 5)?,
+            clients,
+            scale: var("PGENTRA_BENCH_SCALE", 10)?,
+            idle: var("PGENTRA_BENCH_IDLE", 1000)?,
+            workloads,
+            unix: match std::env::var("PGENTRA_BENCH_CLIENT_SOCKET").as_deref() {
+                Ok("unix") => true,
+                Ok("tcp") | Err(_) => false,
+                Ok(other) => {
+                    return Err(format!(
+                        "PGENTRA_BENCH_CLIENT_SOCKET={other:?}: expected tcp or unix"
+                    )
+                    .into());
+                }
+            },
+        };
+        if knobs.seconds == 0 || knobs.rounds == 0 || knobs.clients.contains(&0) {
+            return Err("seconds, rounds and client counts must be at least 1".into());
+        }
+        Ok(knobs)
+    }
+}
+
+fn run() -> Result<()> {
+    let knobs = Knobs::from_env()?;
+    let started = Instant::now();
+    let biggest = knobs.clients.iter().copied().max().unwrap_or(1) as usize;
+    // Room for the idle sessions of one target at a time, pgbench's and PgBouncer's spares.
+    let max_connections = (knobs.idle.max(biggest) + biggest + 100).to_string();
+    let cluster = Cluster::start_with(&[
+        ("max_connections", &max_connections),
+        // The pgbench tables (about 16 MB per scale unit) stay in memory.
+        ("shared_buffers", "256MB"),
+    ])
+    .map_err(|e| {
+        format!("{e} (needs the PostgreSQL server binaries: apt-get install postgresql)")
+    })?;
+    let ca = Ca::new()?;
+    cluster.enable_tls(ca.server_cert_pem(), ca.server_key_pem())?;
+    let files = cluster.scratch_dir("bench")?;
+    let ca_file = files.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    let pgbench = cluster.bin_dir().join("pgbench");
+    if !pgbench.is_file() {
+        return Err(format!(
+            "{} not found (apt-get install postgresql)",
+            pgbench.display()
+        )
+        .into());
+    }
+
+    // pgbench's tables, over the Unix socket.
+    let init = Command::new("timeout")
+        .args(["-k", "5", "600"])
+        .arg(&pgbench)
+        .args(["-i", "-q", "-s", &knobs.scale.to_string()])
+        .args(["-h"])
+        .arg(cluster.socket_dir())
+        .args(["-p", &cluster.port().to_string(), "-U", ROLE, DATABASE])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()?;
+    if !init.status.success() {
+        return Err(format!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr)).into());
+    }
+
+    let upstream = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} sslmode=verify-full sslrootcert={}",
+        cluster.port(),
+        ca_file.display()
+    );
+    // Both listen on loopback TCP and on a Unix socket here.
+    let sockets = cluster.scratch_dir("sockets")?;
+    let proxy = Helper::proxy(&upstream, knobs.idle + biggest + 100, &sockets)?;
+    let bouncer = Helper::pgbouncer(
+        &cluster,
+        &files,
+        &ca_file,
+        knobs.idle + biggest + 100,
+        &sockets,
+    )?;
+    let client_socket = knobs.unix.then_some(sockets);
+    let targets = [
+        Target {
+            name: "direct",
+            port: cluster.port(),
+            tls: Some(ca_file),
+            socket_dir: None,
+            pid: None,
+        },
+        Target {
+            name: "proxy",
+            port: proxy.port,
+            tls: None,
+            socket_dir: client_socket.clone(),
+            pid: Some(proxy.pid),
+        },
+        Target {
+            name: "pgbouncer",
+            port: bouncer.port,
+            tls: None,
+            socket_dir: client_socket,
+            pid: Some(bouncer.pid),
+        },
+    ];
+    println!(
+        "proxy_vs_pgbouncer: pgbench -n -T {} -j min(clients,2), scale {}, {} round(s); {} cores",
+        knobs.seconds,
+        knobs.scale,
+        knobs.rounds,
+        std::thread::available_parallelism().map_or(0, usize::from),
+    );
+    println!(
+        "each round runs the 3 targets back to back, the order rotating; values are medians over the rounds, ratios the median of each round's target/direct"
+    );
+    println!(
+        "cpu: CPU time of the proxy / PgBouncer process per transaction (all threads, user + system)"
+    );
+    // Warm the tables, the connection paths and the token.
+    for target in &targets {
+        pgbench_run(
+            &pgbench,
+            target,
+            Workload::SelectOnly,
+            8,
+            knobs.seconds.min(2),
+        )?;
+    }
+
+    println!(
+        "{:<11} {:>7} {:>8} {:>16} {:>16} {:>9} {:>15} {:>15} {:>9} {:>9}",
+        "workload",
+        "clients",
+        "direct",
+        "proxy",
+        "pgbouncer",
+        "direct",
+        "proxy",
+        "pgbouncer",
+        "proxy",
+        "pgbouncer",
+    );
+    println!(
+        "{:<11} {:>7} {:>8} {:>16} {:>16} {:>9} {:>15} {:>15} {:>9} {:>9}",
+        "",
+        "",
+        "tps",
+        "tps (ratio)",
+        "tps (ratio)",
+        "ms",
+        "ms (ratio)",
+        "ms (ratio)",
+        "cpu µs",
+        "cpu µs",
+    );
+    let mut verdict = None;
+    for &workload in &knobs.workloads {
+        for &clients in &knobs.clients {
+            let mut rounds: Vec<[Sample; 3]> = Vec::with_capacity(knobs.rounds);
+            for round in 0..knobs.rounds {
+                let mut samples = [Sample::default(); 3];
+                for i in 0..targets.len() {
+                    let which = (i + round) % targets.len();
+                    samples[which] =
+                        pgbench_run(&pgbench, &targets[which], workload, clients, knobs.seconds)?;
+                }
+                rounds.push(samples);
+            }
+            let m = |measure: &dyn Fn(&[Sample; 3]) -> f64| median(rounds.iter().map(measure));
+            let tps = [m(&|r| r[0].tps), m(&|r| r[1].tps), m(&|r| r[2].tps)];
+            let tps_ratio = [m(&|r| r[1].tps / r[0].tps), m(&|r| r[2].tps / r[0].tps)];
+            let ms = [
+                m(&|r| r[0].latency_ms),
+                m(&|r| r[1].latency_ms),
+                m(&|r| r[2].latency_ms),
+            ];
+            let ms_ratio = [
+                m(&|r| r[1].latency_ms / r[0].latency_ms),
+                m(&|r| r[2].latency_ms / r[0].latency_ms),
+            ];
+            let cpu = [m(&|r| r[1].cpu_us), m(&|r| r[2].cpu_us)];
+            println!(
+                "{:<11} {:>7} {:>8.0} {:>8.0} ({:>5.3}) {:>8.0} ({:>5.3}) {:>9.3} {:>7.3} ({:>5.2}) {:>7.3} ({:>5.2}) {:>9.1} {:>9.1}",
+                workload.name(),
+                clients,
+                tps[0],
+                tps[1],
+                tps_ratio[0],
+                tps[2],
+                tps_ratio[1],
+                ms[0],
+                ms[1],
+                ms_ratio[0],
+                ms[2],
+                ms_ratio[1],
+                cpu[0],
+                cpu[1],
+            );
+            if workload == Workload::SelectOnly && clients == 8 {
+                verdict = Some(Verdict {
+                    proxy: tps_ratio[0],
+                    bouncer: tps_ratio[1],
+                    direct_tps: tps[0],
+                    direct_busy: m(&|r| r[0].busy),
+                    proxy_cpu_us: cpu[0],
+                });
+            }
+        }
+    }
+    if let Some(verdict) = verdict {
+        verdict.print();
+    }
+
+    if knobs.idle > 0 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let baseline = client_backends(&cluster)?;
+        let proxy_kib = idle_memory(&runtime, &cluster, "proxy", &proxy, knobs.idle)?;
+        // The proxy's upstream sessions end as its clients go; wait for them (bounded) so
+        // that PgBouncer's find room.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client_backends(&cluster)? > baseline + 5 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let bouncer_kib = idle_memory(&runtime, &cluster, "pgbouncer", &bouncer, knobs.idle)?;
+        println!(
+            "verdict: idle memory per proxied session {proxy_kib:.1} KiB (target: < {IDLE_TARGET_KIB:.0} KiB): {}; PgBouncer {bouncer_kib:.1} KiB",
+            if proxy_kib < IDLE_TARGET_KIB {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+    }
+    drop(bouncer);
+    drop(proxy);
+    drop(cluster);
+    println!(
+        "proxy_vs_pgbouncer: done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    SelectOnly,
+    TpcB,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::SelectOnly => "select-only",
+            Self::TpcB => "tpc-b",
+        }
+    }
+}
+
+/// Where pgbench connects: TCP on loopback, with verified TLS or in plain text.
+struct Target {
+    name: &'static str,
+    port: u16,
+    tls: Option<PathBuf>,
+    /// The directory of its Unix socket, to use that instead of TCP.
+    socket_dir: Option<PathBuf>,
+    /// The process in the middle, whose CPU time per transaction is measured.
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+    /// CPU time of the process in the middle per transaction, in µs (NaN for direct).
+    cpu_us: f64,
+    /// The share of the machine's CPU time that was busy during the run (anything running).
+    busy: f64,
+}
+
+/// The select-only, 8-client numbers that the targets are about.
+struct Verdict {
+    proxy: f64,
+    bouncer: f64,
+    direct_tps: f64,
+    direct_busy: f64,
+    proxy_cpu_us: f64,
+}
+
+impl Verdict {
+    fn print(&self) {
+        let met = self.proxy >= TPS_TARGET && self.proxy > self.bouncer;
+        println!(
+            "verdict: select-only, 8 clients: proxy {:.1} % of direct, PgBouncer {:.1} % (target: >= {:.0} % and ahead of PgBouncer): {}",
+            self.proxy * 100.0,
+            self.bouncer * 100.0,
+            TPS_TARGET * 100.0,
+            if met { "met" } else { "MISSED" }
+        );
+        // When the direct run keeps every core busy, each transaction costs the machine
+        // cores / tps; the proxy's hop adds its own CPU time (and the kernel's for a second
+        // loopback connection) on the same cores.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let per_txn_us = cores * 1e6 / self.direct_tps;
+        println!(
+            "context: the machine was {:.0} % busy during the direct runs, about {per_txn_us:.1} µs of CPU per direct transaction on {cores} cores; {:.0} % of direct leaves {:.1} µs per transaction for the hop; the proxy process used {:.1} µs",
+            self.direct_busy * 100.0,
+            TPS_TARGET * 100.0,
+            per_txn_us * (1.0 / TPS_TARGET - 1.0),
+            self.proxy_cpu_us,
+        );
+    }
+}
+
+/// The median (NaN for none).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One pgbench run (bounded: `timeout` kills it a minute past its duration).
+fn pgbench_run(
+    pgbench: &Path,
+    target: &Target,
+    workload: Workload,
+    clients: u32,
+    seconds: u64,
+) -> Result<Sample> {
+    let mut command = Command::new("timeout");
+    command
+        .args(["-k", "5", &(seconds + 60).to_string()])
+        .arg(pgbench)
+        .args(["-n", "-T", &seconds.to_string()])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+        ]);
+    if workload == Workload::SelectOnly {
+        command.arg("-S");
+    }
+    // Only these settings: none from the environment (PGSERVICE, PGOPTIONS, ...).
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PGPORT", target.port.to_string())
+        .env("PGUSER", ROLE)
+        .env("PGDATABASE", DATABASE);
+    match &target.socket_dir {
+        Some(dir) => command.env("PGHOST", dir),
+        None => command
+            .env("PGHOST", "localhost")
+            .env("PGHOSTADDR", "127.0.0.1"),
+    };
+    match &target.tls {
+        Some(ca) => command
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", ca),
+        None => command.env("PGSSLMODE", "disable"),
+    };
+    let cpu_before = target.pid.map(cpu_time).transpose()?;
+    let machine_before = machine_cpu()?;
+    let output = command.output()?;
+    let machine_after = machine_cpu()?;
+    let busy = {
+        let total = machine_after.0.saturating_sub(machine_before.0) as f64;
+        let idle = machine_after.1.saturating_sub(machine_before.1) as f64;
+        if total > 0.0 {
+            1.0 - idle / total
+        } else {
+            f64::NAN
+        }
+    };
+    let cpu = match (target.pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_time(pid)?.saturating_sub(before)),
+        _ => None,
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let failed = || {
+        format!(
+            "pgbench {} -c {clients} against {} failed ({}): {}{}",
+            workload.name(),
+            target.name,
+            output.status,
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    if !output.status.success() {
+        return Err(failed().into());
+    }
+    let value = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse::<f64>().ok())
+    };
+    match (
+        value("tps = "),
+        value("latency average = "),
+        value("number of transactions actually processed: "),
+    ) {
+        (Some(tps), Some(latency_ms), Some(transactions)) => Ok(Sample {
+            tps,
+            latency_ms,
+            cpu_us: cpu.map_or(f64::NAN, |cpu| {
+                cpu.as_secs_f64() * 1e6 / transactions.max(1.0)
+            }),
+            busy,
+        }),
+        _ => Err(failed().into()),
+    }
+}
+
+/// The machine's CPU time so far, in ticks: (all, idle including I/O wait), from
+/// `/proc/stat`.
+fn machine_cpu() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .ok_or("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((ticks.iter().sum(), idle))
+}
+
+/// The CPU time a process has used, all its threads together (from the scheduler's
+/// nanosecond counts in `/proc/PID/task/*/schedstat`).
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended meanwhile has no file any more: it counts no longer.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .ok_or_else(|| format!("unreadable schedstat of process {pid}"))?;
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// A process this benchmark started: the proxy or PgBouncer. Its standard input is a lifeline:
+/// when this process ends, however it ends, the helper stops.
+struct Helper {
+    child: Child,
+    lifeline: Option<ChildStdin>,
+    /// The process whose memory is measured.
+    pid: u32,
+    port: u16,
+}
+
+impl Helper {
+    /// This binary in `--serve-proxy` mode, in front of `upstream`, with a Unix socket in
+    /// `socket_dir` too.
+    fn proxy(upstream: &str, max_connections: usize, socket_dir: &Path) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["--serve-proxy", upstream, &max_connections.to_string()])
+            .arg(socket_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let pid = child.id();
+        let lifeline = child.stdin.take();
+        let stdout = child.stdout.take();
+        let mut helper = Self {
+            child,
+            lifeline,
+            pid,
+            port: 0,
+        };
+        let lines = log_lines(stdout.ok_or("no pipe from the proxy")?);
+        let port = wait_for(&lines, "pgentra proxy", |line| {
+            line.strip_prefix("listening on ")?
+                .trim()
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })?;
+        helper.port = port;
+        Ok(helper)
+    }
+
+    /// PgBouncer in session mode on a free loopback port, with verified TLS to the cluster,
+    /// run by the cluster's user under a shell that stops it when the lifeline closes.
+    fn pgbouncer(
+        cluster: &Cluster,
+        files: &Path,
+        ca_file: &Path,
+        max_connections: usize,
+        socket_dir: &Path,
+    ) -> Result<Self> {
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.is_file())
+            .ok_or("pgbouncer not found (apt-get install pgbouncer)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let userlist = files.join("userlist.txt");
+        std::fs::write(&userlist, format!("\"{ROLE}\" \"\"\n"))?;
+        let config = files.join("pgbouncer.ini");
+        std::fs::write(
+            &config,
+            format!(
+                "[databases]
+{DATABASE} = host=127.0.0.1 port={upstream} dbname={DATABASE} user={ROLE}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir = {socket_dir}
+auth_type = trust
+auth_file = {userlist}
+pool_mode = session
+max_client_conn = {max_connections}
+default_pool_size = {max_connections}
+server_tls_sslmode = verify-full
+server_tls_ca_file = {ca}
+logfile =
+pidfile =
+log_connections = 0
+log_disconnections = 0
+stats_period = 3600
+",
+                upstream = cluster.port(),
+                userlist = userlist.display(),
+                ca = ca_file.display(),
+                socket_dir = socket_dir.display(),
+            ),
+        )?;
+        // TERM is PgBouncer's immediate shutdown (INT waits for clients).
+        let script = r#"
+"$1" "$2" 2>&1 &
+bouncer=$!
+echo "pgbouncer pid $bouncer"
+cat > /dev/null
+kill -TERM "$bouncer" 2>/dev/null
+wait "$bouncer"
+"#;
+        let mut command = Command::new("/bin/sh");
+        command
+            .args(["-c", script, "pgentra-bench-pgbouncer"])
+            .arg(&program)
+            .arg(&config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = server_user(cluster) {
+            use std::os::unix::process::CommandExt as _;
+            // PgBouncer refuses to run as root.
+            command.uid(uid).gid(gid).current_dir("/");
+        }
+        let mut child = command.spawn()?;
+        let lifeline = child.stdin.take();
+        let stdout = child.stdout.take();
+        let mut helper = Self {
+            child,
+            lifeline,
+            pid: 0,
+            port,
+        };
+        let lines = log_lines(stdout.ok_or("no pipe from pgbouncer")?);
+        helper.pid = wait_for(&lines, "pgbouncer", |line| {
+            line.strip_prefix("pgbouncer pid ")?.trim().parse().ok()
+        })?;
+        wait_for(&lines, "pgbouncer", |line| {
+            line.contains("process up").then_some(())
+        })?;
+        Ok(helper)
+    }
+
+    /// The helper's resident memory, in KiB.
+    fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("no VmRSS for process {}", self.pid).into())
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        drop(self.lifeline.take());
+        // It stops on its own; wait a bounded time, then make sure.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The owner of the cluster's files: the user its server runs as (`None` if that is us).
+fn server_user(cluster: &Cluster) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::metadata("/proc/self").ok()?.uid();
+    let dir = std::fs::metadata(cluster.socket_dir()).ok()?;
+    (dir.uid() != own).then(|| (dir.uid(), dir.gid()))
+}
+
+/// A thread reading a helper's output, keeping it drained; lines arrive on the channel.
+fn log_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            // Once nobody listens, keep draining so the helper never blocks on the pipe.
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for the first line `found` accepts; the lines before it are the error.
+fn wait_for<T>(
+    lines: &mpsc::Receiver<String>,
+    name: &str,
+    found: impl Fn(&str) -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut log = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => match found(&line) {
+                Some(value) => return Ok(value),
+                None => {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            },
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(
+                    format!("{name} did not start within {START_TIMEOUT:?}:\n{log}").into(),
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(format!("{name} exited:\n{log}").into());
+            }
+        }
+    }
+}
+
+/// Client sessions on the server (ours, pgbench's, the pools').
+fn client_backends(cluster: &Cluster) -> Result<usize> {
+    let count = cluster
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend';")?;
+    Ok(count.trim().parse()?)
+}
+
+/// Opens `count` sessions through `helper`, each running one query (so that PgBouncer in
+/// session mode links a server connection to it, as the proxy does at login), lets them sit
+/// idle, and returns the growth of the helper's resident memory per session, in KiB.
+fn idle_memory(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    name: &str,
+    helper: &Helper,
+    count: usize,
+) -> Result<f64> {
+    let before_backends = client_backends(cluster)?;
+    let before = helper.rss_kib()?;
+    let opened = Instant::now();
+    let sessions = runtime.block_on(open_idle(helper.port, count))?;
+    let open_time = opened.elapsed();
+    // Let freed login buffers settle.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = helper.rss_kib()?;
+    let backends = client_backends(cluster)?;
+    let per_session = after.saturating_sub(before) as f64 / count as f64;
+    println!(
+        "idle: {count} sessions through {name} (opened in {:.1} s; server sessions {before_backends} -> {backends}): VmRSS {before} KiB -> {after} KiB, {per_session:.1} KiB per session",
+        open_time.as_secs_f64()
+    );
+    runtime.block_on(async move {
+        for (client, connection) in sessions {
+            drop(client);
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
+    });
+    Ok(per_session)
+}
+
+type Session = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+/// `count` logged-in plain-text sessions to `port`, 16 logins at a time (within 2 minutes).
+async fn open_idle(port: u16, count: usize) -> Result<Vec<Session>> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(ROLE)
+        .dbname(DATABASE)
+        .application_name("proxy_vs_pgbouncer idle")
+        .connect_timeout(Duration::from_secs(30));
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (config, limit) = (config.clone(), Arc::clone(&limit));
+        tasks.spawn(async move {
+            let _permit = limit.acquire_owned().await.map_err(|e| e.to_string())?;
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let connection = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((client, connection))
+        });
+    }
+    let mut sessions = Vec::with_capacity(count);
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            sessions.push(done.map_err(|e| e.to_string())??);
+        }
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .map_err(|_| format!("{count} idle sessions not open within 2 minutes"))?
+        .map_err(|e| format!("opening idle sessions: {e}"))?;
+    Ok(sessions)
+}
+
+/// A token credential returning one token from the emulator's issuer, as a credential chain
+/// would with a cached token.
+#[derive(Debug)]
+struct Static {
+    token: String,
+    expires_on: OffsetDateTime,
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for Static {
+    async fn get_token(
+        &self,
+        _: &[&str],
+        _: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        Ok(AccessToken::new(self.token.clone(), self.expires_on))
+    }
+}
+
+/// The proxy helper: serves `args[0]` (the upstream conninfo) with up to `args[1]` sessions on
+/// a free loopback port, which it prints as `listening on ADDR`, and on a Unix socket in
+/// `args[2]`, until its standard input closes.
+fn serve_proxy(args: &[String]) -> Result<()> {
+    let [upstream, max_connections, socket_dir, ..] = args else {
+        return Err("usage: --serve-proxy CONNINFO MAX_CONNECTIONS SOCKET_DIR".into());
+    };
+    let issuer = Issuer::new("bench-tenant", Duration::from_secs(3600));
+    let issued = issuer.issue(
+        &Principal::user(pgentra_emulator::USER),
+        pgentra::Cloud::Public.audience(),
+    );
+    let expires_on = OffsetDateTime::from_unix_timestamp(i64::try_from(issued.expires_on)?)?;
+    let auth = EntraAuth::builder()
+        .credential_named(
+            "emulator issuer",
+            Arc::new(Static {
+                token: issued.token,
+                expires_on,
+            }),
+        )
+        .username(ROLE)
+        .build()?;
+    let mut instance = Instance::new(ConnInfo::parse(upstream)?, "127.0.0.1:0".parse()?);
+    instance.user = Some(ROLE.to_owned());
+    instance.unix_socket_dir = Some(PathBuf::from(socket_dir));
+    let mut config = ProxyConfig::default();
+    config.instances = vec![instance];
+    config.max_connections = max_connections.parse()?;
+    config.drain_timeout = Duration::from_secs(2);
+    // The runtime `pgentra proxy` uses, unless told otherwise (for comparison).
+    let workers: usize = match std::env::var("PGENTRA_BENCH_PROXY_WORKERS") {
+        Ok(workers) => workers.parse()?,
+        Err(_) => pgentra_proxy::default_threads(),
+    };
+    let runtime = pgentra_proxy::runtime(workers)?;
+    runtime.block_on(async {
+        let proxy = Proxy::bind(config, auth).await?;
+        proxy.check().await?;
+        let addr = proxy.local_addrs().first().copied().ok_or("no listener")?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on {addr}")?;
+        stdout.flush()?;
+        let (closed, lifeline) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            let _ = closed.send(());
+        });
+        proxy
+            .run(async {
+                let _ = lifeline.await;
+            })
+            .await;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}

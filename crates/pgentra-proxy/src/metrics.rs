@@ -1,0 +1,225 @@
+//! Counters of the proxy's work, rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the upstream login latency histogram, in seconds.
+const LOGIN_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Reasons a client is refused, each a label value of `connections_refused_total`.
+const REFUSAL_REASONS: [&str; 8] = [
+    "max_connections",
+    "shutting_down",
+    "client_password",
+    "login_timeout",
+    "token",
+    "upstream_connect",
+    "upstream_auth",
+    "upstream_login",
+];
+
+/// The proxy's counters. Cheap to update from every session.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    refused: [AtomicU64; REFUSAL_REASONS.len()],
+    to_upstream: AtomicU64,
+    to_client: AtomicU64,
+    logins: AtomicU64,
+    login_failures: AtomicU64,
+    login_buckets: [AtomicU64; LOGIN_BUCKETS.len()],
+    login_micros: AtomicU64,
+    cancels: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn connection_opened(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_refused(&self, reason: &str) {
+        if let Some(index) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            self.refused[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn bytes(&self, to_upstream: u64, to_client: u64) {
+        self.to_upstream.fetch_add(to_upstream, Ordering::Relaxed);
+        self.to_client.fetch_add(to_client, Ordering::Relaxed);
+    }
+
+    pub(crate) fn login_succeeded(&self, latency: Duration) {
+        self.logins.fetch_add(1, Ordering::Relaxed);
+        let seconds = latency.as_secs_f64();
+        for (bucket, bound) in self.login_buckets.iter().zip(LOGIN_BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.login_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub(crate) fn login_failed(&self) {
+        self.login_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn cancel_request(&self) {
+        self.cancels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Client connections open now.
+    pub fn connections_open(&self) -> u64 {
+        let closed = self.closed.load(Ordering::Relaxed);
+        self.opened.load(Ordering::Relaxed).saturating_sub(closed)
+    }
+
+    /// Client connections accepted so far.
+    pub fn connections_total(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Clients refused so far, for any reason.
+    pub fn connections_refused(&self) -> u64 {
+        self.refused.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Successful upstream logins so far.
+    pub fn logins(&self) -> u64 {
+        self.logins.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition of these counters and the provider's.
+    pub(crate) fn render(&self, token: &pgentra::provider::Stats) -> String {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+            let _ = writeln!(out, "# HELP pgentra_proxy_{name} {help}");
+            let _ = writeln!(out, "# TYPE pgentra_proxy_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "pgentra_proxy_{name}{labels} {value}");
+            }
+        };
+        #[allow(clippy::cast_precision_loss)] // counters stay far below 2^53
+        let f = |v: u64| v as f64;
+        metric(
+            "connections_open",
+            "gauge",
+            "Client connections open now.",
+            &[("", f(self.connections_open()))],
+        );
+        metric(
+            "connections_total",
+            "counter",
+            "Client connections accepted.",
+            &[("", f(load(&self.opened)))],
+        );
+        let refused: Vec<(String, f64)> = REFUSAL_REASONS
+            .iter()
+            .zip(&self.refused)
+            .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), f(load(count))))
+            .collect();
+        let refused: Vec<(&str, f64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Clients refused, by reason.",
+            &refused,
+        );
+        metric(
+            "bytes_total",
+            "counter",
+            "Bytes relayed by ended sessions, by direction.",
+            &[
+                ("{direction=\"to_upstream\"}", f(load(&self.to_upstream))),
+                ("{direction=\"to_client\"}", f(load(&self.to_client))),
+            ],
+        );
+        metric(
+            "cancel_requests_total",
+            "counter",
+            "Cancel requests received.",
+            &[("", f(load(&self.cancels)))],
+        );
+        metric(
+            "upstream_login_failures_total",
+            "counter",
+            "Upstream logins that failed (token, connection or server refusal).",
+            &[("", f(load(&self.login_failures)))],
+        );
+        let mut histogram: Vec<(String, f64)> = LOGIN_BUCKETS
+            .iter()
+            .zip(&self.login_buckets)
+            .map(|(bound, count)| (format!("_bucket{{le=\"{bound}\"}}"), f(load(count))))
+            .collect();
+        histogram.push(("_bucket{le=\"+Inf\"}".into(), f(load(&self.logins))));
+        histogram.push(("_sum".into(), f(load(&self.login_micros)) / 1e6));
+        histogram.push(("_count".into(), f(load(&self.logins))));
+        let histogram: Vec<(&str, f64)> = histogram.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "upstream_login_seconds",
+            "histogram",
+            "Time from a client's startup message to the upstream's ReadyForQuery.",
+            &histogram,
+        );
+        metric(
+            "token_refreshes_total",
+            "counter",
+            "Tokens obtained from the credential.",
+            &[("", f(token.tokens_fetched))],
+        );
+        metric(
+            "token_failures_total",
+            "counter",
+            "Credential calls that failed.",
+            &[("", f(token.fetch_failures))],
+        );
+        let expires_in = token
+            .expires_at
+            .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        metric(
+            "token_expires_in_seconds",
+            "gauge",
+            "Seconds until the cached token expires (0 without one).",
+            &[("", expires_in)],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_every_family_once() {
+        let metrics = Metrics::default();
+        metrics.connection_opened();
+        metrics.connection_refused("max_connections");
+        metrics.login_succeeded(Duration::from_millis(30));
+        metrics.bytes(10, 20);
+        let text = metrics.render(&pgentra::provider::Stats::default());
+        assert!(
+            text.contains("pgentra_proxy_connections_open 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "pgentra_proxy_connections_refused_total{reason=\"max_connections\"} 1\n"
+            )
+        );
+        assert!(text.contains("pgentra_proxy_upstream_login_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(text.contains("pgentra_proxy_upstream_login_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(text.contains("pgentra_proxy_upstream_login_seconds_count 1\n"));
+        assert!(text.contains("pgentra_proxy_bytes_total{direction=\"to_client\"} 20\n"));
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(families, 10);
+    }
+}
