@@ -5,7 +5,7 @@
 
 use crate::Context;
 use crate::error::CliError;
-use crate::output::{Shell, print_json};
+use crate::output::{Shell, print_vars, shutdown_signal};
 use pgentra_emulator::issuer::{Principal, PrincipalKind};
 use pgentra_emulator::{Emulator, EmulatorConfig};
 use std::io::Write as _;
@@ -108,16 +108,11 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         .build()
         .map_err(CliError::io("starting the runtime"))?;
     let emulator = Emulator::start(config)?;
+    let _guard = runtime.enter();
+    let shutdown = shutdown_signal();
+    print_vars(emulator.env(), args.shell, context.json);
     let mut out = std::io::stdout().lock();
-    let env = emulator.env();
-    if context.json {
-        let object: serde_json::Map<String, serde_json::Value> =
-            env.into_iter().map(|(k, v)| (k, v.into())).collect();
-        print_json(&object.into());
-    } else {
-        for (name, value) in env {
-            let _ = writeln!(out, "{}", args.shell.export(&name, &value));
-        }
+    if !context.json {
         let _ = writeln!(out, "# ready");
     }
     let _ = out.flush();
@@ -127,14 +122,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         emulator.gateway().port(),
         humantime::format_duration(emulator.issuer().lifetime()),
     );
-    runtime.block_on(async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            Some(()) = async { match terminate.as_mut() { Some(t) => t.recv().await, None => None } } => {}
-        }
-    });
+    runtime.block_on(shutdown);
     eprintln!("pgentra emulator: stopping");
     // Stops PostgreSQL and removes the cluster directory with the CA and shims.
     drop(emulator);

@@ -4,7 +4,7 @@
 use crate::Context;
 use crate::auth::AuthArgs;
 use crate::error::CliError;
-use crate::output::{Shell, print_json};
+use crate::output::{Shell, print_vars};
 use pgentra::conninfo::ConnInfo;
 use pgentra::tls::SslMode;
 use std::ffi::OsString;
@@ -106,18 +106,7 @@ fn system_root_bundle() -> Option<String> {
 }
 
 pub(crate) fn run_env(args: &EnvArgs, context: Context) -> Result<ExitCode, CliError> {
-    let vars = args.target.vars()?;
-    if context.json {
-        let object: serde_json::Map<String, serde_json::Value> = vars
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.into()))
-            .collect();
-        print_json(&object.into());
-    } else {
-        for (name, value) in vars {
-            println!("{}", args.shell.export(name, &value));
-        }
-    }
+    print_vars(args.target.vars()?, args.shell, context.json);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,6 @@
 //! Output helpers: logging, colour, shell quoting and time formatting.
 
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
@@ -108,6 +108,50 @@ impl Shell {
             ),
             Self::Powershell => format!("$Env:{name} = '{}'", value.replace('\'', "''")),
         }
+    }
+}
+
+/// Prints environment variables for `shell`, or as one JSON object with `--json`.
+pub(crate) fn print_vars<K: Into<String>>(
+    vars: impl IntoIterator<Item = (K, String)>,
+    shell: Shell,
+    json: bool,
+) {
+    let vars = vars.into_iter().map(|(name, value)| (name.into(), value));
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> =
+            vars.map(|(name, value)| (name, value.into())).collect();
+        print_json(&object.into());
+    } else {
+        // A reader that stops early (`sed '/^# ready/q'`) is not an error.
+        let mut out = std::io::stdout().lock();
+        for (name, value) in vars {
+            let _ = writeln!(out, "{}", shell.export(&name, &value));
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at the call, not on first poll,
+/// so a signal sent as soon as a foreground command says it is ready stops it cleanly instead
+/// of killing it.
+pub(crate) fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn received(signal: Option<&mut Signal>) {
+        match signal {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = received(terminate.as_mut()) => {}
+            () = received(interrupt.as_mut()) => {}
+        }
+        tracing::info!("shutdown requested");
     }
 }
 

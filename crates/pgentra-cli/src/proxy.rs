@@ -6,7 +6,7 @@
 use crate::Context;
 use crate::auth::AuthArgs;
 use crate::error::CliError;
-use crate::output::{LogFormat, init_logging};
+use crate::output::{LogFormat, init_logging, shutdown_signal};
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;
 use pgentra_proxy::{Instance, Proxy, ProxyConfig};
@@ -207,29 +207,6 @@ fn proxy_error(error: pgentra_proxy::ProxyError) -> CliError {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. The handlers are installed at the call, not on first poll,
-/// so a signal sent as soon as the proxy says it listens drains it instead of killing it.
-fn shutdown_signal() -> impl Future<Output = ()> {
-    use tokio::signal::unix::{Signal, SignalKind, signal};
-    async fn received(signal: Option<&mut Signal>) {
-        match signal {
-            Some(signal) => {
-                signal.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    }
-    let mut terminate = signal(SignalKind::terminate()).ok();
-    let mut interrupt = signal(SignalKind::interrupt()).ok();
-    async move {
-        tokio::select! {
-            () = received(terminate.as_mut()) => {}
-            () = received(interrupt.as_mut()) => {}
-        }
-        tracing::info!("shutdown requested");
-    }
-}
-
 fn read_file(path: &Path) -> Result<File, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(CliError::io(format!("reading {}", path.display())))?;
@@ -356,15 +333,15 @@ fn parse_upstream(upstream: &str) -> Result<ConnInfo, CliError> {
     if upstream.contains("://") || upstream.contains('=') {
         return Ok(ConnInfo::parse(upstream)?);
     }
-    let (host, port) = match upstream.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => (host, Some(port)),
-        _ => (upstream, None),
-    };
-    let mut settings = format!("host='{host}'");
-    if let Some(port) = port {
-        settings.push_str(&format!(" port={port}"));
+    let mut info = ConnInfo::default();
+    match upstream.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            info.host = Some(host.to_owned());
+            info.port = port.parse().ok();
+        }
+        _ => info.host = Some(upstream.to_owned()),
     }
-    Ok(ConnInfo::parse(&settings)?)
+    Ok(info)
 }
 
 /// TLS for clients from PEM files, offering ALPN `postgresql` for direct TLS.
