@@ -50,7 +50,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -287,7 +287,7 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Set when the drain timeout has passed: relays still running end.
     pub(crate) kill: watch::Sender<bool>,
-    open: AtomicUsize,
+    /// Woken each time a client connection closes.
     closed: Notify,
 }
 
@@ -296,7 +296,7 @@ impl Shared {
     async fn all_closed(&self) {
         loop {
             let closed = self.closed.notified();
-            if self.open.load(Ordering::SeqCst) == 0 {
+            if self.metrics.connections_open() == 0 {
                 return;
             }
             closed.await;
@@ -394,7 +394,6 @@ impl Proxy {
             local_users: session::local_user_names(),
             draining: AtomicBool::new(false),
             kill: watch::Sender::new(false),
-            open: AtomicUsize::new(0),
             closed: Notify::new(),
         });
         Ok(Self {
@@ -459,7 +458,7 @@ impl Proxy {
         let _ = stop_tx.send(true);
         // Listeners close as their loops end; sessions keep going.
         while tasks.join_next().await.is_some() {}
-        let open = self.shared.open.load(Ordering::SeqCst);
+        let open = self.shared.metrics.connections_open();
         tracing::info!(
             open,
             limit = ?self.shared.config.drain_timeout,
@@ -471,7 +470,7 @@ impl Proxy {
             Ok(()) => tracing::info!("drained: every session has ended"),
             Err(_) => {
                 tracing::warn!(
-                    open = self.shared.open.load(Ordering::SeqCst),
+                    open = self.shared.metrics.connections_open(),
                     "drain timeout: closing the remaining sessions"
                 );
                 let _ = self.shared.kill.send(true);
@@ -522,12 +521,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        shared.open.fetch_add(1, Ordering::SeqCst);
+        shared.metrics.connection_opened();
         let shared = Arc::clone(&shared);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             session::serve(client, &state, &shared).await;
-            shared.open.fetch_sub(1, Ordering::SeqCst);
+            shared.metrics.connection_closed();
             shared.closed.notify_waiters();
         });
     }

@@ -51,32 +51,26 @@ pub(crate) enum SessionError {
     Protocol(&'static str),
 }
 
+/// Serves one client until its session ends. (The caller counts the connection.)
 pub(crate) async fn serve(client: Client, state: &Arc<InstanceState>, shared: &Shared) {
-    shared.metrics.connection_opened();
     let limit = shared.config.login_timeout;
     let started = Instant::now();
     let login = tokio::time::timeout(limit, login(client, state, shared)).await;
     let session = match login {
         Ok(Ok(Some(session))) => session,
-        Ok(Ok(None)) => {
-            shared.metrics.connection_closed();
-            return;
-        }
+        Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             tracing::debug!(%error, "client session ended before login");
-            shared.metrics.connection_closed();
             return;
         }
         Err(_) => {
             tracing::debug!(error = %SessionError::LoginTimeout(limit), "client dropped");
             shared.metrics.connection_refused("login_timeout");
-            shared.metrics.connection_closed();
             return;
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), "client logged in");
     upstream::relay(session, shared).await;
-    shared.metrics.connection_closed();
 }
 
 /// The startup phase and the upstream login. `None` when the session ended on purpose (a
