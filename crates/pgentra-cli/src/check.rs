@@ -222,7 +222,7 @@ fn settings(args: &Args) -> StepResult<Settings> {
     let mut info = parsed.map_err(|error| {
         failure(
             error.to_string(),
-            "give a URL like postgres://<server>.postgres.database.azure.com/postgres or key=value pairs like `host=<server> dbname=postgres`, and check the PG* variables and .env",
+            "give a URL like postgres://<server>.postgres.database.azure.com/postgres or key=value pairs like `host=<server> dbname=postgres`, and check the PG* variables",
         )
     })?;
     let hostaddr = match info.hostaddr.as_deref() {

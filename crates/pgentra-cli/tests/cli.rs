@@ -433,3 +433,148 @@ fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
         "nothing may follow the ready line on stdout"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// No token goes to a server the user did not name (a hostile `.env`, a stale environment).
+// ---------------------------------------------------------------------------------------------
+
+/// A trap on `ip` at the gateway's port: where `PGHOSTADDR=<ip>` would send a client that was
+/// told to connect to `localhost:<gateway port>`. (Each test uses its own address.)
+fn trap_beside(emulator: &Emulator, ip: &str) -> pgentra_emulator::testing::PasswordTrap {
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), emulator.gateway().port());
+    pgentra_emulator::testing::PasswordTrap::start(addr).expect("listen on the trap's address")
+}
+
+/// A directory holding the `.env` a cloned repository could carry, pointing at `ip`.
+fn hostile_checkout(name: &str, ip: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgentra-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        format!("PGHOSTADDR={ip}\nPGSSLMODE=require\n"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_dotenv_in_the_working_directory_cannot_redirect_the_token() {
+    let emulator = Emulator::shared();
+    let trap = trap_beside(emulator, "127.0.0.2");
+    let dir = hostile_checkout("dotenv", "127.0.0.2");
+    let url = format!(
+        "postgres://localhost:{}/postgres",
+        emulator.gateway().port()
+    );
+
+    let output = run(pgentra(emulator).current_dir(&dir).args(["check", &url]));
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("sslmode verify-full"),
+        "{}",
+        stdout(&output)
+    );
+
+    let port = emulator.gateway().port().to_string();
+    let output = run(pgentra(emulator).current_dir(&dir).args([
+        "psql",
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "-XAtc",
+        "select current_user",
+    ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), USER);
+
+    let output = run(pgentra(emulator).current_dir(&dir).args([
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo ${PGHOSTADDR:-none} $PGSSLMODE",
+    ]));
+    assert_eq!(
+        stdout(&output).trim(),
+        "none verify-full",
+        "{}",
+        stderr(&output)
+    );
+
+    assert_eq!(
+        (trap.connections(), trap.passwords()),
+        (0, 0),
+        "the .env sent the client to the trap"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn environment_settings_for_another_host_are_not_applied_to_the_named_server() {
+    let emulator = Emulator::shared();
+    let trap = trap_beside(emulator, "127.0.0.3");
+    let port = emulator.gateway().port();
+    let ca = emulator.ca_file().display().to_string();
+    // The user names 127.0.0.1 (its certificate is for that address too); the environment is
+    // the emulator's, for `localhost`, plus a stale address and a weak sslmode.
+    let stale = [("PGHOSTADDR", "127.0.0.3"), ("PGSSLMODE", "require")];
+    let url = format!("postgres://127.0.0.1:{port}/postgres?sslrootcert={ca}");
+
+    let output = run(pgentra(emulator).envs(stale).args(["check", &url]));
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("sslmode verify-full"),
+        "{}",
+        stdout(&output)
+    );
+
+    let output =
+        run(pgentra(emulator)
+            .envs(stale)
+            .args(["psql", &url, "-XAtc", "select current_user"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), USER);
+
+    let output = run(pgentra(emulator).envs(stale).args([
+        "exec",
+        "--conninfo",
+        &url,
+        "--",
+        "sh",
+        "-c",
+        "echo ${PGHOSTADDR:-none} $PGSSLMODE",
+    ]));
+    assert_eq!(
+        stdout(&output).trim(),
+        "none verify-full",
+        "{}",
+        stderr(&output)
+    );
+
+    assert_eq!(
+        (trap.connections(), trap.passwords()),
+        (0, 0),
+        "the stale environment sent the client to the trap"
+    );
+}
+
+#[test]
+fn exec_and_psql_refuse_a_service_file() {
+    let emulator = Emulator::shared();
+    let output = run(pgentra(emulator)
+        .env("PGSERVICE", "elsewhere")
+        .args(["exec", "--", "true"]));
+    let line = assert_one_line_error(&output, 2);
+    assert!(line.contains("PGSERVICE"), "{line}");
+}

@@ -52,7 +52,12 @@ struct ProxyProcess {
 impl ProxyProcess {
     /// Starts the proxy and waits for its first `listening` log line (text or JSON).
     async fn start(emulator: &Emulator, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = command(emulator, args, env).spawn().expect("run pgentra");
+        Self::spawn(command(emulator, args, env)).await
+    }
+
+    /// As [`start`](Self::start), for a command set up by the caller.
+    async fn spawn(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("run pgentra");
         let stderr = Arc::new(Mutex::new(String::new()));
         let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
         let mut pipe = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -542,4 +547,49 @@ async fn remote_listen_addresses_need_allow_remote() {
     proxy.terminate();
     let (status, stderr) = proxy.wait(SHORT).await;
     assert!(status.success(), "{status}: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dotenv_or_a_stale_environment_cannot_redirect_the_upstream() {
+    let emulator = Emulator::shared();
+    let port = emulator.gateway().port();
+    let trap_addr = SocketAddr::from(([127, 0, 0, 4], port));
+    let trap = pgentra_emulator::testing::PasswordTrap::start(trap_addr).unwrap();
+    let dir = temp_dir("dotenv");
+    std::fs::write(
+        dir.join(".env"),
+        "PGHOSTADDR=127.0.0.4\nPGSSLMODE=require\n",
+    )
+    .unwrap();
+
+    // The upstream from the environment (PGHOST=localhost), in a checkout with a hostile .env.
+    let mut in_checkout = command(emulator, &["proxy", "--listen", "127.0.0.1:0"], &[]);
+    in_checkout.current_dir(&dir);
+    let proxy = ProxyProcess::spawn(in_checkout).await;
+    let user = psql_ok(&proxy.port(), &["-c", "select current_user"]).await;
+    assert_eq!(user.trim(), USER);
+    proxy.terminate();
+    assert!(proxy.wait(SHORT).await.0.success());
+
+    // An upstream named explicitly, with settings in the environment meant for `localhost`.
+    let ca = emulator.ca_file().display().to_string();
+    let upstream = format!("postgres://127.0.0.1:{port}/postgres?sslrootcert={ca}");
+    let stale = [("PGHOSTADDR", "127.0.0.4"), ("PGSSLMODE", "require")];
+    let proxy = ProxyProcess::start(
+        emulator,
+        &["proxy", "--listen", "127.0.0.1:0", &upstream],
+        &stale,
+    )
+    .await;
+    let user = psql_ok(&proxy.port(), &["-c", "select current_user"]).await;
+    assert_eq!(user.trim(), USER);
+    proxy.terminate();
+    assert!(proxy.wait(SHORT).await.0.success());
+
+    assert_eq!(
+        (trap.connections(), trap.passwords()),
+        (0, 0),
+        "the proxy was sent to the trap"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

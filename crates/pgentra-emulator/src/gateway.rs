@@ -29,7 +29,7 @@ use pgentra_wire::{
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -130,13 +130,15 @@ struct Counters {
     rejected: AtomicU64,
 }
 
+/// A protocol 3.0 `BackendKeyData`: process ID and secret.
+type CancelKey = (i32, [u8; 4]);
+
 struct State {
     config: GatewayConfig,
     issuer: Arc<Issuer>,
     tls: tokio_rustls::TlsAcceptor,
-    /// Gateway-issued (pid, key) → backend (pid, key).
-    cancel_keys: Mutex<HashMap<(i32, i32), (i32, i32)>>,
-    next_pid: AtomicI32,
+    /// Gateway-issued key → the backend's.
+    cancel_keys: Mutex<HashMap<CancelKey, CancelKey>>,
     counters: Counters,
 }
 
@@ -176,7 +178,6 @@ impl Gateway {
             issuer,
             tls: tokio_rustls::TlsAcceptor::from(tls),
             cancel_keys: Mutex::new(HashMap::new()),
-            next_pid: AtomicI32::new(10_000),
             counters: Counters::default(),
         });
         let running = serve(listener, Arc::clone(&state))?;
@@ -471,18 +472,20 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let (tag, body) = read_message(&mut backend, 1 << 20).await?;
         match tag {
-            b'K' if body.len() >= 8 => {
+            b'K' if body.len() == 8 => {
                 let mut real = body.clone();
-                let real = (real.get_i32(), real.get_i32());
-                let ours = (
-                    state.next_pid.fetch_add(1, Ordering::Relaxed),
-                    fastrand::i32(..),
-                );
-                lock(&state.cancel_keys).insert(ours, real);
+                let real = (real.get_i32(), real.get_u32().to_be_bytes());
+                // From the OS's CSPRNG, as PostgreSQL's own keys: no client may guess another's.
+                let ours = loop {
+                    let key = pgentra_wire::random_cancel_key()?;
+                    let mut keys = lock(&state.cancel_keys);
+                    if let std::collections::hash_map::Entry::Vacant(entry) = keys.entry(key) {
+                        entry.insert(real);
+                        break key;
+                    }
+                };
                 issued_key = Some(ours);
-                client
-                    .write_all(&backend_key_data(ours.0, &ours.1.to_be_bytes()))
-                    .await?;
+                client.write_all(&backend_key_data(ours.0, &ours.1)).await?;
             }
             b'R' if body.len() >= 4 && body[..4] != [0, 0, 0, 0] => {
                 client
@@ -519,14 +522,11 @@ async fn cancel(state: &State, pid: i32, key: &[u8]) {
     let Ok(key) = <[u8; 4]>::try_from(key) else {
         return;
     };
-    let ours = (pid, i32::from_be_bytes(key));
-    let Some((pid, key)) = lock(&state.cancel_keys).get(&ours).copied() else {
+    let Some((pid, key)) = lock(&state.cancel_keys).get(&(pid, key)).copied() else {
         return;
     };
     if let Ok(mut backend) = state.config.backend.connect().await {
-        let _ = backend
-            .write_all(&cancel_request(pid, &key.to_be_bytes()))
-            .await;
+        let _ = backend.write_all(&cancel_request(pid, &key)).await;
         // The server closes the connection once it has read the request.
         let _ = backend.read(&mut [0; 1]).await;
     }

@@ -152,7 +152,7 @@ impl IdentityServer {
                 .into_iter()
                 .map(|(p, secret)| (p.client_id.clone(), (p, secret)))
                 .collect(),
-            header_secret: format!("emulator-{:016x}", fastrand::u64(..)),
+            header_secret: header_secret()?,
             faults: Mutex::new(Faults::default()),
             counters: [
                 Endpoint::AppService,
@@ -650,4 +650,17 @@ fn within_rate(state: &State) -> bool {
     }
     recent.push_back(now);
     true
+}
+
+/// The App Service managed-identity header secret: 128 bits from the OS's CSPRNG, so that only
+/// a process given the environment can ask for tokens (as App Service's own secret).
+fn header_secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)?;
+    Ok(bytes
+        .iter()
+        .fold(String::from("emulator-"), |mut hex, byte| {
+            hex.push_str(&format!("{byte:02x}"));
+            hex
+        }))
 }

@@ -11,6 +11,7 @@
 //!   cleartext password, signature, audience, expiry, principal ↔ role) and relays to the
 //!   backend as the role.
 //! - [`backend`]: a throwaway PostgreSQL cluster from the machine's server binaries.
+//! - [`testing`]: fixtures such as a server that counts the passwords it is sent.
 //! - [`Emulator`]: all of the above in one line, once per test binary with
 //!   [`Emulator::shared`].
 //!
@@ -36,6 +37,7 @@ mod emulator;
 pub mod gateway;
 pub mod identity;
 pub mod issuer;
+pub mod testing;
 
 pub use emulator::{
     CLIENT_SECRET, Emulator, EmulatorConfig, EmulatorError, MANAGED_IDENTITY, USER,

@@ -409,3 +409,67 @@ async fn rejections_carry_sqlstates_28p01_and_28000() {
         "{plain}"
     );
 }
+
+/// The `BackendKeyData` the gateway sends for one login as alice (a raw client over TLS).
+async fn gateway_cancel_key() -> (i32, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = pgentra::tls::TlsOptions::verify_full()
+        .with_root_cert(emulator().ca_file())
+        .client_config()
+        .unwrap();
+    let port = emulator().gateway().port();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(&pgentra_wire::ssl_request()).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let startup = pgentra_wire::startup_message(&[("user", USER), ("database", "postgres")]);
+    tls.write_all(&startup).await.unwrap();
+    let mut key = None;
+    loop {
+        let (tag, body) = pgentra_wire::read_message(&mut tls, 1 << 20).await.unwrap();
+        match tag {
+            b'R' if body[..] == [0, 0, 0, 3] => {
+                let mut password = emulator().token_for(&alice()).token.into_bytes();
+                password.push(0);
+                let message = pgentra_wire::message(b'p', &password);
+                tls.write_all(&message).await.unwrap();
+            }
+            b'K' => {
+                key = Some((
+                    i32::from_be_bytes(body[..4].try_into().unwrap()),
+                    body[4..].to_vec(),
+                ))
+            }
+            b'Z' => return key.expect("a BackendKeyData before ReadyForQuery"),
+            b'E' => panic!("{:?}", pgentra_wire::ErrorFields::parse(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// Keys come from the OS's CSPRNG: process IDs are not a counter a client can step from its
+/// own, and no two sessions share a key.
+#[tokio::test]
+async fn cancel_keys_are_random_not_sequential() {
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(gateway_cancel_key().await);
+    }
+    for pair in keys.windows(2) {
+        assert_ne!(pair[1].0, pair[0].0 + 1, "sequential process IDs: {keys:?}");
+    }
+    assert!(
+        keys.iter().all(|(pid, key)| *pid > 0 && key.len() == 4),
+        "{keys:?}"
+    );
+    let mut distinct = keys.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+}

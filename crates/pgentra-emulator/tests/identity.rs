@@ -479,3 +479,27 @@ fn oauth_over_https_serves_the_unchanged_client_secret_credential() {
     );
     assert_eq!(server.requests(Endpoint::OAuth), 2);
 }
+
+/// The App Service header secret protects the token endpoint from other local processes: it is
+/// 128 bits from the OS's CSPRNG, not a seeded RNG's output (whose state a process on the
+/// machine could recover). The server is made on this thread, so this thread's fastrand is the
+/// RNG that would have been used.
+#[test]
+fn the_managed_identity_header_secret_is_unpredictable() {
+    const SEED: u64 = 42;
+    let mut headers = Vec::new();
+    for _ in 0..2 {
+        fastrand::seed(SEED);
+        let (server, _, _) = server(Duration::from_secs(3600));
+        let header = server.identity_header().to_owned();
+        let hex = header.trim_start_matches("emulator-");
+        assert!(
+            hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{header}"
+        );
+        let predicted = format!("{:016x}", fastrand::Rng::with_seed(SEED).u64(..));
+        assert!(!hex.contains(&predicted), "{header} was predicted");
+        headers.push(header);
+    }
+    assert_ne!(headers[0], headers[1], "the same seed gave the same secret");
+}

@@ -303,15 +303,18 @@ impl Shared {
         }
     }
 
-    /// A new proxy-issued key for a session's upstream key: a random positive process ID
-    /// (negative ones broke pg_basebackup behind PgBouncer) and 4 random bytes.
-    pub(crate) fn issue_cancel_key(&self, upstream: upstream::UpstreamKey) -> CancelKey {
-        let mut keys = lock(&self.cancel_keys);
+    /// A new proxy-issued key for a session's upstream key, from the OS's CSPRNG
+    /// ([`pgentra_wire::random_cancel_key`]).
+    pub(crate) fn issue_cancel_key(
+        &self,
+        upstream: upstream::UpstreamKey,
+    ) -> std::io::Result<CancelKey> {
         loop {
-            let ours = (fastrand::i32(1..), fastrand::u32(..).to_be_bytes());
+            let ours = pgentra_wire::random_cancel_key()?;
+            let mut keys = lock(&self.cancel_keys);
             if let std::collections::hash_map::Entry::Vacant(entry) = keys.entry(ours) {
                 entry.insert(upstream);
-                return ours;
+                return Ok(ours);
             }
         }
     }

@@ -220,7 +220,7 @@ pub(crate) async fn login(
                     state: Arc::clone(state),
                     pid: i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
                     key: body[4..].to_vec(),
-                });
+                })?;
                 client.write_all(&backend_key_data(ours.0, &ours.1)).await?;
                 cancel_key = Some(ours);
             }

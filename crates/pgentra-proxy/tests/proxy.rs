@@ -1389,3 +1389,40 @@ async fn readyz_needs_the_upstream() {
     assert_eq!(http(proxy.admin.unwrap(), "GET", "/healthz").await.0, 200);
     proxy.stop().await;
 }
+
+/// Keys from a seeded non-cryptographic RNG can be predicted by whoever learns its state
+/// (a client recovered fastrand's clock-and-thread seed from its own key). The sessions of this
+/// current-thread test run on this thread, so the RNG the proxy used to draw keys from is this
+/// thread's fastrand: seeded here, none of the keys it could have produced may appear.
+#[tokio::test(flavor = "current_thread")]
+async fn cancel_keys_cannot_be_predicted_from_a_known_rng_state() {
+    let emulator = Emulator::shared();
+    let proxy = Running::start(config(emulator), auth(emulator)).await;
+    const SEED: u64 = 0x5eed_cafe;
+    // Every key the seeded RNG could give, whatever else drew from it in between.
+    let mut predicted = std::collections::HashSet::new();
+    for skipped in 0..500 {
+        let mut rng = fastrand::Rng::with_seed(SEED);
+        for _ in 0..skipped {
+            rng.u32(..);
+        }
+        predicted.insert((rng.i32(1..), rng.u32(..).to_be_bytes().to_vec()));
+    }
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        fastrand::seed(SEED);
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        let messages = raw_login(&mut stream, &[("user", USER), ("database", "postgres")]).await;
+        let key = backend_key(&messages);
+        assert!(key.0 > 0, "process IDs stay positive");
+        assert!(
+            !predicted.contains(&key),
+            "session key {key:?} was predicted"
+        );
+        seen.push(key);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 20, "keys repeat");
+    proxy.stop().await;
+}

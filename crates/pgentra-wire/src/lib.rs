@@ -275,6 +275,29 @@ pub fn backend_key_data(pid: i32, key: &[u8]) -> Bytes {
     message(b'K', &body)
 }
 
+/// A new cancel key for a protocol 3.0 `BackendKeyData`: a positive process ID (negative ones
+/// broke pg_basebackup behind PgBouncer) and a 4-byte secret, both drawn from the operating
+/// system's CSPRNG, as PostgreSQL draws its keys from `pg_strong_random`: a client that knows
+/// its own key, or any number of them, learns nothing about another session's.
+///
+/// ```
+/// let (pid, secret) = pgentra_wire::random_cancel_key()?;
+/// assert!(pid > 0);
+/// let message = pgentra_wire::backend_key_data(pid, &secret);
+/// assert_eq!(message.len(), 13);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn random_cancel_key() -> std::io::Result<(i32, [u8; 4])> {
+    let mut bytes = [0u8; 8];
+    loop {
+        getrandom::fill(&mut bytes)?;
+        let pid = i32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]);
+        if pid != 0 {
+            return Ok((pid, [bytes[4], bytes[5], bytes[6], bytes[7]]));
+        }
+    }
+}
+
 /// `AuthenticationCleartextPassword`.
 pub fn cleartext_password_request() -> Bytes {
     message(b'R', &3i32.to_be_bytes())

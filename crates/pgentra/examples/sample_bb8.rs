@@ -7,11 +7,13 @@
 
 use pgentra::EntraAuth;
 use pgentra::bb8::{EntraConnectionManager, LastErrorSink};
+use pgentra::conninfo::ConnInfo;
 use pgentra::tokio_postgres::EntraConnector;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = EntraConnector::from_env(EntraAuth::from_env()?)?;
+    let connector =
+        EntraConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     let errors = LastErrorSink::default();
     let pool = bb8::Pool::builder()
         .max_size(8)

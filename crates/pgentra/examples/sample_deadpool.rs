@@ -6,11 +6,13 @@
 //! ```
 
 use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
 use pgentra::tokio_postgres::EntraConnector;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = EntraConnector::from_env(EntraAuth::from_env()?)?;
+    let connector =
+        EntraConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     let pool = pgentra::deadpool::pool(connector, 8)?;
     let client = pool.get().await?;
     let row = client

@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("--mode must be sync, async or both, not {mode:?}").into());
     }
     let auth = EntraAuth::from_env()?;
-    let info = ConnInfo::from_env()?;
+    let info = ConnInfo::from_env_with_dotenv()?;
     if mode != "async" {
         use diesel::RunQueryDsl;
         let pool = r2d2::Pool::builder().max_size(4).build(

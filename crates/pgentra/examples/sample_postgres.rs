@@ -7,6 +7,7 @@
 //! ```
 
 use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
 use pgentra::tokio_postgres::EntraConnector;
 
 fn mode() -> String {
@@ -22,7 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !matches!(mode.as_str(), "sync" | "async" | "both") {
         return Err(format!("--mode must be sync, async or both, not {mode:?}").into());
     }
-    let connector = EntraConnector::from_env(EntraAuth::from_env()?)?;
+    let connector =
+        EntraConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     if mode != "async" {
         // The sync client, from plain threads (it runs its own runtime).
         let threads: Vec<_> = (0..4)

@@ -6,10 +6,12 @@
 //! ```
 
 use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
 use pgentra::tokio_postgres::EntraConnector;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = EntraConnector::from_env(EntraAuth::from_env()?)?;
+    let connector =
+        EntraConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     let pool = r2d2::Pool::builder()
         .max_size(8)
         .min_idle(Some(1))

@@ -6,13 +6,14 @@
 //! ```
 
 use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
 use pgentra::sqlx::SqlxConnector;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use sqlx::postgres::PgPoolOptions;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = SqlxConnector::from_env(EntraAuth::from_env()?)?;
+    let connector = SqlxConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     let (db, _refresher) =
         pgentra::sea_orm::connect(&connector, PgPoolOptions::new().max_connections(8)).await?;
     let row = db

@@ -6,12 +6,13 @@
 //! ```
 
 use pgentra::EntraAuth;
+use pgentra::conninfo::ConnInfo;
 use pgentra::sqlx::SqlxConnector;
 use sqlx::postgres::PgPoolOptions;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = SqlxConnector::from_env(EntraAuth::from_env()?)?;
+    let connector = SqlxConnector::new(EntraAuth::from_env()?, &ConnInfo::from_env_with_dotenv()?)?;
     // Keep `_refresher` as long as the pool: it pushes each new token into it.
     let (pool, _refresher) = connector
         .pool(PgPoolOptions::new().max_connections(8))

@@ -11,10 +11,24 @@
 //!
 //! **TLS.** `sslmode` defaults to `verify-full`; `disable`, `allow` and `prefer` are refused,
 //! since they could send the token in clear text.
+//!
+//! **Where settings come from, and what each source may change.** The token goes wherever
+//! these settings point, so a weaker source cannot redirect it:
+//!
+//! 1. Explicit settings (a URL or `key=value` string the caller passes, and fields the caller
+//!    sets) are never overridden.
+//! 2. The process environment ([`ConnInfo::from_env`]) fills in what the explicit settings
+//!    leave unset, but the settings that say where and how to reach a server (`hostaddr`,
+//!    `port`, `sslmode`, `sslrootcert`) apply only to the host the environment names: when the
+//!    explicit settings name another host they are dropped, with a warning ([`ConnInfo::or`]).
+//! 3. A `.env` file is read only when the caller asks for it ([`ConnInfo::from_env_file`],
+//!    [`ConnInfo::from_env_with_dotenv`]); neither the library nor the `pgentra` command reads
+//!    one by itself, since any cloned repository can carry one. A file cannot set `hostaddr`,
+//!    replace the root certificates or set an `sslmode` other than `verify-full`: such a line
+//!    is an error that says to pass the setting explicitly.
 
 use crate::error::{Error, Result};
 use crate::tls::{SslMode, TlsOptions};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Parsed connection settings. Unset fields are `None`.
@@ -74,19 +88,82 @@ impl ConnInfo {
         }
     }
 
-    /// Reads the libpq environment (`PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`, `PGUSER`,
-    /// `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME`), with a `.env` file in the current directory
-    /// filling in what the process environment does not set.
+    /// Reads the libpq environment of this process: `PGHOST`, `PGHOSTADDR`, `PGPORT`,
+    /// `PGDATABASE`, `PGUSER`, `PGSSLMODE`, `PGSSLROOTCERT` and `PGAPPNAME`. No `.env` file is
+    /// read (see [`from_env_with_dotenv`](Self::from_env_with_dotenv)).
     pub fn from_env() -> Result<Self> {
-        let mut vars: HashMap<String, String> = HashMap::new();
-        if Path::new(".env").is_file() {
-            vars.extend(read_env_file(Path::new(".env"))?);
-        }
-        vars.extend(
+        Self::from_vars(
             std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
-        );
+        )
+    }
+
+    /// Reads the libpq variables of a `.env`-style file (`KEY=value` lines, `#` comments,
+    /// optional quotes and `export`) of at most [`MAX_ENV_FILE`] bytes.
+    ///
+    /// A file is trusted less than the environment, since a checkout can carry one: it may name
+    /// the host, port, database, user and application name, but a `PGHOSTADDR`, a
+    /// `PGSSLROOTCERT` or a `PGSSLMODE` other than `verify-full` in it is an error, because each
+    /// could send the token to a server the user did not name. Pass those in the connection
+    /// string or the environment if you mean them. Read only a file you trust: its `PGHOST`
+    /// decides where the token goes.
+    ///
+    /// ```
+    /// use pgentra::conninfo::ConnInfo;
+    /// # let dir = std::env::temp_dir().join(format!("pgentra-doc-env-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// let path = dir.join(".env");
+    /// std::fs::write(&path, "PGHOST=srv.postgres.database.azure.com\nPGDATABASE=app\n").unwrap();
+    /// assert_eq!(ConnInfo::from_env_file(&path)?.dbname.as_deref(), Some("app"));
+    ///
+    /// std::fs::write(&path, "PGHOST=srv\nPGSSLMODE=require\n").unwrap();
+    /// assert!(ConnInfo::from_env_file(&path).is_err());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), pgentra::Error>(())
+    /// ```
+    pub fn from_env_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let vars = read_env_file(path)?;
+        for (name, value) in &vars {
+            let refused = match name.as_str() {
+                "PGHOSTADDR" | "PGSSLROOTCERT" => !value.is_empty(),
+                "PGSSLMODE" => !value.is_empty() && value != SslMode::VerifyFull.as_str(),
+                _ => false,
+            };
+            if refused {
+                return Err(Error::conninfo(format!(
+                    "{}: {name} is not taken from a file, since it could send the token to a server you did not name; set it in the connection string or the environment",
+                    path.display()
+                )));
+            }
+        }
         Self::from_vars(vars)
+    }
+
+    /// The process environment, with the `.env` file of the current directory (if there is
+    /// one) filling in what the environment leaves unset, under the rules of
+    /// [`from_env_file`](Self::from_env_file). For samples and tools run in a checkout on
+    /// purpose; a library should not call it.
+    pub fn from_env_with_dotenv() -> Result<Self> {
+        let env = Self::from_env()?;
+        let dotenv = Path::new(".env");
+        if !dotenv.is_file() {
+            return Ok(env);
+        }
+        let file = Self::from_env_file(dotenv)?;
+        // One source, as libpq's variables are: the environment wins field by field. (The file
+        // has no hostaddr, root certificate or weaker sslmode, so none can leak in here.)
+        Ok(Self {
+            host: env.host.or(file.host),
+            hostaddr: env.hostaddr,
+            port: env.port.or(file.port),
+            dbname: env.dbname.or(file.dbname),
+            user: env.user.or(file.user),
+            sslmode: env.sslmode.or(file.sslmode),
+            sslrootcert: env.sslrootcert,
+            application_name: env.application_name.or(file.application_name),
+            params: env.params,
+        })
     }
 
     /// Reads the libpq variables from `vars` instead of the process environment.
@@ -125,22 +202,69 @@ impl ConnInfo {
 
     /// Fills every unset field from `defaults` (for example a URL over the environment).
     ///
+    /// The fields that say where and how to reach a server (`hostaddr`, `port`, `sslmode` and
+    /// `sslrootcert`) belong to the host they came with: they are taken from `defaults` only
+    /// when `self` names no server, or the same `host` as `defaults`. Otherwise they are
+    /// dropped, with a warning, so that a `PGHOSTADDR` or `PGSSLMODE=require` left in the
+    /// environment for one server can neither redirect the token meant for another nor switch
+    /// off its certificate check.
+    ///
     /// ```
     /// use pgentra::conninfo::ConnInfo;
-    /// let env = ConnInfo::from_vars([("PGHOST", "srv"), ("PGDATABASE", "app")])?;
-    /// let info = ConnInfo::parse("dbname=other")?.or(env);
+    /// let env = ConnInfo::from_vars([("PGHOST", "srv"), ("PGDATABASE", "app"), ("PGPORT", "6432")])?;
+    /// let info = ConnInfo::parse("dbname=other")?.or(env.clone());
     /// assert_eq!(info.host.as_deref(), Some("srv"));
     /// assert_eq!(info.dbname.as_deref(), Some("other"));
+    /// assert_eq!(info.port, Some(6432));
+    ///
+    /// // Another server: the environment's port is not its port; the database still applies.
+    /// let info = ConnInfo::parse("host=elsewhere")?.or(env);
+    /// assert_eq!(info.port, None);
+    /// assert_eq!(info.dbname.as_deref(), Some("app"));
     /// # Ok::<(), pgentra::Error>(())
     /// ```
     pub fn or(mut self, defaults: Self) -> Self {
-        self.host = self.host.or(defaults.host);
-        self.hostaddr = self.hostaddr.or(defaults.hostaddr);
-        self.port = self.port.or(defaults.port);
+        let same_server = match (&self.host, &self.hostaddr) {
+            (None, None) => true,
+            (Some(host), _) => defaults.host.as_deref() == Some(host.as_str()),
+            (None, Some(_)) => false,
+        };
+        if same_server {
+            self.host = self.host.or(defaults.host);
+            self.hostaddr = self.hostaddr.or(defaults.hostaddr);
+            self.port = self.port.or(defaults.port);
+            self.sslmode = self.sslmode.or(defaults.sslmode);
+            self.sslrootcert = self.sslrootcert.or(defaults.sslrootcert);
+        } else {
+            let ignored: Vec<&str> = [
+                (
+                    "hostaddr",
+                    self.hostaddr.is_none() && defaults.hostaddr.is_some(),
+                ),
+                ("port", self.port.is_none() && defaults.port.is_some()),
+                (
+                    "sslmode",
+                    self.sslmode.is_none() && defaults.sslmode.is_some(),
+                ),
+                (
+                    "sslrootcert",
+                    self.sslrootcert.is_none() && defaults.sslrootcert.is_some(),
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(name, ignored)| ignored.then_some(name))
+            .collect();
+            if !ignored.is_empty() {
+                tracing::warn!(
+                    server = self.host.as_deref().or(self.hostaddr.as_deref()),
+                    defaults_for = defaults.host.as_deref().unwrap_or("no host"),
+                    ignored = ignored.join(", "),
+                    "settings of the environment for another host are not applied to the server named explicitly"
+                );
+            }
+        }
         self.dbname = self.dbname.or(defaults.dbname);
         self.user = self.user.or(defaults.user);
-        self.sslmode = self.sslmode.or(defaults.sslmode);
-        self.sslrootcert = self.sslrootcert.or(defaults.sslrootcert);
         self.application_name = self.application_name.or(defaults.application_name);
         for (key, value) in defaults.params {
             if !self.params.iter().any(|(k, _)| *k == key) {
@@ -340,10 +464,29 @@ fn parse_key_values(input: &str) -> Result<Vec<(String, String)>> {
     }
 }
 
-/// Reads a `.env` file (`KEY=value` lines, `#` comments, optional quotes and `export`).
+/// Largest `.env` file read: far more than any real one, and a bound on the memory a hostile
+/// file can take.
+pub const MAX_ENV_FILE: u64 = 1 << 20;
+
+/// Reads every variable of a `.env` file (`KEY=value` lines, `#` comments, optional quotes and
+/// `export`) of at most [`MAX_ENV_FILE`] bytes. [`ConnInfo::from_env_file`] reads the libpq
+/// ones with a file's restrictions.
 pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>> {
-    let iter = dotenvy::from_path_iter(path).map_err(|e| env_file_error(path, e))?;
-    iter.map(|item| item.map_err(|e| env_file_error(path, e)))
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut text = Vec::new();
+    file.take(MAX_ENV_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_ENV_FILE {
+        return Err(Error::conninfo(format!(
+            "{} is larger than {} KiB, so it is not read",
+            path.display(),
+            MAX_ENV_FILE / 1024
+        )));
+    }
+    dotenvy::from_read_iter(text.as_slice())
+        .map(|item| item.map_err(|e| env_file_error(path, e)))
         .collect()
 }
 

@@ -73,12 +73,14 @@ impl EntraConnector {
     }
 
     /// A connector for a `postgres://` URL or libpq `key=value` string; unset settings come from
-    /// the libpq environment (`PGHOST`, `PGDATABASE`, ... and `.env`).
+    /// the process's libpq environment (`PGHOST`, `PGDATABASE`, ...; see
+    /// [`ConnInfo::or`] for which of them apply to another host). No `.env` file is read.
     pub fn from_url(auth: EntraAuth, url: &str) -> Result<Self> {
         Self::new(auth, &ConnInfo::parse(url)?.or(ConnInfo::from_env()?))
     }
 
-    /// A connector for the libpq environment alone.
+    /// A connector for the process's libpq environment alone (no `.env` file; for one, pass
+    /// [`ConnInfo::from_env_with_dotenv`] to [`new`](Self::new)).
     pub fn from_env(auth: EntraAuth) -> Result<Self> {
         Self::new(auth, &ConnInfo::from_env()?)
     }

@@ -444,15 +444,15 @@ fn from_vars_refuses_bad_port() {
 
 #[test]
 fn or_keeps_explicit_values_and_fills_the_rest() {
-    let explicit = parse("host=explicit dbname=mine connect_timeout=3 options=-cx");
+    let explicit = parse("host=srv dbname=mine connect_timeout=3 options=-cx");
     let defaults = parse(
-        "host=default hostaddr=10.0.0.1 port=6432 dbname=theirs user=bob sslmode=require \
+        "host=srv hostaddr=10.0.0.1 port=6432 dbname=theirs user=bob sslmode=require \
          sslrootcert=/ca.pem application_name=app connect_timeout=30 keepalives=1",
     );
     assert_eq!(
         explicit.or(defaults),
         ConnInfo {
-            host: Some("explicit".into()),
+            host: Some("srv".into()),
             hostaddr: Some("10.0.0.1".into()),
             port: Some(6432),
             dbname: Some("mine".into()),
@@ -467,6 +467,63 @@ fn or_keeps_explicit_values_and_fills_the_rest() {
             ]),
         }
     );
+}
+
+#[test]
+fn or_does_not_apply_another_hosts_server_settings() {
+    // The attack of a `.env` or a stale environment: the user names one server, the defaults
+    // point its address elsewhere and switch off verification.
+    let defaults = ConnInfo::from_vars([
+        ("PGHOSTADDR", "127.0.0.2"),
+        ("PGSSLMODE", "require"),
+        ("PGSSLROOTCERT", "/attacker-ca.pem"),
+        ("PGPORT", "6432"),
+        ("PGDATABASE", "app"),
+        ("PGUSER", "alice@contoso.com"),
+        ("PGAPPNAME", "tool"),
+    ])
+    .unwrap();
+    for explicit in [
+        "postgres://localhost:5432/postgres",
+        "host=srv.postgres.database.azure.com",
+        "hostaddr=10.1.2.3",
+    ] {
+        let info = parse(explicit).or(defaults.clone());
+        let named = parse(explicit);
+        assert_eq!(info.hostaddr, named.hostaddr, "{explicit}");
+        assert_eq!(info.port, named.port, "{explicit}");
+        assert_eq!(info.sslmode, None, "{explicit}");
+        assert_eq!(info.sslrootcert, None, "{explicit}");
+        assert_eq!(info.tls_options(), TlsOptions::verify_full(), "{explicit}");
+        // What does not decide where the token goes still fills in.
+        assert_eq!(
+            info.user.as_deref(),
+            Some("alice@contoso.com"),
+            "{explicit}"
+        );
+        assert_eq!(info.application_name.as_deref(), Some("tool"), "{explicit}");
+    }
+    // Defaults for another named host are just as foreign.
+    let other = ConnInfo::from_vars([("PGHOST", "other"), ("PGHOSTADDR", "127.0.0.2")]).unwrap();
+    let info = parse("host=srv").or(other);
+    assert_eq!((info.host.as_deref(), info.hostaddr), (Some("srv"), None));
+}
+
+#[test]
+fn or_applies_the_server_settings_of_the_same_host() {
+    let defaults = ConnInfo::from_vars([
+        ("PGHOST", "localhost"),
+        ("PGPORT", "6432"),
+        ("PGSSLROOTCERT", "/emulator-ca.pem"),
+    ])
+    .unwrap();
+    let info = parse("postgres://localhost/postgres").or(defaults.clone());
+    assert_eq!(info.port, Some(6432));
+    assert_eq!(info.sslrootcert, Some(PathBuf::from("/emulator-ca.pem")));
+    // No explicit server at all: the defaults say which.
+    let info = parse("dbname=app").or(defaults);
+    assert_eq!(info.host.as_deref(), Some("localhost"));
+    assert_eq!(info.port, Some(6432));
 }
 
 #[test]
@@ -550,6 +607,120 @@ fn read_env_file_reads_pairs() {
             ("PGPORT", "6432"),
         ])
     );
+}
+
+#[test]
+fn read_env_file_refuses_a_huge_file_without_reading_it_all() {
+    let file = TempFile::new("");
+    let handle = std::fs::File::options().write(true).open(&file.0).unwrap();
+    // A sparse file: larger than the limit, but costs no disk.
+    handle.set_len(64 << 20).unwrap();
+    let message = conninfo_message(read_env_file(&file.0));
+    assert!(message.contains("larger than 1024 KiB"), "{message}");
+}
+
+#[test]
+fn env_file_cannot_redirect_the_token_or_weaken_tls() {
+    for line in [
+        "PGHOSTADDR=127.0.0.2",
+        "PGSSLMODE=require",
+        "PGSSLMODE=verify-ca",
+        "PGSSLROOTCERT=/tmp/attacker.pem",
+        "export PGSSLROOTCERT=system",
+    ] {
+        let file = TempFile::new(&format!("PGHOST=localhost\n{line}\n"));
+        let message = conninfo_message(ConnInfo::from_env_file(&file.0));
+        let name = line
+            .trim_start_matches("export ")
+            .split('=')
+            .next()
+            .unwrap();
+        assert!(message.contains(name), "{line}: {message}");
+        assert!(
+            message.contains("connection string or the environment"),
+            "{message}"
+        );
+    }
+    let file = TempFile::new("PGHOST=srv\nPGPORT=6432\nPGDATABASE=app\nPGSSLMODE=verify-full\n");
+    let info = ConnInfo::from_env_file(&file.0).unwrap();
+    assert_eq!(
+        (info.host.as_deref(), info.port, info.dbname.as_deref()),
+        (Some("srv"), Some(6432), Some("app"))
+    );
+    assert_eq!(info.tls_options(), TlsOptions::verify_full());
+}
+
+/// Runs this test binary's test `name` in a child process in `dir`, with only `vars` as its
+/// libpq environment, and returns what it printed. (The working directory is per process.)
+fn run_child_in(dir: &Path, name: &str, vars: &[(&str, &str)]) -> String {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .current_dir(dir)
+        .env_clear()
+        .env("PGENTRA_CONNINFO_CHILD", "1")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// In a child (see [`run_child_in`]): prints what `from_env` and `from_env_with_dotenv` read.
+#[test]
+fn child_prints_what_the_environment_gives() {
+    if std::env::var_os("PGENTRA_CONNINFO_CHILD").is_none() {
+        return;
+    }
+    let env = ConnInfo::from_env().unwrap();
+    println!("from_env host={:?} hostaddr={:?}", env.host, env.hostaddr);
+    match ConnInfo::from_env_with_dotenv() {
+        Ok(info) => println!(
+            "with_dotenv host={:?} db={:?} port={:?}",
+            info.host, info.dbname, info.port
+        ),
+        Err(error) => println!("with_dotenv error={error}"),
+    }
+}
+
+#[test]
+fn from_env_never_reads_a_dotenv_in_the_working_directory() {
+    let dir = std::env::temp_dir().join(format!("pgentra-conninfo-dotenv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        "PGHOST=evil.example\nPGHOSTADDR=127.0.0.2\n",
+    )
+    .unwrap();
+    let printed = run_child_in(
+        &dir,
+        "conninfo::tests::child_prints_what_the_environment_gives",
+        &[],
+    );
+    assert!(
+        printed.contains("from_env host=None hostaddr=None"),
+        "{printed}"
+    );
+    // Asked for, the file is read, and its hostaddr refused.
+    assert!(
+        printed.contains("with_dotenv error=") && printed.contains("PGHOSTADDR"),
+        "{printed}"
+    );
+
+    std::fs::write(
+        dir.join(".env"),
+        "PGHOST=from-file\nPGDATABASE=app\nPGPORT=6000\n",
+    )
+    .unwrap();
+    let printed = run_child_in(
+        &dir,
+        "conninfo::tests::child_prints_what_the_environment_gives",
+        &[("PGHOST", "from-env")],
+    );
+    assert!(
+        printed.contains(r#"with_dotenv host=Some("from-env") db=Some("app") port=Some(6000)"#),
+        "{printed}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

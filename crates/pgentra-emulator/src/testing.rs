@@ -1,0 +1,148 @@
+//! Fixtures for tests of pgentra and of applications that use it.
+//!
+//! [`PasswordTrap`] is a server that looks like PostgreSQL to a client that does not verify
+//! certificates, and counts the passwords it is sent: a test points a redirect (a hostile
+//! `.env`, a stale `PGHOSTADDR`) at it and asserts that no token arrived.
+//!
+//! ```no_run
+//! use pgentra_emulator::testing::PasswordTrap;
+//! let trap = PasswordTrap::start("127.0.0.2:0".parse().unwrap()).unwrap();
+//! // ... run the client with PGHOSTADDR=127.0.0.2 and the trap's port ...
+//! assert_eq!(trap.passwords(), 0, "a token reached a server the user did not name");
+//! ```
+
+use crate::background;
+use pgentra_wire::{
+    ErrorFields, MAX_STARTUP_PACKET, StartupPacket, cleartext_password_request,
+    parse_startup_packet, read_message, read_startup_packet,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+/// A fake PostgreSQL server that takes any TLS (a self-signed certificate for `localhost`,
+/// which no client that verifies will accept) or none, asks for a cleartext password and
+/// counts what it receives. It never logs or keeps the password itself.
+pub struct PasswordTrap {
+    addr: SocketAddr,
+    counts: Arc<Counts>,
+    _stop: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct Counts {
+    connections: AtomicU64,
+    passwords: AtomicU64,
+}
+
+impl std::fmt::Debug for PasswordTrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordTrap")
+            .field("addr", &self.addr)
+            .field("connections", &self.connections())
+            .field("passwords", &self.passwords())
+            .finish()
+    }
+}
+
+impl PasswordTrap {
+    /// Listens on `addr` (any loopback address; port 0 for a free one) on a thread of its own.
+    pub fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let tls = self_signed_tls().map_err(std::io::Error::other)?;
+        let counts = Arc::new(Counts::default());
+        let served = Arc::clone(&counts);
+        let stop = background::run("pgentra-password-trap", move || async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((stream, _)) = listener.accept().await {
+                served.connections.fetch_add(1, Ordering::SeqCst);
+                let counts = Arc::clone(&served);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, tls, &counts).await;
+                });
+            }
+        })?;
+        Ok(Self {
+            addr,
+            counts,
+            _stop: stop,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.counts.connections.load(Ordering::SeqCst)
+    }
+
+    /// Password messages received so far.
+    pub fn passwords(&self) -> u64 {
+        self.counts.passwords.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(
+    mut stream: tokio::net::TcpStream,
+    tls: tokio_rustls::TlsAcceptor,
+    counts: &Counts,
+) -> Result<(), pgentra_wire::WireError> {
+    loop {
+        let packet = read_startup_packet(&mut stream, MAX_STARTUP_PACKET).await?;
+        match parse_startup_packet(&packet)? {
+            StartupPacket::SslRequest => {
+                stream.write_all(b"S").await?;
+                let mut stream = tls.accept(stream).await?;
+                let packet = read_startup_packet(&mut stream, MAX_STARTUP_PACKET).await?;
+                return ask_password(&mut stream, &packet, counts).await;
+            }
+            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            StartupPacket::CancelRequest { .. } => return Ok(()),
+            StartupPacket::Startup { .. } => {
+                return ask_password(&mut stream, &packet, counts).await;
+            }
+        }
+    }
+}
+
+async fn ask_password<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    packet: &[u8],
+    counts: &Counts,
+) -> Result<(), pgentra_wire::WireError> {
+    if !matches!(parse_startup_packet(packet)?, StartupPacket::Startup { .. }) {
+        return Ok(());
+    }
+    stream.write_all(&cleartext_password_request()).await?;
+    let (tag, _password) = read_message(stream, 1 << 20).await?;
+    if tag == b'p' {
+        counts.passwords.fetch_add(1, Ordering::SeqCst);
+    }
+    let refusal = ErrorFields::fatal("28P01", "password authentication failed (a trap)", None);
+    stream.write_all(&refusal.to_error_response()).await?;
+    Ok(())
+}
+
+fn self_signed_tls() -> Result<tokio_rustls::TlsAcceptor, Box<dyn std::error::Error + Send + Sync>>
+{
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?
+        .self_signed(&key)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
