@@ -8,9 +8,9 @@ use pgentra_wire::{ErrorFields, StartupPacket, parse_password, parse_startup_pac
 fuzz_target!(|data: &[u8]| {
     if let Ok(packet) = parse_startup_packet(data) {
         if let StartupPacket::Startup { params, .. } = &packet {
-            // Parameters are NUL-free text, so they round-trip through a startup message.
-            let pairs: Vec<(&str, &str)> =
-                params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            // Parameters are NUL-free, so they round-trip through a startup message.
+            let pairs: Vec<(&str, &[u8])> =
+                params.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
             let again = pgentra_wire::startup_message(&pairs);
             if let Ok(StartupPacket::Startup { params: reparsed, .. }) =
                 parse_startup_packet(&again[4..])

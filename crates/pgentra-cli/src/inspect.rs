@@ -64,7 +64,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         "not verified (decoded offline; the server checks it)",
     );
     if let Some(Value::Object(header)) = &header {
-        let field = |name: &str| header.get(name).and_then(Value::as_str).unwrap_or("-");
+        let field = |name: &str| printable(header.get(name).and_then(Value::as_str).unwrap_or("-"));
         row(
             "header",
             &format!("alg {}, kid {}", field("alg"), field("kid")),
@@ -72,10 +72,13 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     }
     row("principal", kind);
     match &role {
-        Ok((role, source)) => row("role", &format!("{} ({source})", style.bold(role))),
-        Err(missing) => row("role", &style.bad(&format!("none: {missing}"))),
+        Ok((role, source)) => row(
+            "role",
+            &format!("{} ({source})", style.bold(&printable(role))),
+        ),
+        Err(missing) => row("role", &style.bad(&printable(&format!("none: {missing}")))),
     }
-    let audiences = claims.audiences().join(", ");
+    let audiences = printable(&claims.audiences().join(", ")).into_owned();
     match audience {
         Some(cloud) => row(
             "audience",
@@ -110,9 +113,34 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     }
     println!("{}", style.dim("claims"));
     for (name, value) in claims.as_map() {
-        println!("  {name:<20} {value}");
+        println!(
+            "  {:<20} {}",
+            printable(name),
+            printable(&value.to_string())
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` with control characters (ESC, and the C1 controls some terminals take for it) and
+/// bidirectional overrides escaped, so a token's claims cannot drive the terminal or disguise
+/// what is printed.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let hostile =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(hostile) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if hostile(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// A short name for the kind of principal, as `whoami` and `inspect` print it.
@@ -226,6 +254,15 @@ mod tests {
             Err(CliError::Usage(_))
         ));
         assert!(matches!(extract_token("{oops"), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn claims_cannot_drive_the_terminal() {
+        assert_eq!(printable("alice@contoso.com"), "alice@contoso.com");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\u{9b}31m"), "x\\u{9b}31m");
+        assert_eq!(printable("evil\u{202e}gpj.exe"), "evil\\u{202e}gpj.exe");
+        assert_eq!(printable("tab\there"), "tab\\u{9}here");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::error::CliError;
 use crate::output::{LogFormat, init_logging, shutdown_signal};
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;
-use pgentra_proxy::{Instance, Proxy, ProxyConfig};
+use pgentra_proxy::{ClientRoles, Instance, Proxy, ProxyConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,10 @@ pub(crate) struct Args {
     /// Log every session in as this role, whatever the client asks for.
     #[arg(long, short = 'U', value_name = "ROLE", env = "PGENTRA_PROXY_USER")]
     user: Option<String>,
+    /// Roles a client may pick with its user name (comma-separated, or `*` for any name);
+    /// other names get the token's role [default: none].
+    #[arg(long, value_name = "ROLES", env = "PGENTRA_PROXY_CLIENT_ROLES")]
+    client_roles: Option<String>,
     /// Most client sessions at once [default: 1000].
     #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -106,6 +110,7 @@ struct File {
     unix_socket: Option<PathBuf>,
     no_tcp: Option<bool>,
     user: Option<String>,
+    client_roles: Option<String>,
     max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     connect_timeout: Option<Duration>,
@@ -135,6 +140,7 @@ struct FileInstance {
     listen: Option<SocketAddr>,
     unix_socket: Option<PathBuf>,
     user: Option<String>,
+    client_roles: Option<String>,
 }
 
 impl FileInstance {
@@ -145,6 +151,7 @@ impl FileInstance {
             listen: None,
             unix_socket: None,
             user: None,
+            client_roles: None,
         }
     }
 }
@@ -183,7 +190,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         .threads
         .or(file.threads)
         .unwrap_or_else(pgentra_proxy::default_threads);
-    let runtime = pgentra_proxy::runtime(threads).map_err(CliError::io("starting the runtime"))?;
+    let runtime = pgentra_proxy::runtime(threads).map_err(proxy_error)?;
     let check = args.check || file.check.unwrap_or(false);
     runtime.block_on(async {
         let shutdown = shutdown_signal();
@@ -208,8 +215,13 @@ fn proxy_error(error: pgentra_proxy::ProxyError) -> CliError {
 }
 
 fn read_file(path: &Path) -> Result<File, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(CliError::io(format!("reading {}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
+        // Bad input, not a failure to read it.
+        std::io::ErrorKind::InvalidData => {
+            CliError::Usage(format!("{}: the file is not UTF-8 text", path.display()))
+        }
+        _ => CliError::io(format!("reading {}", path.display()))(error),
+    })?;
     toml::from_str(&text)
         .map_err(|error| CliError::Usage(format!("{}: {}", path.display(), error.message())))
 }
@@ -224,6 +236,10 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
         .or_else(|| file.unix_socket.clone());
     let no_tcp = args.no_tcp || file.no_tcp.unwrap_or(false);
     let user = args.user.clone().or_else(|| file.user.clone());
+    let client_roles = args
+        .client_roles
+        .clone()
+        .or_else(|| file.client_roles.clone());
     let first_listen: SocketAddr = listen.unwrap_or_else(|| {
         DEFAULT_LISTEN
             .parse()
@@ -262,6 +278,9 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
         instance.listen = if no_tcp { None } else { tcp };
         instance.unix_socket_dir = own.unix_socket.or_else(|| unix_socket.clone());
         instance.user = own.user.or_else(|| user.clone()).or(info.user);
+        if let Some(roles) = own.client_roles.as_ref().or(client_roles.as_ref()) {
+            instance.client_roles = ClientRoles::parse(roles);
+        }
         config.instances.push(instance);
     }
     if let Some(n) = args.max_connections.or(file.max_connections) {
@@ -310,6 +329,7 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
         .as_ref()
         .or(file.client_password_file.as_ref())
     {
+        refuse_shared_secret_file(path)?;
         let text = std::fs::read_to_string(path)
             .map_err(CliError::io(format!("reading {}", path.display())))?;
         let password = text.lines().next().unwrap_or_default();
@@ -322,6 +342,25 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
         config.client_password = Some(Secret::new(password));
     }
     Ok(config)
+}
+
+/// Refuses a secret file that others may read, as libpq refuses a `.pgpass` with group or
+/// world access.
+fn refuse_shared_secret_file(path: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(CliError::io(format!("reading {}", path.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CliError::Usage(format!(
+            "{} has group or world access (mode {:o}); it holds the client password, so make it readable by its owner only: chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// An upstream given as a URL, `key=value` settings, or a bare host name.
@@ -402,6 +441,7 @@ mod tests {
             upstream = "host=b.example"
             listen = "127.0.0.1:7000"
             user = "reporting"
+            client_roles = "readers, writers"
             "#,
         )
         .unwrap();
@@ -420,6 +460,11 @@ mod tests {
             .collect();
         assert_eq!(listens, ["127.0.0.1:6000", "127.0.0.1:7000"]);
         assert_eq!(config.instances[1].user.as_deref(), Some("reporting"));
+        assert_eq!(config.instances[0].client_roles, ClientRoles::None);
+        assert_eq!(
+            config.instances[1].client_roles,
+            ClientRoles::Listed(vec!["readers".into(), "writers".into()])
+        );
         assert!(toml::from_str::<File>("nonsense = 1").is_err());
     }
 }

@@ -578,3 +578,24 @@ fn exec_and_psql_refuse_a_service_file() {
     let line = assert_one_line_error(&output, 2);
     assert!(line.contains("PGSERVICE"), "{line}");
 }
+
+/// A token's claims are data, never terminal control: escape sequences in names and values
+/// (ESC, the C1 CSI, a bidirectional override) are printed escaped.
+#[test]
+fn inspect_escapes_what_could_drive_the_terminal() {
+    let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let header = b64(r#"{"alg":"RS256","kid":"\u001b]0;owned\u0007"}"#);
+    let payload = b64(
+        r#"{"aud":"https://ossrdbms-aad.database.windows.net","oid":"x","tid":"t","upn":"alice\u001b[2J@contoso.com","x\u001b[31m":"\u009b31m\u202e"}"#,
+    );
+    let output = inspect(&format!("{header}.{payload}.sig"));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let out = stdout(&output);
+    for hostile in ['\u{1b}', '\u{9b}', '\u{202e}', '\u{7}'] {
+        assert!(
+            !out.contains(hostile),
+            "{hostile:?} reached the terminal:\n{out:?}"
+        );
+    }
+    assert!(out.contains("\\u{1b}[2J"), "{out}");
+}

@@ -217,7 +217,14 @@ async fn check_then_serve_psql() {
     let logins = emulator.gateway().logins();
     let proxy = ProxyProcess::start(
         emulator,
-        &["proxy", "--check", "--listen", "127.0.0.1:0"],
+        &[
+            "proxy",
+            "--check",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-roles",
+            "readers",
+        ],
         &[],
     )
     .await;
@@ -421,7 +428,11 @@ async fn no_token_in_trace_logs() {
         emulator,
         &["-vvv", "proxy", &upstream],
         // Settings from the environment too.
-        &[("PGENTRA_PROXY_LISTEN", "127.0.0.1:0")],
+        &[
+            ("PGENTRA_PROXY_LISTEN", "127.0.0.1:0"),
+            // The refused role below is one clients may pick.
+            ("PGENTRA_PROXY_CLIENT_ROLES", "nobody@contoso.com"),
+        ],
     )
     .await;
     let port = proxy.port();
@@ -591,5 +602,63 @@ async fn a_dotenv_or_a_stale_environment_cannot_redirect_the_upstream() {
         (0, 0),
         "the proxy was sent to the trap"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bad settings are usage errors (exit 2) with one line saying which: a client password file
+/// others may read (as libpq refuses such a `.pgpass`), a config file that is not UTF-8, an
+/// absurd thread count.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_settings_exit_2_with_a_reason() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let emulator = Emulator::shared();
+    let dir = temp_dir("settings");
+    let password = dir.join("password");
+    std::fs::write(&password, "pw\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let not_utf8 = dir.join("proxy.toml");
+    std::fs::write(&not_utf8, b"listen = \"127.0.0.1:0\"\n# caf\xe9\n").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--client-password-file", password.to_str().unwrap()],
+            "chmod 600",
+        ),
+        (&["--config", not_utf8.to_str().unwrap()], "not UTF-8"),
+        (
+            &["--threads", "100000"],
+            "threads must be between 1 and 1024",
+        ),
+    ];
+    for (args, reason) in cases {
+        let mut all = vec!["proxy", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let output = within(
+            SHORT,
+            "pgentra proxy",
+            command(emulator, &all, &[]).output(),
+        )
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // Readable by its owner only: accepted.
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let proxy = ProxyProcess::start(
+        emulator,
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-password-file",
+            password.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    proxy.terminate();
+    assert!(proxy.wait(SHORT).await.0.success());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -347,7 +347,7 @@ async fn plain_startup(
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     state: &State,
-) -> Result<Option<(Vec<(String, String)>, String)>, End> {
+) -> Result<Option<(Vec<(String, Bytes)>, String)>, End> {
     let params = loop {
         let packet = read_startup_packet(client, MAX_STARTUP_PACKET).await;
         let packet = match packet.and_then(|packet| parse_startup_packet(&packet)) {
@@ -381,11 +381,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let role = params
-        .iter()
-        .find(|(k, _)| k == "user")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    // A role name that is not UTF-8 names no role there is.
+    let role = pgentra_wire::param(&params, "user")
+        .unwrap_or_default()
+        .to_owned();
     client.write_all(&cleartext_password_request()).await?;
     let (tag, password) = read_message(client, MAX_PASSWORD).await?;
     if tag != b'p' {
@@ -456,7 +455,7 @@ fn check(state: &State, token: &str, role: &str) -> Result<(), (&'static str, St
 /// gateway-issued cancel key), then relays bytes both ways.
 async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     mut client: S,
-    params: Vec<(String, String)>,
+    params: Vec<(String, Bytes)>,
     role: &str,
     state: &State,
 ) -> Result<(), End> {
@@ -464,9 +463,9 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     let forwarded = params
         .iter()
         .filter(|(k, _)| k != "user")
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain([("user", role)]);
-    let forwarded: Vec<(&str, &str)> = forwarded.collect();
+        .map(|(k, v)| (k.as_str(), &v[..]))
+        .chain([("user", role.as_bytes())]);
+    let forwarded: Vec<(&str, &[u8])> = forwarded.collect();
     backend.write_all(&startup_message(&forwarded)).await?;
     let mut issued_key = None;
     loop {

@@ -1,16 +1,29 @@
 //! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, and `POST /quitquitquit`.
+//!
+//! It has no authentication, so it is bounded like a public one: at most
+//! [`MAX_ADMIN_CONNECTIONS`] connections at once, one request each, within
+//! [`ADMIN_REQUEST_TIMEOUT`]; and `/quitquitquit` refuses what a web page could send (an
+//! `Origin` header, or a `Host` that is not loopback), so only a local process can stop the
+//! proxy, never a browser.
 
-use crate::Shared;
+use crate::server;
+use crate::shared::Shared;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
-/// How long `/readyz` waits for each upstream server to accept a TCP connection.
+/// Admin connections served at once; more get a 503 and are closed.
+pub(crate) const MAX_ADMIN_CONNECTIONS: usize = 16;
+/// The time a connection gets for its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The time a connection gets in all, for its one request and the answer.
+pub(crate) const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `/readyz` waits for a token, and for each upstream's TLS handshake.
 const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) async fn serve(
@@ -19,29 +32,45 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
     trigger: watch::Sender<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
+        let accepted = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            // Out of file descriptors and the like: try again shortly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\nconnection: close\r\n\r\nbusy\n";
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(busy)).await;
+            });
+            continue;
         };
         let shared = Arc::clone(&shared);
         let trigger = trigger.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let shared = Arc::clone(&shared);
-                let trigger = trigger.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(route(&request, &shared, &trigger).await)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let _slot = slot;
+            serve_one(stream, shared, trigger).await;
         });
     }
+}
+
+async fn serve_one(stream: TcpStream, shared: Arc<Shared>, trigger: watch::Sender<bool>) {
+    let service = hyper::service::service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        let trigger = trigger.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(&request, &shared, &trigger).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, connection).await;
 }
 
 async fn route<B>(
@@ -63,17 +92,55 @@ async fn route<B>(
             );
             response
         }
-        (&Method::POST, "/quitquitquit") => {
-            let _ = trigger.send(true);
-            text(StatusCode::OK, "draining\n".into())
-        }
+        (&Method::POST, "/quitquitquit") => match from_a_local_process(request) {
+            Ok(()) => {
+                let _ = trigger.send(true);
+                text(StatusCode::OK, "draining\n".into())
+            }
+            Err(reason) => text(StatusCode::FORBIDDEN, format!("{reason}\n")),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
-/// Ready: not draining, a valid token cached, and every upstream server reachable.
+/// Whether a request can only have come from a local process, not from a web page: browsers
+/// send `Origin` with every cross-origin POST (and cannot leave it out), and a page that
+/// rebinds its own DNS name to 127.0.0.1 still sends that name as `Host`.
+fn from_a_local_process<B>(request: &Request<B>) -> Result<(), &'static str> {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+    };
+    if header(hyper::header::ORIGIN).is_some() {
+        return Err(
+            "refused: requests from web pages (with an Origin header) may not stop the proxy",
+        );
+    }
+    let host = header(hyper::header::HOST).unwrap_or_default();
+    if !is_loopback_host(host) {
+        return Err("refused: the Host header must name a loopback address");
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Ready: not draining, a valid token, and a verified TLS handshake with every upstream (a
+/// server that accepts TCP but never answers is not ready), each within a short limit.
 async fn readiness(shared: &Shared) -> Result<(), String> {
-    if shared.draining.load(Ordering::SeqCst) {
+    if shared.is_draining() {
         return Err("draining".into());
     }
     let valid = shared
@@ -83,23 +150,16 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
         .is_some_and(|at| at > SystemTime::now());
     if !valid {
         // Ask for one: the first request of a fresh proxy makes it ready.
-        shared
-            .auth
-            .credentials()
-            .await
-            .map_err(|error| format!("no valid token: {error}"))?;
-    }
-    for instance in &shared.config.instances {
-        let (host, port) = instance.upstream_addr();
-        match tokio::time::timeout(READY_PROBE_TIMEOUT, TcpStream::connect((host, port))).await {
+        match tokio::time::timeout(READY_PROBE_TIMEOUT, shared.auth.credentials()).await {
+            Err(_) => return Err(format!("no token within {READY_PROBE_TIMEOUT:?}")),
+            Ok(Err(error)) => return Err(format!("no valid token: {error}")),
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(format!("{}: {error}", instance.upstream_name())),
-            Err(_) => {
-                return Err(format!(
-                    "{}: no answer within {READY_PROBE_TIMEOUT:?}",
-                    instance.upstream_name()
-                ));
-            }
+        }
+    }
+    for instance in shared.instances() {
+        let target = &instance.target;
+        if let Err(error) = server::connect(target, READY_PROBE_TIMEOUT).await {
+            return Err(format!("{}: {error}", target.name));
         }
     }
     Ok(())
@@ -109,4 +169,33 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts() {
+        for host in [
+            "localhost",
+            "localhost:9187",
+            "127.0.0.1:9187",
+            "127.1.2.3",
+            "[::1]:9187",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:9187",
+            "10.0.0.1:9187",
+            "[2001:db8::1]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

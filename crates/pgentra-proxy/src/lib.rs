@@ -2,23 +2,34 @@
 //! ID tokens, so that any client — psql, pgAdmin, DBeaver, Grafana, ORMs in any language —
 //! connects without a password.
 //!
-//! Clients connect to a loopback address or a Unix socket. The proxy terminates the startup
-//! phase itself (SSL and GSS requests, protocol version, cancel requests, an optional local
-//! password), logs in upstream over verified TLS with a token from [`pgentra::EntraAuth`]
-//! (cached, refreshed ahead, single-flight), relays the server's answers with its own cancel
-//! keys, then copies bytes both ways. One process serves several upstream servers, one
-//! listener each.
+//! Clients connect to a loopback address or a Unix socket. Each connection goes through the
+//! proxy's stages in order, each returning a typed result or a typed [`Refusal`] (which the
+//! client gets as a `FATAL` error with a SQLSTATE, never a bare close):
+//!
+//! 1. [`startup`]: SSL and GSS requests (TLS with clients when configured), protocol version,
+//!    cancel requests, the startup message — bounded in size and by the login timeout;
+//! 2. the optional local password, throttled;
+//! 3. a session slot (`max_connections`), the role (see below), a token from
+//!    [`pgentra::EntraAuth`] (cached, refreshed ahead, single-flight) and the upstream login
+//!    over verified TLS — all within the login timeout;
+//! 4. the welcome: the server's answers with a proxy-issued cancel key;
+//! 5. the relay of bytes both ways until either side ends the session.
+//!
+//! One process serves several upstream servers, one listener each.
 //!
 //! # The role
 //!
 //! The upstream role of a session is, in order:
 //!
 //! 1. the instance's pinned role ([`Instance::user`], `--user`), whatever the client sends;
-//! 2. the client's `user`, when it names a role on purpose — anything but the empty name and
-//!    the local operating-system user names (which libpq sends when no user is given), so
-//!    `psql -U readers` logs in as the group `readers`;
-//! 3. the role derived from the token's claims (the signed-in identity), so
-//!    `psql -h 127.0.0.1 -p 5432 app` just works.
+//! 2. the client's `user`, when it is a role clients may pick ([`Instance::client_roles`],
+//!    `--client-roles readers,reporting`, or `*` for any name);
+//! 3. the role derived from the token's claims (the signed-in identity).
+//!
+//! By default no client picks its role, because the name a client sends by default is its
+//! operating-system user's (libpq, pgjdbc and node-postgres send it when none is configured):
+//! so `psql -h 127.0.0.1 app`, or an application container running as any user beside the
+//! proxy, logs in as the identity.
 //!
 //! ```no_run
 //! use pgentra::conninfo::ConnInfo;
@@ -38,23 +49,34 @@
 //! ```
 
 mod admin;
+mod cancel;
+mod config;
+mod listen;
 mod metrics;
+mod password;
+mod refusal;
+mod relay;
+mod server;
 mod session;
-mod upstream;
+mod shared;
+pub mod startup;
+mod sync;
 
+pub use config::{ClientRoles, Instance, ProxyConfig, ProxyError};
 pub use metrics::Metrics;
+pub use refusal::Refusal;
 
-use pgentra::conninfo::ConnInfo;
-use pgentra::{EntraAuth, Secret};
-use std::collections::HashMap;
+use listen::Listener;
+use shared::{InstanceState, Shared};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Most worker threads [`runtime`] makes.
+pub const MAX_THREADS: usize = 1024;
 
 /// Worker threads for the proxy's runtime when none are configured: one on machines with up to
 /// two cores, where cross-thread wakeups cost more CPU per transaction than a second thread
@@ -66,9 +88,15 @@ pub fn default_threads() -> usize {
     }
 }
 
-/// A tokio runtime for the proxy: current-thread for one thread, multi-thread otherwise.
-pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
+/// A tokio runtime for the proxy: current-thread for one thread, multi-thread otherwise. More
+/// than [`MAX_THREADS`] (or none) is refused.
+pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ProxyError> {
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(ProxyError::Config(format!(
+            "threads must be between 1 and {MAX_THREADS}, not {threads}"
+        )));
+    }
+    let built = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -77,181 +105,8 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
             .worker_threads(threads)
             .enable_all()
             .build()
-    }
-}
-
-/// Errors from setting up the proxy. (Session failures are logged and reported to that client
-/// only.)
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProxyError {
-    /// The configuration is not usable; the message says which setting.
-    #[error("invalid proxy configuration: {0}")]
-    Config(String),
-    /// A listener could not be opened.
-    #[error("listening on {address}: {source}")]
-    Listen {
-        /// The address or socket path.
-        address: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Getting a token or logging in upstream failed (from [`Proxy::check`]).
-    #[error(transparent)]
-    Pgentra(#[from] pgentra::Error),
-    /// The startup connection test failed upstream.
-    #[error("connection test for {upstream} failed: {message}")]
-    Check {
-        /// The upstream server.
-        upstream: String,
-        /// What went wrong.
-        message: String,
-    },
-}
-
-/// One upstream server and where the proxy listens for it.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Instance {
-    /// The upstream server: host, port (5432), database (the client's by default), TLS mode
-    /// (`verify-full` by default) and root certificate.
-    pub upstream: ConnInfo,
-    /// The TCP address to listen on.
-    pub listen: Option<SocketAddr>,
-    /// A directory for a Unix socket named `.s.PGSQL.<port>` (libpq's convention; the port is
-    /// the TCP listener's, else the upstream's).
-    pub unix_socket_dir: Option<PathBuf>,
-    /// A role every session of this instance uses, whatever the client sends.
-    pub user: Option<String>,
-}
-
-impl Instance {
-    /// An instance listening on `listen`, with the role chosen by the [rule](crate#the-role).
-    pub fn new(upstream: ConnInfo, listen: SocketAddr) -> Self {
-        Self {
-            upstream,
-            listen: Some(listen),
-            unix_socket_dir: None,
-            user: None,
-        }
-    }
-
-    /// The upstream as `host:port`, for logs and errors.
-    pub fn upstream_name(&self) -> String {
-        format!(
-            "{}:{}",
-            self.upstream.host.as_deref().unwrap_or("localhost"),
-            self.upstream.port.unwrap_or(5432)
-        )
-    }
-
-    /// Where to connect: `hostaddr` (which skips name resolution) or the host, and the port.
-    pub(crate) fn upstream_addr(&self) -> (&str, u16) {
-        let upstream = &self.upstream;
-        let host = upstream
-            .hostaddr
-            .as_deref()
-            .or(upstream.host.as_deref())
-            .unwrap_or("localhost");
-        (host, upstream.port.unwrap_or(5432))
-    }
-}
-
-/// The proxy's settings. [`Default`] gives the documented defaults and no instances.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct ProxyConfig {
-    /// The upstream servers, one listener (or socket) each.
-    pub instances: Vec<Instance>,
-    /// Most client sessions at once, over all instances; more are refused with SQLSTATE
-    /// 53300. Cancel requests are always served.
-    pub max_connections: usize,
-    /// Limit for the TCP connect and TLS handshake to the upstream server.
-    pub connect_timeout: Duration,
-    /// Limit for a client's whole login: startup packets, local password and the upstream
-    /// login.
-    pub login_timeout: Duration,
-    /// On shutdown, how long running sessions may go on before they are closed.
-    pub drain_timeout: Duration,
-    /// An HTTP address for `/healthz`, `/readyz` and `/metrics`.
-    pub admin: Option<SocketAddr>,
-    /// TLS for clients (after `SSLRequest`, or PostgreSQL 17 direct TLS) on TCP listeners.
-    /// Without it, `SSLRequest` is answered `N`.
-    pub client_tls: Option<Arc<rustls::ServerConfig>>,
-    /// A password clients must give (cleartext, so use it with client TLS or on loopback).
-    pub client_password: Option<Secret>,
-    /// Listen on addresses other than loopback.
-    pub allow_remote: bool,
-    /// Permissions of Unix sockets.
-    pub socket_mode: u32,
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        Self {
-            instances: Vec::new(),
-            max_connections: 1000,
-            connect_timeout: Duration::from_secs(10),
-            login_timeout: Duration::from_secs(30),
-            drain_timeout: Duration::from_secs(30),
-            admin: None,
-            client_tls: None,
-            client_password: None,
-            allow_remote: false,
-            socket_mode: 0o600,
-        }
-    }
-}
-
-impl std::fmt::Debug for ProxyConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyConfig")
-            .field("instances", &self.instances)
-            .field("max_connections", &self.max_connections)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("login_timeout", &self.login_timeout)
-            .field("drain_timeout", &self.drain_timeout)
-            .field("admin", &self.admin)
-            .field("client_tls", &self.client_tls.is_some())
-            .field("client_password", &self.client_password)
-            .field("allow_remote", &self.allow_remote)
-            .field("socket_mode", &format_args!("{:o}", self.socket_mode))
-            .finish()
-    }
-}
-
-impl ProxyConfig {
-    fn validate(&self) -> Result<(), ProxyError> {
-        let config = |message: String| Err(ProxyError::Config(message));
-        if self.instances.is_empty() {
-            return config("no upstream server".into());
-        }
-        if self.max_connections == 0 {
-            return config("max_connections must be at least 1".into());
-        }
-        for instance in &self.instances {
-            if instance.upstream.host.is_none() {
-                return config(format!("upstream {} has no host", instance.upstream_name()));
-            }
-            if instance.listen.is_none() && instance.unix_socket_dir.is_none() {
-                return config(format!(
-                    "upstream {} has neither a TCP address nor a Unix socket",
-                    instance.upstream_name()
-                ));
-            }
-            let remote = instance
-                .listen
-                .into_iter()
-                .chain(self.admin)
-                .find(|addr| !addr.ip().is_loopback());
-            if let (Some(addr), false) = (remote, self.allow_remote) {
-                return config(format!(
-                    "{addr} is not a loopback address: anyone who can reach it would use your identity; pass --allow-remote (and set a client password) if you mean it"
-                ));
-            }
-        }
-        Ok(())
-    }
+    };
+    built.map_err(|error| ProxyError::Config(format!("starting the runtime: {error}")))
 }
 
 /// A proxy with its listeners open; [`run`](Self::run) serves it.
@@ -269,138 +124,42 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-/// What every session shares.
-pub(crate) struct Shared {
-    pub(crate) config: ProxyConfig,
-    pub(crate) auth: EntraAuth,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) sessions: Arc<Semaphore>,
-    /// Proxy-issued cancel key → the upstream's, and where to send it.
-    pub(crate) cancel_keys: Mutex<HashMap<CancelKey, upstream::UpstreamKey>>,
-    /// Operating-system user names that mean "no role chosen" (see the crate docs).
-    pub(crate) local_users: Vec<String>,
-    pub(crate) draining: AtomicBool,
-    /// Set when the drain timeout has passed: relays still running end.
-    pub(crate) kill: watch::Sender<bool>,
-    /// Woken each time a client connection closes.
-    closed: Notify,
-}
-
-impl Shared {
-    /// Resolves once no client connection is open.
-    async fn all_closed(&self) {
-        loop {
-            let closed = self.closed.notified();
-            if self.metrics.connections_open() == 0 {
-                return;
-            }
-            closed.await;
-        }
-    }
-
-    /// A new proxy-issued key for a session's upstream key, from the OS's CSPRNG
-    /// ([`pgentra_wire::random_cancel_key`]).
-    pub(crate) fn issue_cancel_key(
-        &self,
-        upstream: upstream::UpstreamKey,
-    ) -> std::io::Result<CancelKey> {
-        loop {
-            let ours = pgentra_wire::random_cancel_key()?;
-            let mut keys = lock(&self.cancel_keys);
-            if let std::collections::hash_map::Entry::Vacant(entry) = keys.entry(ours) {
-                entry.insert(upstream);
-                return Ok(ours);
-            }
-        }
-    }
-
-    pub(crate) fn forget_cancel_key(&self, key: &CancelKey) {
-        lock(&self.cancel_keys).remove(key);
-    }
-
-    pub(crate) fn cancel_target(&self, key: &CancelKey) -> Option<upstream::UpstreamKey> {
-        lock(&self.cancel_keys).get(key).cloned()
-    }
-}
-
-/// Locks a mutex, recovering from a panic elsewhere (the maps stay consistent).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A proxy-issued `BackendKeyData`: a positive process ID and a 4-byte key.
-pub(crate) type CancelKey = (i32, [u8; 4]);
-
-/// Per-instance state: its settings and its upstream TLS.
-pub(crate) struct InstanceState {
-    pub(crate) instance: Instance,
-    pub(crate) tls: tokio_rustls::TlsConnector,
-    pub(crate) server_name: rustls::pki_types::ServerName<'static>,
-}
-
 impl Proxy {
     /// Checks the configuration and opens every listener (Unix sockets with the configured
     /// mode). Fails if any address is taken or not loopback (unless allowed).
-    pub async fn bind(config: ProxyConfig, auth: EntraAuth) -> Result<Self, ProxyError> {
+    pub async fn bind(config: ProxyConfig, auth: pgentra::EntraAuth) -> Result<Self, ProxyError> {
         config.validate()?;
+        let listen_error = |address: String| move |source| ProxyError::Listen { address, source };
+        let mut instances = Vec::new();
         let mut listeners = Vec::new();
         for instance in &config.instances {
-            let state = Arc::new(upstream::instance_state(instance.clone())?);
+            let state = Arc::new(InstanceState::new(instance.clone())?);
+            instances.push(Arc::clone(&state));
+            let mut tcp_port = None;
             if let Some(addr) = instance.listen {
-                let listener =
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| ProxyError::Listen {
-                            address: addr.to_string(),
-                            source,
-                        })?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error(addr.to_string()))?;
+                tcp_port = listener.local_addr().ok().map(|a| a.port());
                 listeners.push((Arc::clone(&state), Listener::Tcp(listener)));
             }
             if let Some(dir) = &instance.unix_socket_dir {
-                let port = match (&listeners.last(), instance.listen) {
-                    (Some((_, Listener::Tcp(tcp))), Some(_)) => {
-                        tcp.local_addr().map(|a| a.port()).unwrap_or(5432)
-                    }
-                    _ => instance.upstream.port.unwrap_or(5432),
-                };
+                let port = tcp_port.unwrap_or_else(|| instance.upstream.port.unwrap_or(5432));
                 let path = dir.join(format!(".s.PGSQL.{port}"));
-                let listener = bind_unix(&path, config.socket_mode)?;
+                let listener = listen::bind_unix(&path, config.socket_mode)?;
                 listeners.push((state, Listener::Unix(listener, path)));
             }
         }
         let admin = match config.admin {
-            Some(addr) => {
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| ProxyError::Listen {
-                            address: addr.to_string(),
-                            source,
-                        })?,
-                )
-            }
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error(addr.to_string()))?,
+            ),
             None => None,
         };
-        let shared = Arc::new(Shared {
-            sessions: Arc::new(Semaphore::new(config.max_connections)),
-            config,
-            auth,
-            metrics: Arc::default(),
-            cancel_keys: Mutex::new(HashMap::new()),
-            local_users: session::local_user_names(),
-            draining: AtomicBool::new(false),
-            kill: watch::Sender::new(false),
-            closed: Notify::new(),
-        });
         Ok(Self {
-            shared,
+            shared: Arc::new(Shared::new(config, auth, instances)),
             listeners,
             admin,
         })
@@ -430,8 +189,38 @@ impl Proxy {
 
     /// Gets a token and logs in to every upstream server once (a startup connection test).
     pub async fn check(&self) -> Result<(), ProxyError> {
-        for (state, _) in &self.listeners {
-            upstream::check(&self.shared, state).await?;
+        let shared = &self.shared;
+        for state in shared.instances() {
+            let instance = &state.instance;
+            let fail = |message: String| ProxyError::Check {
+                upstream: state.target.name.clone(),
+                message,
+            };
+            let creds = shared.auth.credentials().await?;
+            let role = instance.user.as_deref().unwrap_or_else(|| creds.user());
+            let database = instance.upstream.dbname.as_deref().or(Some("postgres"));
+            let startup = server::startup(role, database, &[])
+                .map_err(|len| fail(format!("a {len}-byte startup message")))?;
+            let connection = server::login(
+                &state.target,
+                shared.config.connect_timeout,
+                &startup,
+                creds.password(),
+            );
+            let mut server = match tokio::time::timeout(shared.config.login_timeout, connection)
+                .await
+            {
+                Ok(Ok(server)) => server,
+                Ok(Err(error)) => return Err(fail(format!("logging in as \"{role}\": {error}"))),
+                Err(_) => {
+                    return Err(fail(format!(
+                        "no login within {:?}",
+                        shared.config.login_timeout
+                    )));
+                }
+            };
+            server.terminate().await;
+            tracing::info!(upstream = %state.target.name, role, "connection test passed");
         }
         Ok(())
     }
@@ -443,117 +232,50 @@ impl Proxy {
         let mut tasks = tokio::task::JoinSet::new();
         for (state, listener) in self.listeners {
             let shared = Arc::clone(&self.shared);
-            let stop = stop_rx.clone();
-            tasks.spawn(accept_loop(listener, state, shared, stop));
+            tasks.spawn(listen::accept_loop(
+                listener,
+                state,
+                shared,
+                stop_rx.clone(),
+            ));
         }
         if let Some(admin) = self.admin {
             let shared = Arc::clone(&self.shared);
-            let stop = stop_rx.clone();
-            let trigger = stop_tx.clone();
-            tasks.spawn(admin::serve(admin, shared, stop, trigger));
+            tasks.spawn(admin::serve(
+                admin,
+                shared,
+                stop_rx.clone(),
+                stop_tx.clone(),
+            ));
         }
         let mut stopped = stop_rx.clone();
         tokio::select! {
             () = shutdown => {}
             _ = stopped.wait_for(|stop| *stop) => {}
         }
-        self.shared.draining.store(true, Ordering::SeqCst);
+        let shared = &self.shared;
+        shared.start_draining();
         let _ = stop_tx.send(true);
         // Listeners close as their loops end; sessions keep going.
         while tasks.join_next().await.is_some() {}
-        let open = self.shared.metrics.connections_open();
+        let open = shared.metrics.connections_open();
+        let limit = shared.config.drain_timeout;
         tracing::info!(
             open,
-            limit = ?self.shared.config.drain_timeout,
+            ?limit,
             "draining: waiting for open sessions to finish"
         );
-        let drained =
-            tokio::time::timeout(self.shared.config.drain_timeout, self.shared.all_closed()).await;
-        match drained {
+        match tokio::time::timeout(limit, shared.all_closed()).await {
             Ok(()) => tracing::info!("drained: every session has ended"),
             Err(_) => {
                 tracing::warn!(
-                    open = self.shared.metrics.connections_open(),
+                    open = shared.metrics.connections_open(),
                     "drain timeout: closing the remaining sessions"
                 );
-                let _ = self.shared.kill.send(true);
+                let _ = shared.kill.send(true);
                 // The relays end at once; give them a moment to close their sockets.
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), self.shared.all_closed()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), shared.all_closed()).await;
             }
         }
-    }
-}
-
-fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ProxyError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let error = |source| ProxyError::Listen {
-        address: path.display().to_string(),
-        source,
-    };
-    // A socket left by an earlier run that did not clean up would make bind fail.
-    if std::fs::symlink_metadata(path).is_ok_and(|m| {
-        use std::os::unix::fs::FileTypeExt as _;
-        m.file_type().is_socket()
-    }) && std::os::unix::net::UnixStream::connect(path).is_err()
-    {
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path).map_err(error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(error)?;
-    Ok(listener)
-}
-
-async fn accept_loop(
-    listener: Listener,
-    state: Arc<InstanceState>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
-            accepted = accept(&listener) => accepted,
-        };
-        let client = match accepted {
-            Ok(client) => client,
-            Err(error) => {
-                // Out of file descriptors and the like: keep serving the open sessions.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        shared.metrics.connection_opened();
-        let shared = Arc::clone(&shared);
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            session::serve(client, &state, &shared).await;
-            shared.metrics.connection_closed();
-            shared.closed.notify_waiters();
-        });
-    }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// TCP keepalive for both sides of a session: a dead peer is noticed in about two minutes.
-pub(crate) fn keepalive() -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-}
-
-async fn accept(listener: &Listener) -> std::io::Result<session::Client> {
-    match listener {
-        Listener::Tcp(tcp) => {
-            let (stream, _) = tcp.accept().await?;
-            let _ = stream.set_nodelay(true);
-            // A client that vanished must not keep its upstream session open.
-            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive());
-            Ok(session::Client::Tcp(stream))
-        }
-        Listener::Unix(unix, _) => Ok(session::Client::Unix(unix.accept().await?.0)),
     }
 }

@@ -1,5 +1,6 @@
 //! Counters of the proxy's work, rendered in the Prometheus text format.
 
+use crate::refusal::Reason;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -7,24 +8,12 @@ use std::time::Duration;
 /// Upper bounds of the upstream login latency histogram, in seconds.
 const LOGIN_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// Reasons a client is refused, each a label value of `connections_refused_total`.
-const REFUSAL_REASONS: [&str; 8] = [
-    "max_connections",
-    "shutting_down",
-    "client_password",
-    "login_timeout",
-    "token",
-    "upstream_connect",
-    "upstream_auth",
-    "upstream_login",
-];
-
 /// The proxy's counters. Cheap to update from every session.
 #[derive(Debug, Default)]
 pub struct Metrics {
     opened: AtomicU64,
     closed: AtomicU64,
-    refused: [AtomicU64; REFUSAL_REASONS.len()],
+    refused: [AtomicU64; Reason::ALL.len()],
     to_upstream: AtomicU64,
     to_client: AtomicU64,
     logins: AtomicU64,
@@ -43,10 +32,8 @@ impl Metrics {
         self.closed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn connection_refused(&self, reason: &str) {
-        if let Some(index) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
-            self.refused[index].fetch_add(1, Ordering::Relaxed);
-        }
+    pub(crate) fn refused(&self, reason: Reason) {
+        self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn bytes(&self, to_upstream: u64, to_client: u64) {
@@ -120,10 +107,13 @@ impl Metrics {
             "Client connections accepted.",
             &[("", f(load(&self.opened)))],
         );
-        let refused: Vec<(String, f64)> = REFUSAL_REASONS
+        let refused: Vec<(String, f64)> = Reason::ALL
             .iter()
             .zip(&self.refused)
-            .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), f(load(count))))
+            .map(|(reason, count)| {
+                let label = reason.label();
+                (format!("{{reason=\"{label}\"}}"), f(load(count)))
+            })
             .collect();
         let refused: Vec<(&str, f64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(
@@ -165,7 +155,7 @@ impl Metrics {
         metric(
             "upstream_login_seconds",
             "histogram",
-            "Time from a client's startup message to the upstream's ReadyForQuery.",
+            "Time to log in to the upstream server: TCP, TLS, the token check and the server's answers.",
             &histogram,
         );
         metric(
@@ -202,7 +192,7 @@ mod tests {
     fn the_exposition_has_every_family_once() {
         let metrics = Metrics::default();
         metrics.connection_opened();
-        metrics.connection_refused("max_connections");
+        metrics.refused(Reason::MaxConnections);
         metrics.login_succeeded(Duration::from_millis(30));
         metrics.bytes(10, 20);
         let text = metrics.render(&pgentra::provider::Stats::default());

@@ -1,360 +1,245 @@
-//! One client session: the startup phase on the client's side, the upstream login, then the
-//! byte relay.
+//! One client connection through the proxy's stages, in order: the startup phase, the local
+//! password, a session slot, the role, the token and the upstream login (all within the login
+//! timeout), the welcome, the relay. This is the one place that tells a client it is refused.
 
-use crate::upstream::{self, Login};
-use crate::{InstanceState, Shared};
-use pgentra_wire::{
-    ErrorFields, MAX_STARTUP_PACKET, StartupPacket, TLS_HANDSHAKE_BYTE, WireError,
-    cleartext_password_request, negotiation, parse_password, parse_startup_packet, read_message,
-    read_startup_packet,
-};
+use crate::cancel::{self, CancelTarget};
+use crate::refusal::Refusal;
+use crate::relay;
+use crate::server::{self, LoginError, ServerConn};
+use crate::shared::{InstanceState, Shared};
+use crate::startup::{self, ClientConn, Request, StartupError};
+use bytes::{BufMut, BytesMut};
+use pgentra_wire::{backend_key_data, message, param};
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
+use tokio::time::{Instant, timeout, timeout_at};
 
-/// A client connection as accepted.
-pub(crate) enum Client {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+/// How long a refused client gets to take its `FATAL` before the connection closes.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A logged-in session, ready to relay.
+struct Session {
+    server: ServerConn,
+    key: cancel::Key,
+    _slot: OwnedSemaphorePermit,
 }
 
-/// A client connection after the encryption choice.
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-/// Largest password message a client may send for the local password.
-const MAX_CLIENT_PASSWORD: usize = 1024;
-
-/// What a client asked for in the startup phase.
-enum Request {
-    Login {
-        client: Box<dyn Stream>,
-        params: Vec<(String, String)>,
-    },
-    /// A cancel request (already handled) or a client that gave up.
-    Done,
-}
-
-/// Why a session ended before the relay, for the log (the client has been told when it can).
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum SessionError {
-    #[error("protocol error: {0}")]
-    Wire(#[from] WireError),
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("TLS handshake with the client failed: {0}")]
-    ClientTls(std::io::Error),
-    #[error("the client's login took longer than {0:?}")]
-    LoginTimeout(std::time::Duration),
-    #[error("protocol violation: {0}")]
-    Protocol(&'static str),
-}
-
-/// Serves one client until its session ends. (The caller counts the connection.)
-pub(crate) async fn serve(client: Client, state: &Arc<InstanceState>, shared: &Shared) {
-    let limit = shared.config.login_timeout;
-    let started = Instant::now();
-    let login = tokio::time::timeout(limit, login(client, state, shared)).await;
-    let session = match login {
-        Ok(Ok(Some(session))) => session,
-        Ok(Ok(None)) => return,
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "client session ended before login");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(error = %SessionError::LoginTimeout(limit), "client dropped");
-            shared.metrics.connection_refused("login_timeout");
-            return;
-        }
-    };
-    tracing::debug!(elapsed = ?started.elapsed(), "client logged in");
-    upstream::relay(session, shared).await;
-}
-
-/// The startup phase and the upstream login. `None` when the session ended on purpose (a
-/// cancel request, a refusal the client was told about).
-async fn login(
-    client: Client,
-    state: &Arc<InstanceState>,
-    shared: &Shared,
-) -> Result<Option<Login>, SessionError> {
-    let peer_user = match &client {
-        Client::Unix(stream) => stream
-            .peer_cred()
-            .ok()
-            .and_then(|cred| user_name(cred.uid())),
-        Client::Tcp(_) => None,
-    };
-    let Request::Login { mut client, params } = startup(client, shared).await? else {
-        return Ok(None);
-    };
-    let Some(permit) = shared.sessions.clone().try_acquire_owned().ok() else {
-        return refuse(
-            &mut client,
-            shared,
-            "max_connections",
-            ErrorFields::fatal(
-                "53300",
-                "sorry, too many clients already",
-                Some(&format!(
-                    "The pgentra proxy allows {} sessions at once (--max-connections).",
-                    shared.config.max_connections
-                )),
-            ),
-        )
-        .await;
-    };
-    if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return refuse(
-            &mut client,
-            shared,
-            "shutting_down",
-            ErrorFields::fatal("57P03", "the pgentra proxy is shutting down", None),
-        )
-        .await;
-    }
-    if let Some(expected) = &shared.config.client_password {
-        client.write_all(&cleartext_password_request()).await?;
-        let (tag, body) = read_message(&mut client, MAX_CLIENT_PASSWORD).await?;
-        let given = if tag == b'p' {
-            parse_password(&body).unwrap_or_default()
-        } else {
-            ""
-        };
-        if !constant_time_eq(given.as_bytes(), expected.expose_secret().as_bytes()) {
-            let user = param(&params, "user").unwrap_or_default();
-            return refuse(
+/// Serves one client connection until it ends. (The caller counts the connection.)
+pub(crate) async fn serve(
+    mut conn: ClientConn,
+    pending: OwnedSemaphorePermit,
+    instance: Arc<InstanceState>,
+    shared: Arc<Shared>,
+) {
+    let deadline = Instant::now() + shared.config.login_timeout;
+    match login(&mut conn, pending, &instance, &shared, deadline).await {
+        Ok(Some(mut session)) => {
+            let mut client = conn.into_stream();
+            let relayed = relay::relay(
                 &mut client,
-                shared,
-                "client_password",
-                ErrorFields::fatal(
-                    "28P01",
-                    &format!("password authentication failed for user \"{user}\""),
-                    Some("The pgentra proxy asks for its local client password."),
-                ),
+                &mut session.server.stream,
+                shared.kill.subscribe(),
             )
             .await;
+            shared.metrics.bytes(relayed.to_server, relayed.to_client);
+            shared.cancel_keys.forget(&session.key);
+        }
+        Ok(None) => {}
+        Err(StartupError::Refuse(refusal)) => refuse(&mut conn, &shared, refusal).await,
+        Err(StartupError::Gone(reason)) => {
+            tracing::debug!(reason, "client connection ended before its login");
         }
     }
-    let requested = param(&params, "user").filter(|user| {
-        !user.is_empty()
-            && !shared.local_users.iter().any(|local| local == user)
-            && peer_user.as_deref() != Some(*user)
-    });
-    let role = state
-        .instance
-        .user
-        .clone()
-        .or_else(|| requested.map(str::to_owned));
-    upstream::login(client, params, role, permit, state, shared).await
 }
 
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
+/// Refuses a client that found no free startup slot, without reading from it (a client is
+/// told right away; it reads the `FATAL` in answer to its first packet).
+pub(crate) async fn refuse_pending(conn: ClientConn, shared: &Shared, error: TryAcquireError) {
+    let mut conn = conn;
+    let refusal = match error {
+        TryAcquireError::NoPermits => Refusal::TooManyLogins {
+            limit: shared.config.pending_logins(),
+        },
+        TryAcquireError::Closed => Refusal::ShuttingDown,
+    };
+    refuse(&mut conn, shared, refusal).await;
 }
 
-/// Sends a FATAL error, counts the refusal and ends the session.
-pub(crate) async fn refuse(
-    client: &mut Box<dyn Stream>,
-    shared: &Shared,
-    reason: &'static str,
-    error: ErrorFields,
-) -> Result<Option<Login>, SessionError> {
-    shared.metrics.connection_refused(reason);
+/// Tells the client why, counts it, and closes.
+async fn refuse(conn: &mut ClientConn, shared: &Shared, refusal: Refusal) {
+    shared.metrics.refused(refusal.reason());
+    if refusal.is_login_failure() {
+        shared.metrics.login_failed();
+    }
+    let fields = refusal.fields();
     tracing::info!(
-        reason,
-        message = error.get(b'M').unwrap_or_default(),
+        reason = refusal.reason().label(),
+        message = fields.get(b'M').unwrap_or_default(),
         "client refused"
     );
-    client.write_all(&error.to_error_response()).await?;
-    let _ = client.shutdown().await;
-    Ok(None)
-}
-
-/// SSL and GSS negotiation, cancel requests and the startup message.
-async fn startup(client: Client, shared: &Shared) -> Result<Request, SessionError> {
-    let tls = shared
-        .config
-        .client_tls
-        .clone()
-        .map(tokio_rustls::TlsAcceptor::from);
-    let (mut stream, is_tls): (Box<dyn Stream>, bool) = match client {
-        Client::Tcp(tcp) => {
-            // PostgreSQL 17's direct TLS starts with a ClientHello instead of an SSLRequest.
-            let mut first = [0u8; 1];
-            let direct =
-                tls.is_some() && tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE_BYTE;
-            match (&tls, direct) {
-                (Some(acceptor), true) => (
-                    Box::new(
-                        acceptor
-                            .accept(tcp)
-                            .await
-                            .map_err(SessionError::ClientTls)?,
-                    ),
-                    true,
-                ),
-                _ => return plain_startup(tcp, tls, shared).await,
-            }
-        }
-        // No TLS on Unix sockets, as PostgreSQL and PgBouncer.
-        Client::Unix(unix) => (Box::new(unix), false),
-    };
-    encrypted_startup(&mut stream, is_tls, shared)
-        .await
-        .map(|params| match params {
-            Some(params) => Request::Login {
-                client: stream,
-                params,
-            },
-            None => Request::Done,
-        })
-}
-
-/// The startup phase on a TCP connection that has not started TLS.
-async fn plain_startup(
-    mut tcp: TcpStream,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: &Shared,
-) -> Result<Request, SessionError> {
-    loop {
-        let packet = read_startup_packet(&mut tcp, MAX_STARTUP_PACKET).await?;
-        match parse_startup_packet(&packet)? {
-            StartupPacket::SslRequest => match &tls {
-                Some(acceptor) => {
-                    tcp.write_all(b"S").await?;
-                    // Bytes the client sent after its SSLRequest, before our answer, are not
-                    // a ClientHello, so the handshake fails on them (no plaintext injection).
-                    let mut stream: Box<dyn Stream> = Box::new(
-                        acceptor
-                            .accept(tcp)
-                            .await
-                            .map_err(SessionError::ClientTls)?,
-                    );
-                    return Ok(match encrypted_startup(&mut stream, true, shared).await? {
-                        Some(params) => Request::Login {
-                            client: stream,
-                            params,
-                        },
-                        None => Request::Done,
-                    });
-                }
-                None => tcp.write_all(b"N").await?,
-            },
-            StartupPacket::GssEncRequest => tcp.write_all(b"N").await?,
-            StartupPacket::CancelRequest { pid, key } => {
-                upstream::cancel(shared, pid, &key).await;
-                return Ok(Request::Done);
-            }
-            StartupPacket::Startup {
-                minor_version,
-                params,
-            } => {
-                let mut client: Box<dyn Stream> = Box::new(tcp);
-                negotiate(&mut client, minor_version, &params).await?;
-                return Ok(Request::Login { client, params });
-            }
-        }
-    }
-}
-
-/// The startup phase once the encryption is settled (`tls`, or a Unix socket): GSS requests
-/// are answered `N`; so are SSL requests on a Unix socket, while an SSL request inside TLS is
-/// a confused or hostile client and ends the connection, as in PgBouncer.
-async fn encrypted_startup(
-    stream: &mut Box<dyn Stream>,
-    tls: bool,
-    shared: &Shared,
-) -> Result<Option<Vec<(String, String)>>, SessionError> {
-    loop {
-        let packet = read_startup_packet(stream, MAX_STARTUP_PACKET).await?;
-        match parse_startup_packet(&packet)? {
-            StartupPacket::SslRequest if tls => {
-                return Err(SessionError::Protocol("an SSLRequest inside TLS"));
-            }
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                stream.write_all(b"N").await?;
-            }
-            StartupPacket::CancelRequest { pid, key } => {
-                upstream::cancel(shared, pid, &key).await;
-                return Ok(None);
-            }
-            StartupPacket::Startup {
-                minor_version,
-                params,
-            } => {
-                negotiate(stream, minor_version, &params).await?;
-                return Ok(Some(params));
-            }
-        }
-    }
-}
-
-/// Answers a request for protocol 3.1+ or for `_pq_.` options with NegotiateProtocolVersion:
-/// the proxy speaks 3.0, whose 4-byte cancel keys it issues.
-async fn negotiate(
-    stream: &mut Box<dyn Stream>,
-    minor_version: u16,
-    params: &[(String, String)],
-) -> Result<(), SessionError> {
-    if let Some(answer) = negotiation(minor_version, params) {
-        stream.write_all(&answer).await?;
-    }
-    Ok(())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The names libpq sends as `user` when none is given: this process's user, from the
-/// environment and from `/etc/passwd`.
-pub(crate) fn local_user_names() -> Vec<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    let mut names: Vec<String> = ["USER", "LOGNAME"]
-        .into_iter()
-        .filter_map(|var| std::env::var(var).ok())
-        .chain(own_uid.and_then(user_name))
-        .filter(|name| !name.is_empty())
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// The name of a user ID, from `/etc/passwd`.
-fn user_name(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        let name = fields.next()?;
-        let id: u32 = fields.nth(1)?.parse().ok()?;
-        (id == uid).then(|| name.to_owned())
+    let response = fields.to_error_response();
+    let stream = conn.stream();
+    let _ = timeout(REFUSAL_WRITE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.flush().await?;
+        stream.shutdown().await
     })
+    .await;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_compare_in_full() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(constant_time_eq(b"", b""));
+/// The stages up to the welcome. `None` when the connection was a cancel request.
+async fn login(
+    conn: &mut ClientConn,
+    pending: OwnedSemaphorePermit,
+    instance: &Arc<InstanceState>,
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<Option<Session>, StartupError> {
+    let limit = shared.config.login_timeout;
+    let late = || StartupError::Refuse(Refusal::StartupTimeout(limit));
+    let request = timeout_at(
+        deadline,
+        startup::negotiate(conn, shared.client_tls.as_ref()),
+    )
+    .await
+    .map_err(|_| late())??;
+    let params = match request {
+        Request::Cancel { pid, key } => {
+            shared.metrics.cancel_request();
+            cancel::forward(
+                &shared.cancel_keys,
+                pid,
+                &key,
+                shared.config.connect_timeout,
+            )
+            .await;
+            return Ok(None);
+        }
+        Request::Login { params, .. } => params,
+    };
+    let user = param(&params, "user");
+    if let Some(gate) = &shared.password {
+        let user = user.unwrap_or_default();
+        timeout_at(deadline, gate.check(conn.stream(), user))
+            .await
+            .map_err(|_| late())??;
     }
-
-    #[test]
-    fn this_process_user_is_a_local_name() {
-        let names = local_user_names();
-        assert!(!names.is_empty());
-        assert_eq!(user_name(0).as_deref(), Some("root"));
+    // Authenticated: from here on the client holds a session slot, not a startup one.
+    if shared.is_draining() {
+        return Err(StartupError::Refuse(Refusal::ShuttingDown));
     }
+    let slot = shared.sessions.clone().try_acquire_owned().map_err(|_| {
+        StartupError::Refuse(Refusal::TooManyClients {
+            limit: shared.config.max_connections,
+        })
+    })?;
+    drop(pending);
+
+    let chosen = (instance.instance.user.as_deref())
+        .or_else(|| instance.instance.client_roles.pick(user))
+        .map(str::to_owned);
+    if chosen.is_none() && user.is_some_and(|u| !u.is_empty()) {
+        tracing::debug!(
+            user,
+            "the client's user name is not a role it may pick (--client-roles): the token's role is used"
+        );
+    }
+    let creds = match timeout_at(deadline, shared.auth.credentials()).await {
+        Err(_) => return Err(StartupError::Refuse(Refusal::TokenTimeout(limit))),
+        Ok(Err(error)) => return Err(StartupError::Refuse(Refusal::Token(error))),
+        Ok(Ok(creds)) => creds,
+    };
+    let role = chosen.unwrap_or_else(|| creds.user().to_owned());
+    let database = instance.instance.upstream.dbname.as_deref();
+    let startup = server::startup(&role, database, &params)
+        .map_err(|len| StartupError::Refuse(Refusal::ForwardedStartupTooLong { len }))?;
+    let target = &instance.target;
+    let started = std::time::Instant::now();
+    let login = server::login(
+        target,
+        shared.config.connect_timeout,
+        &startup,
+        creds.password(),
+    );
+    let server = match timeout_at(deadline, login).await {
+        Ok(Ok(server)) => server,
+        Ok(Err(error)) => {
+            let refusal = match error {
+                LoginError::Connect(error) => Refusal::ServerUnreachable {
+                    upstream: target.name.clone(),
+                    error: error.to_string(),
+                },
+                LoginError::AuthMethod(method) => Refusal::ServerAuthMethod { method, role },
+                LoginError::Refused(mut fields) => {
+                    tracing::warn!(
+                        upstream = %target.name,
+                        role,
+                        message = fields.get(b'M').unwrap_or_default(),
+                        "upstream login failed"
+                    );
+                    if fields.get(b'H').is_none() {
+                        fields.set(
+                            b'H',
+                            format!(
+                                "The pgentra proxy logged in as role \"{role}\" with a token from {}. Run `pgentra check` to diagnose.",
+                                creds.credential()
+                            ),
+                        );
+                    }
+                    Refusal::ServerRefused(fields)
+                }
+                LoginError::Broke(what) => Refusal::ServerBroke {
+                    upstream: target.name.clone(),
+                    what,
+                },
+            };
+            return Err(StartupError::Refuse(refusal));
+        }
+        Err(_) => {
+            return Err(StartupError::Refuse(Refusal::ServerTimeout {
+                upstream: target.name.clone(),
+                limit,
+            }));
+        }
+    };
+    let key = shared
+        .cancel_keys
+        .issue(CancelTarget {
+            target: Arc::clone(target),
+            key: server.key,
+        })
+        .map_err(|error| {
+            StartupError::Refuse(Refusal::Internal(format!(
+                "the operating system gave no random bytes for a cancel key: {error}"
+            )))
+        })?;
+    // The server's answers, the proxy's key and ReadyForQuery in one write.
+    let mut welcome = BytesMut::with_capacity(server.welcome.len() + 32);
+    welcome.put_slice(&server.welcome);
+    welcome.put_slice(&backend_key_data(key.0, &key.1));
+    welcome.put_slice(&message(b'Z', b"I"));
+    let sent = async {
+        conn.stream().write_all(&welcome).await?;
+        conn.stream().flush().await
+    };
+    if let Err(error) = sent.await {
+        shared.cancel_keys.forget(&key);
+        return Err(StartupError::Gone(format!(
+            "writing to the client: {error}"
+        )));
+    }
+    shared.metrics.login_succeeded(started.elapsed());
+    tracing::info!(
+        upstream = %target.name,
+        role,
+        database = param(&params, "database").unwrap_or_default(),
+        "session logged in"
+    );
+    Ok(Some(Session {
+        server,
+        key,
+        _slot: slot,
+    }))
 }

@@ -14,7 +14,7 @@
 //! match parse_startup_packet(&packet[4..])? {
 //!     StartupPacket::Startup { minor_version, params } => {
 //!         assert_eq!(minor_version, 0);
-//!         assert_eq!(params[0], ("user".to_owned(), "alice".to_owned()));
+//!         assert_eq!(pgentra_wire::param(&params, "user"), Some("alice"));
 //!     }
 //!     other => panic!("{other:?}"),
 //! }
@@ -87,22 +87,30 @@ pub enum StartupPacket {
     Startup {
         /// The requested minor version (3.0 is 0, 3.2 is 2).
         minor_version: u16,
-        /// `user`, `database`, `options`, `application_name`, ... and `_pq_.*` options.
-        params: Vec<(String, String)>,
+        /// `user`, `database`, `options`, `application_name`, ... and `_pq_.*` options. Values
+        /// are bytes: PostgreSQL takes any encoding here (psql sends a Latin-1
+        /// `application_name` as it is), so they are forwarded unchanged.
+        params: Vec<(String, Bytes)>,
     },
 }
 
 impl StartupPacket {
-    /// The value of a startup parameter, if the packet is a `StartupMessage` that has it.
+    /// The value of a startup parameter, if the packet is a `StartupMessage` that has it and
+    /// the value is UTF-8.
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            Self::Startup { params, .. } => params
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.as_str()),
+            Self::Startup { params, .. } => param(params, name),
             _ => None,
         }
     }
+}
+
+/// The value of the parameter `name` among startup `params`, if it is there and UTF-8.
+pub fn param<'a>(params: &'a [(String, Bytes)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(key, _)| key == name)
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
 }
 
 /// Parses a startup-phase packet without its length word: the 4-byte code, then the body.
@@ -130,6 +138,8 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, WireError> {
         }
         _ => {
             let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+            // 1234.x are the request codes above; anything else but 3.x is a version no one
+            // speaks.
             if major != 3 {
                 return Err(WireError::UnsupportedProtocol { major, minor });
             }
@@ -141,8 +151,9 @@ pub fn parse_startup_packet(packet: &[u8]) -> Result<StartupPacket, WireError> {
     }
 }
 
-/// `name\0value\0...\0`: a list of names and values ending with an empty name.
-fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, WireError> {
+/// `name\0value\0...\0`: a list of names and values ending with an empty name. Names must be
+/// UTF-8 (they are configuration parameter names); values are kept as bytes.
+fn parse_params(body: &[u8]) -> Result<Vec<(String, Bytes)>, WireError> {
     let Some((&0, list)) = body.split_last() else {
         return Err(WireError::Layout("parameters not terminated"));
     };
@@ -152,21 +163,18 @@ fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, WireError> {
     let Some((&0, list)) = list.split_last() else {
         return Err(WireError::Layout("parameters not terminated"));
     };
-    let mut strings = list.split(|b| *b == 0).map(|s| {
-        std::str::from_utf8(s)
-            .map(str::to_owned)
-            .map_err(|_| WireError::Layout("a parameter is not UTF-8"))
-    });
+    let mut strings = list.split(|b| *b == 0);
     let mut params = Vec::new();
     while let Some(name) = strings.next() {
-        let name = name?;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| WireError::Layout("a parameter name is not UTF-8"))?;
         if name.is_empty() {
             return Err(WireError::Layout("an empty parameter name"));
         }
         let value = strings
             .next()
-            .ok_or(WireError::Layout("a parameter without a value"))??;
-        params.push((name, value));
+            .ok_or(WireError::Layout("a parameter without a value"))?;
+        params.push((name.to_owned(), Bytes::copy_from_slice(value)));
     }
     Ok(params)
 }
@@ -232,14 +240,16 @@ pub fn message(tag: u8, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// A `StartupMessage` for protocol 3.0, with its length word.
-pub fn startup_message(params: &[(&str, &str)]) -> Bytes {
+/// A `StartupMessage` for protocol 3.0, with its length word. Values are bytes, so a value a
+/// client sent in another encoding is forwarded unchanged (postgres-protocol's builder takes
+/// only `&str`).
+pub fn startup_message<V: AsRef<[u8]>>(params: &[(&str, V)]) -> Bytes {
     let mut body = BytesMut::new();
     body.put_i32(PROTOCOL_3_0);
     for (name, value) in params {
         body.put_slice(name.as_bytes());
         body.put_u8(0);
-        body.put_slice(value.as_bytes());
+        body.put_slice(value.as_ref());
         body.put_u8(0);
     }
     body.put_u8(0);
@@ -319,7 +329,7 @@ pub fn negotiate_protocol_version<'a>(unknown_options: impl IntoIterator<Item = 
 /// What a 3.0 server answers a `StartupMessage` for `minor_version` with `params`: a
 /// `NegotiateProtocolVersion` when the client asked for a newer minor version or for `_pq_.`
 /// protocol options (which this crate knows none of), nothing otherwise.
-pub fn negotiation(minor_version: u16, params: &[(String, String)]) -> Option<Bytes> {
+pub fn negotiation(minor_version: u16, params: &[(String, Bytes)]) -> Option<Bytes> {
     let options = params
         .iter()
         .map(|(name, _)| name.as_str())

@@ -43,7 +43,10 @@ fn every_kind_of_startup_packet_is_recognised() {
         parse_startup_packet(&v32).unwrap(),
         StartupPacket::Startup {
             minor_version: 2,
-            params: vec![("user".into(), "bob".into()), ("_pq_.x".into(), "y".into())]
+            params: vec![
+                ("user".into(), Bytes::from_static(b"bob")),
+                ("_pq_.x".into(), Bytes::from_static(b"y"))
+            ]
         }
     );
     assert_eq!(
@@ -53,6 +56,18 @@ fn every_kind_of_startup_packet_is_recognised() {
             params: vec![]
         }
     );
+}
+
+#[test]
+fn values_in_other_encodings_are_kept_as_bytes() {
+    // psql with a Latin-1 PGAPPNAME ("café").
+    let packet = startup_message(&[("user", &b"alice"[..]), ("application_name", b"caf\xe9")]);
+    let StartupPacket::Startup { params, .. } = parse_startup_packet(&packet[4..]).unwrap() else {
+        panic!("not a startup message");
+    };
+    assert_eq!(&params[1].1[..], b"caf\xe9");
+    assert_eq!(param(&params, "user"), Some("alice"));
+    assert_eq!(param(&params, "application_name"), None, "not UTF-8");
 }
 
 #[test]
@@ -70,7 +85,7 @@ fn malformed_startup_packets_are_errors() {
         packet_body(PROTOCOL_3_0, b"user\0alice"),
         packet_body(PROTOCOL_3_0, b"user\0alice\0"),
         packet_body(PROTOCOL_3_0, b"user\0\0"),
-        packet_body(PROTOCOL_3_0, b"\xff\0x\0\0"),
+        packet_body(PROTOCOL_3_0, b"\xff\0x\0\0"), // a name that is not UTF-8
         packet_body(PROTOCOL_3_0, b"a\0b\0\0c\0d\0\0"),
         packet_body(-1, b"\0"),
     ];
@@ -152,10 +167,10 @@ fn server_messages_are_framed() {
             key: Bytes::from_static(&[1, 2, 3, 4])
         }
     );
-    let params = vec![("user".to_owned(), "u".to_owned())];
+    let params = vec![("user".to_owned(), Bytes::from_static(b"u"))];
     assert_eq!(negotiation(0, &params), None);
     assert!(negotiation(2, &params).is_some());
-    let with_option = vec![("_pq_.x".to_owned(), "1".to_owned())];
+    let with_option = vec![("_pq_.x".to_owned(), Bytes::from_static(b"1"))];
     assert!(negotiation(0, &with_option).unwrap().ends_with(b"_pq_.x\0"));
     let negotiate = negotiate_protocol_version(["_pq_.a", "_pq_.b"]);
     assert_eq!(negotiate[0], b'v');

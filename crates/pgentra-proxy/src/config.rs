@@ -1,0 +1,263 @@
+//! The proxy's settings: its upstream servers ([`Instance`]), limits and timeouts
+//! ([`ProxyConfig`]), and the errors of setting it up ([`ProxyError`]).
+
+use pgentra::Secret;
+use pgentra::conninfo::ConnInfo;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors from setting up the proxy. (Session failures are logged, and reported to that client
+/// only.)
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The configuration is not usable; the message says which setting.
+    #[error("invalid proxy configuration: {0}")]
+    Config(String),
+    /// A listener could not be opened.
+    #[error("listening on {address}: {source}")]
+    Listen {
+        /// The address or socket path.
+        address: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Getting a token failed (from [`Proxy::check`](crate::Proxy::check)).
+    #[error(transparent)]
+    Pgentra(#[from] pgentra::Error),
+    /// The startup connection test failed upstream.
+    #[error("connection test for {upstream} failed: {message}")]
+    Check {
+        /// The upstream server.
+        upstream: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Which user names a client may pick its role with (see [the role rule](crate#the-role)).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientRoles {
+    /// None: every session uses the pinned role or the token's, whatever user name the client
+    /// sends. libpq, pgjdbc and node-postgres send the client's operating-system user when none
+    /// is configured, and that name says nothing about Entra roles.
+    #[default]
+    None,
+    /// A client whose user name is one of these roles (a group the identity belongs to, say)
+    /// logs in as it; other names get the token's role.
+    Listed(Vec<String>),
+    /// Any: a client's non-empty user name is always its role, as in PgBouncer; clients must
+    /// name one.
+    Any,
+}
+
+impl ClientRoles {
+    /// Parses `*` (any), an empty list (none) or a comma-separated list of roles.
+    ///
+    /// ```
+    /// use pgentra_proxy::ClientRoles;
+    /// assert_eq!(ClientRoles::parse("*"), ClientRoles::Any);
+    /// assert_eq!(ClientRoles::parse(""), ClientRoles::None);
+    /// assert_eq!(ClientRoles::parse("readers, writers"), ClientRoles::Listed(vec!["readers".into(), "writers".into()]));
+    /// ```
+    pub fn parse(text: &str) -> Self {
+        let roles: Vec<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
+        match roles.as_slice() {
+            [] => Self::None,
+            [any] if any == "*" => Self::Any,
+            _ => Self::Listed(roles),
+        }
+    }
+
+    /// The role a client that sent `user` may pick, if any.
+    pub(crate) fn pick<'a>(&self, user: Option<&'a str>) -> Option<&'a str> {
+        let user = user.filter(|u| !u.is_empty())?;
+        match self {
+            Self::None => None,
+            Self::Listed(roles) => roles.iter().any(|r| r == user).then_some(user),
+            Self::Any => Some(user),
+        }
+    }
+}
+
+/// One upstream server and where the proxy listens for it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Instance {
+    /// The upstream server: host, port (5432), database (the client's by default), TLS mode
+    /// (`verify-full` by default) and root certificate.
+    pub upstream: ConnInfo,
+    /// The TCP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// A directory for a Unix socket named `.s.PGSQL.<port>` (libpq's convention; the port is
+    /// the TCP listener's, else the upstream's).
+    pub unix_socket_dir: Option<PathBuf>,
+    /// A role every session of this instance uses, whatever the client sends.
+    pub user: Option<String>,
+    /// Which user names a client may pick its role with (none by default).
+    pub client_roles: ClientRoles,
+}
+
+impl Instance {
+    /// An instance listening on `listen`, with the role chosen by the [rule](crate#the-role).
+    pub fn new(upstream: ConnInfo, listen: SocketAddr) -> Self {
+        Self {
+            upstream,
+            listen: Some(listen),
+            unix_socket_dir: None,
+            user: None,
+            client_roles: ClientRoles::None,
+        }
+    }
+
+    /// The upstream as `host:port`, for logs and errors.
+    pub fn upstream_name(&self) -> String {
+        format!(
+            "{}:{}",
+            self.upstream.host.as_deref().unwrap_or("localhost"),
+            self.upstream.port.unwrap_or(5432)
+        )
+    }
+}
+
+/// The proxy's settings. [`Default`] gives the documented defaults and no instances.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// The upstream servers, one listener (or socket) each.
+    pub instances: Vec<Instance>,
+    /// Most client sessions at once, over all instances; more are refused with SQLSTATE
+    /// 53300. A client takes its slot once it is authenticated; cancel requests need none.
+    pub max_connections: usize,
+    /// Limit for the TCP connect and TLS handshake to the upstream server.
+    pub connect_timeout: Duration,
+    /// Limit for a client's whole login: startup packets, local password, the token and the
+    /// upstream login. A client still waiting for the proxy when it passes gets a `FATAL`.
+    pub login_timeout: Duration,
+    /// On shutdown, how long running sessions may go on before they are closed.
+    pub drain_timeout: Duration,
+    /// An HTTP address for `/healthz`, `/readyz`, `/metrics` and `POST /quitquitquit`.
+    pub admin: Option<SocketAddr>,
+    /// TLS for clients (after `SSLRequest`, or PostgreSQL 17 direct TLS) on TCP listeners.
+    /// Without it, `SSLRequest` is answered `N`.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// A password clients must give (cleartext, so use it with client TLS or on loopback).
+    pub client_password: Option<Secret>,
+    /// Listen on addresses other than loopback.
+    pub allow_remote: bool,
+    /// Permissions of Unix sockets.
+    pub socket_mode: u32,
+}
+
+/// Clients that may be in the startup phase at once, at the least: the bound on connections
+/// that have not authenticated (each for at most the login timeout), separate from
+/// `max_connections` so that they cannot take the sessions' slots.
+pub(crate) const MIN_PENDING_LOGINS: usize = 128;
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            instances: Vec::new(),
+            max_connections: 1000,
+            connect_timeout: Duration::from_secs(10),
+            login_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            admin: None,
+            client_tls: None,
+            client_password: None,
+            allow_remote: false,
+            socket_mode: 0o600,
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("instances", &self.instances)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("login_timeout", &self.login_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("admin", &self.admin)
+            .field("client_tls", &self.client_tls.is_some())
+            .field("client_password", &self.client_password)
+            .field("allow_remote", &self.allow_remote)
+            .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .finish()
+    }
+}
+
+impl ProxyConfig {
+    /// How many clients may be in the startup phase at once.
+    pub(crate) fn pending_logins(&self) -> usize {
+        self.max_connections.max(MIN_PENDING_LOGINS)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ProxyError> {
+        let config = |message: String| Err(ProxyError::Config(message));
+        if self.instances.is_empty() {
+            return config("no upstream server".into());
+        }
+        if self.max_connections == 0 {
+            return config("max_connections must be at least 1".into());
+        }
+        for instance in &self.instances {
+            if instance.upstream.host.is_none() {
+                return config(format!("upstream {} has no host", instance.upstream_name()));
+            }
+            if instance.listen.is_none() && instance.unix_socket_dir.is_none() {
+                return config(format!(
+                    "upstream {} has neither a TCP address nor a Unix socket",
+                    instance.upstream_name()
+                ));
+            }
+            let remote = instance
+                .listen
+                .into_iter()
+                .chain(self.admin)
+                .find(|addr| !addr.ip().is_loopback());
+            if let (Some(addr), false) = (remote, self.allow_remote) {
+                return config(format!(
+                    "{addr} is not a loopback address: anyone who can reach it would use your identity; pass --allow-remote (and set a client password) if you mean it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// TCP keepalive for both sides of a session: a dead peer is noticed in about two minutes,
+/// so a client that vanished does not keep its server connection open.
+pub(crate) fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_picks_its_role_only_from_the_list() {
+        let none = ClientRoles::None;
+        assert_eq!(none.pick(Some("appuser")), None);
+        let listed = ClientRoles::parse("readers");
+        assert_eq!(listed.pick(Some("readers")), Some("readers"));
+        assert_eq!(listed.pick(Some("appuser")), None);
+        assert_eq!(listed.pick(Some("")), None);
+        let any = ClientRoles::parse(" * ");
+        assert_eq!(any.pick(Some("appuser")), Some("appuser"));
+        assert_eq!(any.pick(Some("")), None);
+        assert_eq!(any.pick(None), None);
+    }
+}

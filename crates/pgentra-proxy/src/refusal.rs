@@ -1,0 +1,347 @@
+//! Why the proxy refuses a client, as one typed value: each reason has its SQLSTATE, its
+//! message and hint, and its label in the metrics, so no stage writes an error of its own and
+//! no refusal goes uncounted.
+
+use pgentra_wire::ErrorFields;
+use std::time::Duration;
+
+/// A refusal the client is told about with a `FATAL` error before the connection closes.
+#[derive(Debug)]
+pub enum Refusal {
+    /// `--max-connections` sessions are open.
+    TooManyClients {
+        /// The limit.
+        limit: usize,
+    },
+    /// Too many clients are in the startup phase at once.
+    TooManyLogins {
+        /// The limit.
+        limit: usize,
+    },
+    /// The proxy is draining after SIGTERM.
+    ShuttingDown,
+    /// The client gave the wrong local password.
+    ClientPassword {
+        /// The user name the client sent.
+        user: String,
+    },
+    /// The client asked for a protocol version other than 3.x.
+    ProtocolVersion {
+        /// Its major version.
+        major: u16,
+        /// Its minor version.
+        minor: u16,
+    },
+    /// The client's startup packet breaks the protocol.
+    InvalidStartup(String),
+    /// The client did not finish its startup (or its password) within the login timeout.
+    StartupTimeout(Duration),
+    /// No token within the login deadline.
+    TokenTimeout(Duration),
+    /// The credential failed.
+    Token(pgentra::Error),
+    /// The upstream server could not be reached, or its TLS could not be verified.
+    ServerUnreachable {
+        /// `host:port`.
+        upstream: String,
+        /// What failed.
+        error: String,
+    },
+    /// The upstream login did not finish within the login deadline.
+    ServerTimeout {
+        /// `host:port`.
+        upstream: String,
+        /// The deadline.
+        limit: Duration,
+    },
+    /// The server wants an authentication method other than a password.
+    ServerAuthMethod {
+        /// The `AuthenticationRequest` code.
+        method: i32,
+        /// The role the proxy asked for.
+        role: String,
+    },
+    /// The server refused the login with its own error, relayed with a hint added.
+    ServerRefused(ErrorFields),
+    /// The server closed the connection, or broke the protocol, during the login.
+    ServerBroke {
+        /// `host:port`.
+        upstream: String,
+        /// What happened.
+        what: String,
+    },
+    /// The startup message the proxy would forward is over PostgreSQL's limit.
+    ForwardedStartupTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// No server connection became free within the queue timeout.
+    QueueTimeout {
+        /// The timeout.
+        limit: Duration,
+    },
+    /// Something inside the proxy failed (the OS gave no random bytes, say).
+    Internal(String),
+}
+
+/// The reason of a refusal, as a metrics label. Every [`Refusal`] has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    MaxConnections,
+    PendingLogins,
+    ShuttingDown,
+    ClientPassword,
+    Protocol,
+    LoginTimeout,
+    Token,
+    UpstreamConnect,
+    UpstreamAuth,
+    UpstreamLogin,
+    QueueTimeout,
+    Internal,
+}
+
+impl Reason {
+    /// Every reason, in the order of [`Metrics`](crate::Metrics)' counters.
+    pub(crate) const ALL: [Self; 12] = [
+        Self::MaxConnections,
+        Self::PendingLogins,
+        Self::ShuttingDown,
+        Self::ClientPassword,
+        Self::Protocol,
+        Self::LoginTimeout,
+        Self::Token,
+        Self::UpstreamConnect,
+        Self::UpstreamAuth,
+        Self::UpstreamLogin,
+        Self::QueueTimeout,
+        Self::Internal,
+    ];
+
+    /// The value of the `reason` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::PendingLogins => "pending_logins",
+            Self::ShuttingDown => "shutting_down",
+            Self::ClientPassword => "client_password",
+            Self::Protocol => "protocol",
+            Self::LoginTimeout => "login_timeout",
+            Self::Token => "token",
+            Self::UpstreamConnect => "upstream_connect",
+            Self::UpstreamAuth => "upstream_auth",
+            Self::UpstreamLogin => "upstream_login",
+            Self::QueueTimeout => "queue_timeout",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// This reason's index in [`ALL`](Self::ALL).
+    pub(crate) fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+const CHECK_HINT: &str = "Run `pgentra check` against the server to find the failing step.";
+
+impl Refusal {
+    /// The metrics label of this refusal.
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            Self::TooManyClients { .. } => Reason::MaxConnections,
+            Self::TooManyLogins { .. } => Reason::PendingLogins,
+            Self::ShuttingDown => Reason::ShuttingDown,
+            Self::ClientPassword { .. } => Reason::ClientPassword,
+            Self::ProtocolVersion { .. }
+            | Self::InvalidStartup(_)
+            | Self::ForwardedStartupTooLong { .. } => Reason::Protocol,
+            Self::StartupTimeout(_) | Self::TokenTimeout(_) | Self::ServerTimeout { .. } => {
+                Reason::LoginTimeout
+            }
+            Self::Token(_) => Reason::Token,
+            Self::ServerUnreachable { .. } => Reason::UpstreamConnect,
+            Self::ServerAuthMethod { .. } => Reason::UpstreamAuth,
+            Self::ServerRefused(_) | Self::ServerBroke { .. } => Reason::UpstreamLogin,
+            Self::QueueTimeout { .. } => Reason::QueueTimeout,
+            Self::Internal(_) => Reason::Internal,
+        }
+    }
+
+    /// Whether the upstream login failed (counted in `upstream_login_failures_total`).
+    pub(crate) fn is_login_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::TokenTimeout(_)
+                | Self::Token(_)
+                | Self::ServerUnreachable { .. }
+                | Self::ServerTimeout { .. }
+                | Self::ServerAuthMethod { .. }
+                | Self::ServerRefused(_)
+                | Self::ServerBroke { .. }
+        )
+    }
+
+    /// The `FATAL` error the client gets.
+    pub fn fields(&self) -> ErrorFields {
+        let fatal =
+            |code: &str, message: &str, hint: Option<&str>| ErrorFields::fatal(code, message, hint);
+        match self {
+            // PostgreSQL's own text for its own limit, so clients that match on it still do.
+            Self::TooManyClients { limit } => fatal(
+                "53300",
+                "sorry, too many clients already",
+                Some(&format!(
+                    "The pgentra proxy allows {limit} sessions at once (--max-connections)."
+                )),
+            ),
+            Self::TooManyLogins { limit } => fatal(
+                "53300",
+                "sorry, too many clients are logging in at once",
+                Some(&format!(
+                    "The pgentra proxy lets {limit} clients log in at once; try again."
+                )),
+            ),
+            Self::ShuttingDown => fatal("57P03", "the pgentra proxy is shutting down", None),
+            Self::ClientPassword { user } => fatal(
+                "28P01",
+                &format!("password authentication failed for user \"{user}\""),
+                Some("The pgentra proxy asks for its local client password."),
+            ),
+            // PostgreSQL's text (src/backend/tcop/backend_startup.c).
+            Self::ProtocolVersion { major, minor } => fatal(
+                "0A000",
+                &format!(
+                    "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+                ),
+                None,
+            ),
+            Self::InvalidStartup(what) => fatal("08P01", what, None),
+            // PostgreSQL's text for its authentication_timeout.
+            Self::StartupTimeout(limit) => fatal(
+                "57014",
+                "canceling authentication due to timeout",
+                Some(&format!(
+                    "The pgentra proxy gives a client {limit:?} to log in (--login-timeout)."
+                )),
+            ),
+            Self::TokenTimeout(limit) => fatal(
+                "08001",
+                &format!(
+                    "the pgentra proxy got no Entra ID token within the login timeout ({limit:?})"
+                ),
+                Some(
+                    "The token endpoint is slow or not answering; run `pgentra whoami` where the proxy runs.",
+                ),
+            ),
+            Self::Token(error) => fatal(
+                "08001",
+                &format!("the pgentra proxy could not get an Entra ID token: {error}"),
+                Some("Run `pgentra whoami` where the proxy runs to see which credential fails."),
+            ),
+            Self::ServerUnreachable { upstream, error } => fatal(
+                "08001",
+                &format!("the pgentra proxy could not reach {upstream}: {error}"),
+                Some(CHECK_HINT),
+            ),
+            Self::ServerTimeout { upstream, limit } => fatal(
+                "08001",
+                &format!(
+                    "the pgentra proxy's login to {upstream} did not finish within the login timeout ({limit:?})"
+                ),
+                Some(CHECK_HINT),
+            ),
+            Self::ServerAuthMethod { method, role } => fatal(
+                "28000",
+                &format!(
+                    "the server asked for authentication method {method}, not a password: role \"{role}\" does not log in with Entra ID"
+                ),
+                Some(
+                    "Use a role created with pgaadauth_create_principal, or check the server's authentication settings.",
+                ),
+            ),
+            Self::ServerRefused(error) => error.clone(),
+            Self::ServerBroke { upstream, what } => fatal(
+                "08006",
+                &format!("the server {upstream} {what} during the login"),
+                Some(CHECK_HINT),
+            ),
+            Self::ForwardedStartupTooLong { len } => fatal(
+                "54000",
+                &format!(
+                    "the startup packet would be {len} bytes with the role and database the pgentra proxy adds, over PostgreSQL's limit of {} bytes",
+                    pgentra_wire::MAX_STARTUP_PACKET
+                ),
+                Some("Send fewer or shorter startup parameters."),
+            ),
+            Self::QueueTimeout { limit } => fatal(
+                "53300",
+                &format!("no server connection became free within {limit:?} (queue timeout)"),
+                Some(
+                    "All of the pool's server connections are in use: raise the pool size, or let clients wait longer.",
+                ),
+            ),
+            Self::Internal(what) => fatal("XX000", &format!("pgentra proxy: {what}"), None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_a_sqlstate_and_a_counted_reason() {
+        let refusals = [
+            Refusal::TooManyClients { limit: 1 },
+            Refusal::TooManyLogins { limit: 1 },
+            Refusal::ShuttingDown,
+            Refusal::ClientPassword { user: "u".into() },
+            Refusal::ProtocolVersion { major: 2, minor: 0 },
+            Refusal::InvalidStartup("x".into()),
+            Refusal::StartupTimeout(Duration::from_secs(1)),
+            Refusal::TokenTimeout(Duration::from_secs(1)),
+            Refusal::Token(pgentra::Error::ProviderStopped),
+            Refusal::ServerUnreachable {
+                upstream: "h:1".into(),
+                error: "e".into(),
+            },
+            Refusal::ServerTimeout {
+                upstream: "h:1".into(),
+                limit: Duration::from_secs(1),
+            },
+            Refusal::ServerAuthMethod {
+                method: 10,
+                role: "r".into(),
+            },
+            Refusal::ServerRefused(ErrorFields::fatal("28P01", "no", None)),
+            Refusal::ServerBroke {
+                upstream: "h:1".into(),
+                what: "closed the connection".into(),
+            },
+            Refusal::ForwardedStartupTooLong { len: 10_001 },
+            Refusal::QueueTimeout {
+                limit: Duration::from_secs(1),
+            },
+            Refusal::Internal("x".into()),
+        ];
+        let mut reasons = Vec::new();
+        for refusal in &refusals {
+            let fields = refusal.fields();
+            assert_eq!(fields.get(b'S'), Some("FATAL"), "{refusal:?}");
+            let code = fields.get(b'C').unwrap();
+            assert_eq!(code.len(), 5, "{refusal:?}");
+            assert!(!fields.get(b'M').unwrap().is_empty());
+            reasons.push(refusal.reason());
+        }
+        for reason in Reason::ALL {
+            assert!(reasons.contains(&reason), "{reason:?} is never used");
+            assert_eq!(Reason::ALL[reason.index()], reason);
+        }
+        assert_eq!(
+            Refusal::ProtocolVersion { major: 2, minor: 0 }
+                .fields()
+                .get(b'M'),
+            Some("unsupported frontend protocol 2.0: server supports 3.0 to 3.0")
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! What every session of a proxy shares: its settings, the token provider, limits, the cancel
+//! keys and the metrics.
+
+use crate::cancel::CancelKeys;
+use crate::config::{Instance, ProxyConfig, ProxyError};
+use crate::metrics::Metrics;
+use crate::password::PasswordGate;
+use crate::server::Target;
+use pgentra::EntraAuth;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{Notify, Semaphore, watch};
+
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    instances: Vec<Arc<InstanceState>>,
+    pub(crate) auth: EntraAuth,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Slots of authenticated sessions (`max_connections`).
+    pub(crate) sessions: Arc<Semaphore>,
+    /// Slots of clients still in the startup phase.
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) cancel_keys: CancelKeys,
+    pub(crate) password: Option<PasswordGate>,
+    pub(crate) client_tls: Option<tokio_rustls::TlsAcceptor>,
+    draining: AtomicBool,
+    /// Set when the drain timeout has passed: sessions still running end.
+    pub(crate) kill: watch::Sender<bool>,
+    /// Woken each time a client connection closes.
+    closed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: ProxyConfig,
+        auth: EntraAuth,
+        instances: Vec<Arc<InstanceState>>,
+    ) -> Self {
+        Self {
+            instances,
+            sessions: Arc::new(Semaphore::new(config.max_connections)),
+            pending: Arc::new(Semaphore::new(config.pending_logins())),
+            password: config.client_password.clone().map(PasswordGate::new),
+            client_tls: config
+                .client_tls
+                .clone()
+                .map(tokio_rustls::TlsAcceptor::from),
+            config,
+            auth,
+            metrics: Arc::default(),
+            cancel_keys: CancelKeys::default(),
+            draining: AtomicBool::new(false),
+            kill: watch::Sender::new(false),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Every upstream server, in configuration order.
+    pub(crate) fn instances(&self) -> &[Arc<InstanceState>] {
+        &self.instances
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Counts a client connection that has closed.
+    pub(crate) fn connection_closed(&self) {
+        self.metrics.connection_closed();
+        self.closed.notify_waiters();
+    }
+
+    /// Resolves once no client connection is open.
+    pub(crate) async fn all_closed(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.metrics.connections_open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// One upstream server's settings and how to reach it.
+pub(crate) struct InstanceState {
+    pub(crate) instance: Instance,
+    pub(crate) target: Arc<Target>,
+}
+
+impl InstanceState {
+    pub(crate) fn new(instance: Instance) -> Result<Self, ProxyError> {
+        Ok(Self {
+            target: Arc::new(Target::new(&instance)?),
+            instance,
+        })
+    }
+}
