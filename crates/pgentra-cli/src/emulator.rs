@@ -25,11 +25,23 @@ pub(crate) struct Args {
     /// reporting-app, and a group `readers` of all three.
     #[arg(long = "principal", value_name = "KIND:NAME", value_parser = parse_principal)]
     principals: Vec<Principal>,
+    /// A principal Entra ID knows but the database has no role for, as KIND:NAME: an Entra
+    /// administrator creates its role with `pgaadauth_create_principal` (repeatable; default:
+    /// managed identity billing-identity).
+    #[arg(long = "no-role", value_name = "KIND:NAME", value_parser = parse_principal)]
+    without_role: Vec<Principal>,
+    /// The server's Entra administrator, a user principal's name (default: the first user).
+    #[arg(long, value_name = "UPN")]
+    admin: Option<String>,
+    /// Group object IDs in every token, as for a user in that many groups (150 make an 8 KB
+    /// token; Entra ID puts at most 200).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=200))]
+    token_groups: u16,
     /// Which managed identity the managed-identity endpoints answer as (default: the first).
     #[arg(long, value_name = "NAME")]
     answer_as: Option<String>,
     /// Use this PostgreSQL instead of a throwaway cluster (`postgres://user@host:port/db`; the
-    /// user must be able to create roles, and the server must trust loopback connections).
+    /// user must be a superuser, and the server must trust loopback connections).
     #[arg(long, value_name = "URL")]
     backend: Option<String>,
     /// The gateway's port (default: any free port).
@@ -64,8 +76,12 @@ fn config(args: &Args) -> Result<EmulatorConfig, CliError> {
         gateway_port: args.gateway_port,
         identity_port: args.identity_port,
         backend_url: args.backend.clone(),
+        token_groups: usize::from(args.token_groups),
         ..EmulatorConfig::default()
     };
+    if !args.without_role.is_empty() {
+        config.without_role = args.without_role.clone();
+    }
     if !args.principals.is_empty() {
         config.principals = args.principals.clone();
         config.groups.clear();
@@ -90,13 +106,26 @@ fn config(args: &Args) -> Result<EmulatorConfig, CliError> {
         config.managed_identity = config
             .principals
             .iter()
+            .chain(&config.without_role)
             .find(|p| &p.role == name && matches!(p.kind, PrincipalKind::UserAssignedIdentity))
             .cloned()
             .ok_or_else(|| {
                 CliError::Usage(format!(
-                    "--answer-as {name}: no such managed identity (add it with --principal managed-identity:{name})"
+                    "--answer-as {name}: no such managed identity (add it with --principal managed-identity:{name} or --no-role managed-identity:{name})"
                 ))
             })?;
+    }
+    if let Some(admin) = &args.admin {
+        if !config
+            .principals
+            .iter()
+            .any(|p| &p.role == admin && p.kind == PrincipalKind::User)
+        {
+            return Err(CliError::Usage(format!(
+                "--admin {admin}: no such user principal (add it with --principal user:{admin})"
+            )));
+        }
+        config.admin = Some(admin.clone());
     }
     Ok(config)
 }
@@ -167,6 +196,35 @@ mod tests {
         assert_eq!(config.service_principals.len(), 1);
         assert_eq!(config.service_principals[0].0.role, "etl");
         assert!(config.groups.is_empty());
+    }
+
+    #[test]
+    fn principals_without_a_role_an_admin_and_large_tokens() {
+        let chosen = config(&args(&[
+            "--no-role",
+            "managed-identity:billing",
+            "--answer-as",
+            "billing",
+            "--admin",
+            "alice@contoso.com",
+            "--token-groups",
+            "150",
+        ]))
+        .unwrap();
+        let without: Vec<&str> = chosen
+            .without_role
+            .iter()
+            .map(|p| p.role.as_str())
+            .collect();
+        assert_eq!(without, ["billing"]);
+        assert_eq!(chosen.managed_identity.role, "billing");
+        assert_eq!(chosen.admin.as_deref(), Some("alice@contoso.com"));
+        assert_eq!(chosen.token_groups, 150);
+        let not_a_user = config(&args(&["--admin", "orders-api-identity"])).unwrap_err();
+        assert!(
+            not_a_user.to_string().contains("no such user principal"),
+            "{not_a_user}"
+        );
     }
 
     #[test]

@@ -124,11 +124,12 @@ fn json_has_every_step() {
 #[test]
 fn a_principal_without_a_role_is_told_how_to_create_it() {
     let stranger = Principal::user("mallory@contoso.com");
-    let emulator = Emulator::start(EmulatorConfig {
-        cli_user: stranger.clone(),
-        ..EmulatorConfig::default()
-    })
-    .expect("start the emulator");
+    let emulator = Emulator::shared()
+        .beside(EmulatorConfig {
+            cli_user: stranger.clone(),
+            ..EmulatorConfig::default()
+        })
+        .expect("start the emulator");
     let output = check(&emulator_env(&emulator), &[]);
     let out = assert_fails_at(
         &output,
@@ -170,11 +171,12 @@ fn a_principal_without_a_role_is_told_how_to_create_it() {
 fn an_expired_token_gets_the_clock_hint() {
     // One-second tokens, with `expires_on` in whole seconds: always under the one second of
     // life the provider requires.
-    let emulator = Emulator::start(EmulatorConfig {
-        token_lifetime: Duration::from_secs(1),
-        ..EmulatorConfig::default()
-    })
-    .expect("start the emulator");
+    let emulator = Emulator::shared()
+        .beside(EmulatorConfig {
+            token_lifetime: Duration::from_secs(1),
+            ..EmulatorConfig::default()
+        })
+        .expect("start the emulator");
     let output = check(&emulator_env(&emulator), &[]);
     let out = assert_fails_at(&output, "token", &["already expired", "az login", "clock"]);
     assert!(line(&out, "token").contains("AzureCliCredential"), "{out}");
@@ -213,4 +215,25 @@ fn nothing_listening_gets_the_port_hint() {
 fn no_host_fails_the_settings_step() {
     let output = check(&[], &["dbname=app"]);
     assert_fails_at(&output, "settings", &["PGHOST"]);
+}
+
+#[test]
+fn a_token_from_another_tenant_gets_the_tenant_hint() {
+    let other = "11111111-2222-3333-4444-555555555555";
+    let emulator = Emulator::shared()
+        .beside(EmulatorConfig {
+            cli_user: Principal::user(USER).in_tenant(other),
+            ..EmulatorConfig::default()
+        })
+        .expect("start the emulator");
+    let output = check(&emulator_env(&emulator), &[]);
+    let out = assert_fails_at(
+        &output,
+        "login",
+        &[&format!("tenant {other}"), "az login --tenant"],
+    );
+    assert!(
+        line(&out, "login").contains("An error occurred while validating the access token"),
+        "{out}"
+    );
 }

@@ -364,10 +364,18 @@ fn exec_and_psql_pass_the_token_and_the_exit_code() {
     assert!(stderr(&output).contains("division by zero"));
 }
 
-#[test]
-fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
+/// `pgentra emulator ARGS` running in the background: the process, the variables it printed
+/// before `# ready`, and the rest of its standard output.
+fn start_emulator(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    Vec<(String, String)>,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
     let mut child = bare()
-        .args(["emulator", "--token-lifetime", "30s"])
+        .arg("emulator")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -385,6 +393,12 @@ fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
             .unwrap_or_else(|| panic!("stdout must carry only exports, got {line:?}"));
         env.push((name.to_owned(), value.trim_matches('\'').to_owned()));
     }
+    (child, env, lines)
+}
+
+#[test]
+fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
+    let (mut child, env, lines) = start_emulator(&["--token-lifetime", "30s"]);
     let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
     for expected in [
         "PGHOST",
@@ -598,4 +612,206 @@ fn inspect_escapes_what_could_drive_the_terminal() {
         );
     }
     assert!(out.contains("\\u{1b}[2J"), "{out}");
+}
+
+/// The setup script of a new managed identity, as a user runs it against `pgentra emulator`:
+/// the Entra administrator (the signed-in user) creates the identity's role with
+/// `pgaadauth_create_principal`; the identity logs in with its own token through `pgentra psql`
+/// and through a driver; a non-administrator's call fails with Azure's error; after `DROP ROLE`
+/// the identity's token is refused.
+#[test]
+fn a_provisioning_script_runs_against_the_emulator() {
+    let (mut child, env, _) = start_emulator(&[
+        "--no-role",
+        "managed-identity:billing",
+        "--answer-as",
+        "billing",
+    ]);
+    let as_admin = || {
+        let mut command = bare();
+        command
+            .envs(env.iter().cloned())
+            .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential");
+        command
+    };
+    let as_identity = || {
+        let mut command = bare();
+        command
+            .envs(env.iter().cloned())
+            .env("AZURE_TOKEN_CREDENTIALS", "ManagedIdentityCredential");
+        command
+    };
+    let psql = |mut command: Command, sql: &str| run(command.args(["psql", "-XAt", "-c", sql]));
+
+    // Before: Entra ID knows the identity, the database does not.
+    let refused = psql(as_identity(), "SELECT current_user");
+    assert!(
+        stderr(&refused).contains("password authentication failed for user \"billing\""),
+        "{}",
+        stderr(&refused)
+    );
+
+    let created = psql(
+        as_admin(),
+        "SELECT * FROM pgaadauth_create_principal('billing', false, false)",
+    );
+    assert_eq!(
+        stdout(&created).trim(),
+        "Created role for \"billing\"",
+        "{}",
+        stderr(&created)
+    );
+    let granted = psql(
+        as_admin(),
+        "CREATE TABLE invoices (id int); GRANT SELECT ON invoices TO billing",
+    );
+    assert!(granted.status.success(), "{}", stderr(&granted));
+
+    let logged_in = psql(as_identity(), "SELECT current_user, count(*) FROM invoices");
+    assert_eq!(
+        stdout(&logged_in).trim(),
+        "billing|0",
+        "{}",
+        stderr(&logged_in)
+    );
+
+    // Through a driver: tokio-postgres with pgentra's connector and the real managed-identity
+    // credential (IMDS, the identity picked by its client ID).
+    let var = |name: &str| env.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let billing = Principal::user_assigned_identity("billing");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let user: String = runtime.block_on(async {
+        let chain = pgentra::credential::CredentialChain::from_vars([
+            (
+                "AZURE_TOKEN_CREDENTIALS",
+                "ManagedIdentityCredential".to_owned(),
+            ),
+            (
+                "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+                var("AZURE_POD_IDENTITY_AUTHORITY_HOST"),
+            ),
+            ("AZURE_CLIENT_ID", billing.client_id.clone()),
+        ])
+        .unwrap();
+        let auth = pgentra::EntraAuth::builder()
+            .credential_chain(chain)
+            .build()
+            .unwrap();
+        let info = pgentra::conninfo::ConnInfo::from_vars(env.iter().cloned()).unwrap();
+        let connector = pgentra::tokio_postgres::EntraConnector::new(auth, &info).unwrap();
+        let (client, connection) = connector.connect().await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(user, "billing");
+
+    // A principal that is not an Entra administrator cannot create roles.
+    let denied = psql(
+        as_identity(),
+        "SELECT * FROM pgaadauth_create_principal('reporting-app', false, false)",
+    );
+    assert!(
+        stderr(&denied).contains("permission denied for function pgaadauth_create_principal"),
+        "{}",
+        stderr(&denied)
+    );
+    // The administrator lists the Entra roles, drops the identity's, and its token is refused.
+    let listed = psql(
+        as_admin(),
+        "SELECT rolname, principaltype FROM pgaadauth_list_principals(false) ORDER BY 1",
+    );
+    assert!(
+        stdout(&listed).lines().any(|l| l == "billing|service"),
+        "{}",
+        stdout(&listed)
+    );
+    let dropped = psql(as_admin(), "DROP TABLE invoices; DROP ROLE billing");
+    assert!(dropped.status.success(), "{}", stderr(&dropped));
+    let refused = psql(as_identity(), "SELECT current_user");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("password authentication failed for user \"billing\""),
+        "{}",
+        stderr(&refused)
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(child.wait().unwrap().success());
+}
+
+/// Tokens of 8 KB (a user in 150 groups), which broke middleboxes with small password limits,
+/// log in through `pgentra psql`, `pgentra check` and `pgentra proxy`.
+#[test]
+fn an_8_kb_token_logs_in_through_psql_check_and_the_proxy() {
+    let (mut child, env, _) = start_emulator(&["--token-groups", "150"]);
+    let pgentra = || {
+        let mut command = bare();
+        command
+            .envs(env.iter().cloned())
+            .env("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential");
+        command
+    };
+    let token = run(pgentra().arg("token"));
+    assert!(
+        stdout(&token).trim().len() >= 8_000,
+        "a {}-byte token",
+        stdout(&token).trim().len()
+    );
+    let output = run(pgentra().args(["psql", "-XAtc", "SELECT current_user"]));
+    assert_eq!(stdout(&output).trim(), USER, "{}", stderr(&output));
+    let output = run(pgentra().arg("check"));
+    assert!(output.status.success(), "{}", stdout(&output));
+
+    let mut proxy = pgentra()
+        .args(["proxy", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(proxy.stderr.take().unwrap()).lines();
+    let port = log
+        .by_ref()
+        .find_map(|line| {
+            let line = line.ok()?;
+            let at = line.find("addr=127.0.0.1:")?;
+            Some(
+                line[at + "addr=127.0.0.1:".len()..]
+                    .split_whitespace()
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .expect("the proxy's listening line");
+    let through = run(Command::new("psql")
+        .args([
+            "-XAt",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-d",
+            "postgres",
+            "-c",
+            "SELECT current_user",
+        ])
+        .env("PGCONNECT_TIMEOUT", "10"));
+    assert_eq!(stdout(&through).trim(), USER, "{}", stderr(&through));
+    for process in [&proxy, &child] {
+        let killed = Command::new("kill")
+            .args(["-TERM", &process.id().to_string()])
+            .status();
+        assert!(killed.unwrap().success());
+    }
+    assert!(proxy.wait().unwrap().success());
+    assert!(child.wait().unwrap().success());
 }

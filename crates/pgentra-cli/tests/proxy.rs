@@ -662,3 +662,62 @@ async fn bad_settings_exit_2_with_a_reason() {
     assert!(proxy.wait(SHORT).await.0.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Entra administrator (the signed-in user, whom the proxy logs in as) initialises and runs
+/// pgbench through `pgentra proxy`: it may create tables in `public`, as on Azure.
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_init_through_the_proxy_as_the_entra_administrator() {
+    let emulator = Emulator::shared();
+    let proxy = ProxyProcess::start(emulator, &["proxy", "--listen", "127.0.0.1:0"], &[]).await;
+    let port = proxy.port();
+    let pgbench = |args: &[&str]| {
+        let mut command = Command::new("pgbench");
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(args)
+            .arg("postgres")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let init = output(&mut pgbench(&["-i", "-s", "1", "-q", "--foreign-keys"])).await;
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = output(&mut pgbench(&["-n", "-t", "20", "-c", "2"])).await;
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        out.contains("number of transactions actually processed: 40/40"),
+        "{out}"
+    );
+    let owner = psql_ok(
+        &port,
+        &[
+            "-c",
+            "select tableowner from pg_tables where tablename = 'pgbench_accounts'",
+        ],
+    )
+    .await;
+    assert_eq!(owner.trim(), USER);
+    psql_ok(
+        &port,
+        &[
+            "-c",
+            "drop table pgbench_accounts, pgbench_branches, pgbench_history, pgbench_tellers",
+        ],
+    )
+    .await;
+    proxy.terminate();
+    assert!(proxy.wait(SHORT).await.0.success());
+}

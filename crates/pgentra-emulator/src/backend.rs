@@ -207,6 +207,13 @@ rm -rf "$dir"
         self.port
     }
 
+    /// A URL for the superuser over loopback TCP (trusted), for instance another emulator's
+    /// backend ([`EmulatorConfig::backend_url`](crate::EmulatorConfig::backend_url)): emulators
+    /// with other settings that share one cluster.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
     /// The directory of the server binaries in use; Debian's client tools such as `pgbench`
     /// and `psql` of the same version are there too.
     pub fn bin_dir(&self) -> &Path {

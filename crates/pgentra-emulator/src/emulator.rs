@@ -1,11 +1,12 @@
 //! [`Emulator`]: issuer, identity endpoints, gateway and a throwaway PostgreSQL, started together.
 
-use crate::backend::{BackendError, Cluster, psql_url, quote_ident};
+use crate::backend::{BackendError, Cluster, psql_url};
 use crate::ca::Ca;
-use crate::gateway::{BackendAddr, Gateway, GatewayConfig, RoleGrant};
+use crate::directory::{Directory, Group};
+use crate::gateway::{BackendAddr, Gateway, GatewayConfig};
 use crate::identity::{Identities, IdentityServer};
-use crate::issuer::{IssuedToken, Issuer, Principal};
-use std::collections::HashMap;
+use crate::issuer::{IssuedToken, Issuer, Principal, PrincipalKind};
+use crate::provision;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -46,10 +47,19 @@ pub struct EmulatorConfig {
     pub tenant: String,
     /// The accepted audience (the public cloud's by default).
     pub audience: String,
-    /// Principals with a role in the database.
+    /// Principals with a role in the database from the start.
     pub principals: Vec<Principal>,
+    /// Principals Entra ID knows that have no role yet: an Entra administrator creates theirs
+    /// with `pgaadauth_create_principal`.
+    pub without_role: Vec<Principal>,
     /// Group roles and their members.
     pub groups: Vec<(String, Vec<Principal>)>,
+    /// The role of the server's Entra administrator, among `principals` (member of
+    /// `azure_pg_admin`, `CREATEROLE`, `CREATEDB`). `None`: the first user principal.
+    pub admin: Option<String>,
+    /// Group object IDs in every token (see [`Issuer::set_token_groups`]): 150 make an 8 KB
+    /// token.
+    pub token_groups: usize,
     /// The identity the managed-identity endpoints answer as without a `client_id`.
     pub managed_identity: Principal,
     /// The user signed in to the `az`/`azd` shims.
@@ -65,7 +75,8 @@ pub struct EmulatorConfig {
     /// The identity endpoints' HTTP port (0: any free port).
     pub identity_port: u16,
     /// An existing PostgreSQL to use instead of a throwaway cluster, as a
-    /// `postgres://user@host:port/db` URL whose user may create roles. The server must trust
+    /// `postgres://user@host:port/db` URL whose user is a superuser (it installs Azure's
+    /// provisioning functions in the `postgres` database). The server must trust
     /// the gateway's connections from loopback (`host all all 127.0.0.1/32 trust`).
     pub backend_url: Option<String>,
 }
@@ -76,11 +87,16 @@ pub const USER: &str = "alice@contoso.com";
 pub const MANAGED_IDENTITY: &str = "orders-api-identity";
 /// The default service principal's client secret.
 pub const CLIENT_SECRET: &str = "emulator-client-secret";
+/// A user-assigned managed identity Entra ID knows but the database has no role for (yet): an
+/// Entra administrator creates it with `pgaadauth_create_principal('billing-identity', false,
+/// false)`.
+pub const IDENTITY_WITHOUT_ROLE: &str = "billing-identity";
 
 impl Default for EmulatorConfig {
-    /// A user ([`USER`], also signed in to the CLI shims), a user-assigned managed identity
-    /// ([`MANAGED_IDENTITY`], answering the managed-identity endpoints), a service principal
-    /// `reporting-app`, a group `readers` with all three, 1-hour tokens.
+    /// A user ([`USER`], also signed in to the CLI shims, and the Entra administrator), a
+    /// user-assigned managed identity ([`MANAGED_IDENTITY`], answering the managed-identity
+    /// endpoints), a service principal `reporting-app`, a group `readers` with all three, a
+    /// managed identity without a role ([`IDENTITY_WITHOUT_ROLE`]), 1-hour tokens.
     fn default() -> Self {
         let user = Principal::user(USER);
         let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
@@ -90,10 +106,13 @@ impl Default for EmulatorConfig {
             tenant: "72f988bf-0000-4000-8000-00000000e001".into(),
             audience: pgentra::Cloud::Public.audience().into(),
             principals: vec![user.clone(), identity.clone(), app.clone()],
+            without_role: vec![Principal::user_assigned_identity(IDENTITY_WITHOUT_ROLE)],
             groups: vec![(
                 "readers".into(),
                 vec![user.clone(), identity.clone(), app.clone()],
             )],
+            admin: None,
+            token_groups: 0,
             managed_identity: identity,
             cli_user: user,
             service_principals: vec![(app, CLIENT_SECRET.into())],
@@ -145,19 +164,31 @@ impl Drop for Files {
 }
 
 impl Emulator {
-    /// Starts everything: the cluster (with a role per principal and group), the issuer, the
-    /// identity endpoints and the gateway.
+    /// Starts everything: the cluster (with Azure's provisioning functions, the Entra
+    /// administrator, and a role per principal and group), the issuer, the identity endpoints
+    /// and the gateway.
     pub fn start(config: EmulatorConfig) -> Result<Self, EmulatorError> {
-        let mut sql = String::new();
-        let groups = config.groups.iter().map(|(name, _)| name);
-        for role in config.principals.iter().map(|p| &p.role).chain(groups) {
-            // Idempotent, so an external backend may already have the roles.
-            sql.push_str(&format!(
-                "DO $$ BEGIN CREATE ROLE {} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;\n",
-                quote_ident(role)
+        let directory = Arc::new(directory_of(&config));
+        let admin = config.admin_role().map(str::to_owned);
+        let mut sql = provision::setup(&directory, &config.tenant);
+        for principal in &config.principals {
+            let object_type = if principal.is_app() {
+                "service"
+            } else {
+                "user"
+            };
+            let is_admin = admin.as_deref() == Some(principal.role.as_str());
+            sql.push_str(&provision::role(
+                &principal.role,
+                &principal.oid,
+                object_type,
+                is_admin,
             ));
         }
-        let (files, files_dir, backend) = match &config.backend_url {
+        for group in &directory.groups {
+            sql.push_str(&provision::role(&group.name, &group.oid, "group", false));
+        }
+        let (files, files_dir, backend, backend_user) = match &config.backend_url {
             None => {
                 let cluster = Cluster::start()?;
                 cluster.psql(&sql)?;
@@ -168,10 +199,10 @@ impl Emulator {
                     dir: cluster.socket_dir().to_owned(),
                     port: cluster.port(),
                 };
-                (Files::Cluster(cluster), dir, backend)
+                (Files::Cluster(cluster), dir, backend, "postgres".to_owned())
             }
             Some(url) => {
-                let backend = backend_addr(url)?;
+                let (backend, user) = backend_addr(url)?;
                 psql_url(url, &sql)?;
                 let dir = std::env::temp_dir().join(format!(
                     "pgentra-emulator-{}-{:08x}",
@@ -179,7 +210,7 @@ impl Emulator {
                     fastrand::u32(..)
                 ));
                 std::fs::create_dir_all(&dir).map_err(io("creating the emulator directory"))?;
-                (Files::Own(dir.clone()), dir, backend)
+                (Files::Own(dir.clone()), dir, backend, user)
             }
         };
 
@@ -190,11 +221,11 @@ impl Emulator {
         std::fs::create_dir_all(&bin_dir).map_err(io("creating the shim directory"))?;
 
         let issuer = Arc::new(Issuer::new(&config.tenant, config.token_lifetime));
-        let user_assigned = config
+        issuer.set_token_groups(config.token_groups);
+        let user_assigned = directory
             .principals
             .iter()
-            .chain([&config.managed_identity])
-            .filter(|p| matches!(p.kind, crate::issuer::PrincipalKind::UserAssignedIdentity))
+            .filter(|p| matches!(p.kind, PrincipalKind::UserAssignedIdentity))
             .cloned()
             .collect();
         let https = ca
@@ -216,23 +247,15 @@ impl Emulator {
             .write_cli_shims(&bin_dir)
             .map_err(io("writing the CLI shims"))?;
 
-        let mut gateway_config = GatewayConfig {
+        let gateway_config = GatewayConfig {
             audience: config.audience.clone(),
             skew: config.skew,
             login_timeout: config.login_timeout,
-            roles: HashMap::new(),
+            directory: Arc::clone(&directory),
             backend: backend.clone(),
+            backend_user,
             port: config.gateway_port,
         };
-        gateway_config.grant_principals(&config.principals);
-        for (name, members) in &config.groups {
-            gateway_config.roles.insert(
-                name.clone(),
-                RoleGrant::Group {
-                    members: members.iter().map(|m| m.oid.clone()).collect(),
-                },
-            );
-        }
         let pg_tls = ca
             .server_config(&[b"postgresql"])
             .map_err(|e| EmulatorError::Certificates(e.to_string()))?;
@@ -260,9 +283,33 @@ impl Emulator {
         })
     }
 
+    /// Another emulator with `config`, on this one's backend (its cluster, or its external
+    /// backend): emulators with other settings — short-lived or large tokens, another tenant's
+    /// user — without another cluster to start.
+    pub fn beside(&self, config: EmulatorConfig) -> Result<Self, EmulatorError> {
+        let backend_url = match self.cluster() {
+            Some(cluster) => cluster.url(),
+            None => self
+                .config
+                .backend_url
+                .clone()
+                .ok_or_else(|| EmulatorError::BackendUrl("no backend to share".into()))?,
+        };
+        Self::start(EmulatorConfig {
+            backend_url: Some(backend_url),
+            ..config
+        })
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &EmulatorConfig {
         &self.config
+    }
+
+    /// The server's Entra administrator, if any.
+    pub fn admin(&self) -> Option<&Principal> {
+        let role = self.config.admin_role()?;
+        self.config.principals.iter().find(|p| p.role == role)
     }
 
     /// The token issuer.
@@ -345,8 +392,46 @@ impl Emulator {
     }
 }
 
-/// The TCP address of a `postgres://` backend URL.
-fn backend_addr(url: &str) -> Result<BackendAddr, EmulatorError> {
+impl EmulatorConfig {
+    /// The Entra administrator's role: the configured one, or the first user principal's.
+    fn admin_role(&self) -> Option<&str> {
+        match &self.admin {
+            Some(role) => Some(role),
+            None => self
+                .principals
+                .iter()
+                .find(|p| p.kind == PrincipalKind::User)
+                .map(|p| p.role.as_str()),
+        }
+    }
+}
+
+/// Everyone the tenant knows: the principals with and without a role, the identities the
+/// endpoints answer as, and the groups.
+fn directory_of(config: &EmulatorConfig) -> Directory {
+    let mut principals: Vec<Principal> = Vec::new();
+    let service_principals = config.service_principals.iter().map(|(p, _)| p);
+    for principal in config
+        .principals
+        .iter()
+        .chain(&config.without_role)
+        .chain([&config.managed_identity, &config.cli_user])
+        .chain(service_principals)
+    {
+        if principal.tenant.is_none() && !principals.iter().any(|p| p.oid == principal.oid) {
+            principals.push(principal.clone());
+        }
+    }
+    let groups = config
+        .groups
+        .iter()
+        .map(|(name, members)| Group::new(name, members))
+        .collect();
+    Directory { principals, groups }
+}
+
+/// The TCP address and user of a `postgres://` backend URL.
+fn backend_addr(url: &str) -> Result<(BackendAddr, String), EmulatorError> {
     let parsed = url::Url::parse(url).map_err(|e| EmulatorError::BackendUrl(e.to_string()))?;
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(EmulatorError::BackendUrl(
@@ -357,11 +442,16 @@ fn backend_addr(url: &str) -> Result<BackendAddr, EmulatorError> {
         .host_str()
         .filter(|h| !h.is_empty())
         .ok_or_else(|| EmulatorError::BackendUrl("no host".into()))?;
-    Ok(BackendAddr::Tcp {
+    let addr = BackendAddr::Tcp {
         host: host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned(),
         port: parsed.port().unwrap_or(5432),
-    })
+    };
+    let user = match parsed.username() {
+        "" => "postgres".to_owned(),
+        user => user.to_owned(),
+    };
+    Ok((addr, user))
 }

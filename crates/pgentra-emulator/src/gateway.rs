@@ -9,18 +9,26 @@
 //!    key. A `StartupMessage` over plain TCP is refused, as Azure's `require_secure_transport`
 //!    does. Protocol 3.1+ requests get a `NegotiateProtocolVersion` for 3.0.
 //! 2. `AuthenticationCleartextPassword`; the password message (up to 64 KiB) must be a token
-//!    that verifies: signature by the emulator's key, issuer, audience, `nbf`/`exp` with a small
-//!    skew, and a principal that may use the requested role (the role is registered for the
-//!    token's `oid`, or is a group the principal belongs to). Failures get Azure's `FATAL`
+//!    that verifies: signature by the emulator's key, the server's tenant, audience,
+//!    `nbf`/`exp` with a small skew, and a principal that may use the requested role. Which
+//!    principal a role is comes from the database itself, at each login: roles an Entra
+//!    administrator created with `pgaadauth_create_principal` are accepted at once, and a
+//!    dropped role at once refused. A user or service role is its
+//!    principal's (by object ID); a group role, its members'. Failures get Azure's `FATAL`
 //!    texts where they are known.
 //! 3. A backend connection as the role (trust authentication on the cluster's Unix socket);
-//!    `BackendKeyData` is replaced by a gateway-issued key, then bytes are relayed both ways.
+//!    `BackendKeyData` is replaced by a gateway-issued key, the backend's answers reach the
+//!    client in one write, then bytes are relayed both ways.
+//!
+//! Every socket has `TCP_NODELAY`: a login is a few small messages each way, which Nagle's
+//! algorithm and delayed acknowledgements would hold for tens of milliseconds.
 //!
 //! The token is checked at login only, so an open session outlives its token, as on Azure.
 
 use crate::background::lock;
-use crate::issuer::{Issuer, Principal, TokenRejection};
-use bytes::{Buf, Bytes};
+use crate::directory::Directory;
+use crate::issuer::{Issuer, TokenRejection};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgentra_wire::{
     ErrorFields, MAX_STARTUP_PACKET, StartupPacket, WireError, backend_key_data, cancel_request,
     cleartext_password_request, message, negotiation, parse_password, parse_startup_packet,
@@ -38,23 +46,6 @@ use tokio::sync::oneshot;
 
 /// Largest password message accepted: a 64 KiB token and the framing.
 pub const MAX_PASSWORD: usize = 64 * 1024 + 1;
-
-/// Who may log in as a role.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RoleGrant {
-    /// The role of one principal (a user, service principal or managed identity), by object ID.
-    Principal {
-        /// The principal's object ID.
-        oid: String,
-        /// Whether it is an application (the role type `service`).
-        app: bool,
-    },
-    /// A group role: its members log in with the group's name and their own tokens.
-    Group {
-        /// Object IDs of the members.
-        members: Vec<String>,
-    },
-}
 
 /// Where the backend PostgreSQL listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +76,63 @@ impl BackendAddr {
             Self::Unix { dir, port } => {
                 Box::new(UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
             }
-            Self::Tcp { host, port } => Box::new(TcpStream::connect((host.as_str(), *port)).await?),
+            Self::Tcp { host, port } => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
         })
+    }
+
+    /// Settings for a tokio-postgres connection to the `postgres` database as `user`.
+    fn catalog_config(&self, user: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config.user(user).dbname("postgres");
+        match self {
+            Self::Unix { dir, port } => config.host_path(dir).port(*port),
+            Self::Tcp { host, port } => config.host(host).port(*port),
+        };
+        config
+    }
+}
+
+/// Which principal a role is, as the gateway reads it from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mapping {
+    object_id: String,
+    object_type: String,
+}
+
+/// A connection to the backend's `postgres` database as its superuser, for the role mapping,
+/// made again when the backend restarts.
+struct Catalog {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+}
+
+impl Catalog {
+    async fn client(&self) -> Result<Arc<tokio_postgres::Client>, tokio_postgres::Error> {
+        let mut held = self.client.lock().await;
+        if let Some(client) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(client));
+        }
+        let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let client = Arc::new(client);
+        *held = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// The principal `role` is mapped to, if it is an Entra role.
+    async fn mapping(&self, role: &str) -> Result<Option<Mapping>, tokio_postgres::Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(crate::provision::ROLE_MAPPING, &[&role])
+            .await?;
+        Ok(row.map(|row| Mapping {
+            object_id: row.get(0),
+            object_type: row.get(1),
+        }))
     }
 }
 
@@ -99,28 +145,16 @@ pub struct GatewayConfig {
     pub skew: Duration,
     /// How long a client may take from connecting to sending its password.
     pub login_timeout: Duration,
-    /// Role name → who may use it.
-    pub roles: HashMap<String, RoleGrant>,
+    /// The tenant's directory, for the members of group roles.
+    pub directory: Arc<Directory>,
     /// Where the PostgreSQL behind the gateway listens. It must trust the gateway's
-    /// connections (the gateway has already checked the token).
+    /// connections (the gateway has already checked the token), and hold the role mapping an
+    /// [`Emulator`](crate::Emulator) installs.
     pub backend: BackendAddr,
+    /// The backend's superuser, whom the gateway reads the role mapping as.
+    pub backend_user: String,
     /// The loopback port to listen on (0: any free port).
     pub port: u16,
-}
-
-impl GatewayConfig {
-    /// Registers each principal's role for its object ID.
-    pub fn grant_principals<'a>(&mut self, principals: impl IntoIterator<Item = &'a Principal>) {
-        for principal in principals {
-            self.roles.insert(
-                principal.role.clone(),
-                RoleGrant::Principal {
-                    oid: principal.oid.clone(),
-                    app: principal.is_app(),
-                },
-            );
-        }
-    }
 }
 
 /// Counters of the gateway's work.
@@ -135,6 +169,7 @@ type CancelKey = (i32, [u8; 4]);
 
 struct State {
     config: GatewayConfig,
+    catalog: Catalog,
     issuer: Arc<Issuer>,
     tls: tokio_rustls::TlsAcceptor,
     /// Gateway-issued key → the backend's.
@@ -173,8 +208,13 @@ impl Gateway {
     ) -> std::io::Result<Self> {
         let listener = listen(config.port)?;
         let addr = listener.local_addr()?;
+        let catalog = Catalog {
+            config: config.backend.catalog_config(&config.backend_user),
+            client: tokio::sync::Mutex::new(None),
+        };
         let state = Arc::new(State {
             config,
+            catalog,
             issuer,
             tls: tokio_rustls::TlsAcceptor::from(tls),
             cancel_keys: Mutex::new(HashMap::new()),
@@ -252,6 +292,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             // Each session fails alone: errors only end this connection.
@@ -392,7 +433,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // A password that is not one UTF-8 string is a malformed token, as far as Azure is concerned.
     let token = parse_password(&password).unwrap_or_default();
-    match check(state, token, &role) {
+    match check(state, token, &role).await {
         Ok(()) => Ok(Some((params, role))),
         Err((code, message)) => {
             state.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -403,7 +444,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Azure's checks, with its error texts where they are known.
-fn check(state: &State, token: &str, role: &str) -> Result<(), (&'static str, String)> {
+async fn check(state: &State, token: &str, role: &str) -> Result<(), (&'static str, String)> {
     let config = &state.config;
     let claims = state
         .issuer
@@ -420,34 +461,49 @@ fn check(state: &State, token: &str, role: &str) -> Result<(), (&'static str, St
                 TokenRejection::NotYetValid => {
                     "The access token is not valid yet. Check the clock of the machine that requested it and retry.".to_owned()
                 }
+                // Azure's text for another tenant's token is not known; it is refused as one it
+                // cannot validate.
                 _ => "An error occurred while validating the access token. Please acquire a new token and retry".to_owned(),
             };
             ("28P01", message)
         })?;
     let oid = claims.oid().unwrap_or_default();
-    let allowed = match config.roles.get(role) {
-        Some(RoleGrant::Principal { oid: owner, app }) => {
-            if owner == oid {
-                true
-            } else if *app {
-                return Err((
-                    "28P01",
-                    format!("Service Principal oid mismatch for role[{role}]."),
-                ));
-            } else {
-                false
-            }
-        }
-        Some(RoleGrant::Group { members }) => members.iter().any(|m| m == oid),
-        None => false,
-    };
-    if allowed {
-        Ok(())
-    } else {
-        Err((
+    let refused = || {
+        (
             "28P01",
             format!("password authentication failed for user \"{role}\""),
-        ))
+        )
+    };
+    let mapping = state.catalog.mapping(role).await.map_err(|error| {
+        (
+            "08006",
+            format!("the emulator could not read the role mapping: {error}"),
+        )
+    })?;
+    let Some(mapping) = mapping else {
+        return Err(refused());
+    };
+    match mapping.object_type.as_str() {
+        "group" if state.config.directory.is_member(&mapping.object_id, oid) => Ok(()),
+        "group" => Err(refused()),
+        "user" if claims.is_app() => Err((
+            "28P01",
+            format!(
+                "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[{role}]"
+            ),
+        )),
+        "service" if !claims.is_app() => Err((
+            "28P01",
+            format!(
+                "Azure AD user token for role[{role}] is neither an AAD_AUTH_TOKENTYPE_APP_USER or an AAD_AUTH_TOKENTYPE_APP_OBO token."
+            ),
+        )),
+        _ if mapping.object_id == oid => Ok(()),
+        "service" => Err((
+            "28P01",
+            format!("Service Principal oid mismatch for role[{role}]."),
+        )),
+        _ => Err(refused()),
     }
 }
 
@@ -468,6 +524,8 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     let forwarded: Vec<(&str, &[u8])> = forwarded.collect();
     backend.write_all(&startup_message(&forwarded)).await?;
     let mut issued_key = None;
+    // The backend's login answers go to the client in one write (one TLS record).
+    let mut answers = BytesMut::new();
     loop {
         let (tag, body) = read_message(&mut backend, 1 << 20).await?;
         match tag {
@@ -484,7 +542,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 };
                 issued_key = Some(ours);
-                client.write_all(&backend_key_data(ours.0, &ours.1)).await?;
+                answers.put_slice(&backend_key_data(ours.0, &ours.1));
             }
             b'R' if body.len() >= 4 && body[..4] != [0, 0, 0, 0] => {
                 client
@@ -497,17 +555,20 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             }
             b'E' => {
-                client.write_all(&message(tag, &body)).await?;
+                answers.put_slice(&message(tag, &body));
+                client.write_all(&answers).await?;
                 return Ok(());
             }
             _ => {
-                client.write_all(&message(tag, &body)).await?;
+                answers.put_slice(&message(tag, &body));
                 if tag == b'Z' {
                     break;
                 }
             }
         }
     }
+    client.write_all(&answers).await?;
+    client.flush().await?;
     state.counters.logins.fetch_add(1, Ordering::Relaxed);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
     if let Some(key) = issued_key {

@@ -1,5 +1,9 @@
 //! The token issuer: an RSA key made at start, and RS256 JWTs shaped like the v1 access tokens
 //! Entra ID issues for Azure PostgreSQL, for configured principals.
+//!
+//! Verification ([`Issuer::verify`]) reads tokens with this module's own code, not with
+//! `pgentra::claims` (the code under test): the emulator is an independent oracle, so a bug in
+//! pgentra's decoding cannot make a wrong token pass here as well.
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
@@ -8,10 +12,9 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use pgentra::claims::Claims;
 use serde_json::{Value, json};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The kind of an emulated principal, which decides the claims of its tokens.
@@ -48,10 +51,13 @@ pub struct Principal {
     pub client_id: String,
     /// What kind of principal this is.
     pub kind: PrincipalKind,
+    /// The tenant of a principal from another directory (`None`: the issuer's own), whose
+    /// tokens carry that tenant's `tid` and `iss`.
+    pub tenant: Option<String>,
 }
 
 /// A stable GUID-shaped ID for `seed`, so principals keep their IDs across runs.
-fn stable_id(namespace: &str, seed: &str) -> String {
+pub(crate) fn stable_id(namespace: &str, seed: &str) -> String {
     let half = |salt: u8| {
         let mut hasher = std::hash::DefaultHasher::new();
         (namespace, seed, salt).hash(&mut hasher);
@@ -75,7 +81,15 @@ impl Principal {
             oid: stable_id("oid", role),
             client_id: stable_id("appid", role),
             kind,
+            tenant: None,
         }
+    }
+
+    /// The same principal, in the directory of `tenant` (a second tenant's user, say): its
+    /// tokens are signed by the same key, as Entra ID signs every tenant's, but name that tenant.
+    pub fn in_tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.to_owned());
+        self
     }
 
     /// A member user with this UPN.
@@ -107,15 +121,16 @@ impl Principal {
     /// The system-assigned identity of the resource `resource_id`; its role is the resource
     /// name (`app/slots/slot` for an App Service slot).
     pub fn system_assigned_identity(resource_id: &str) -> Self {
-        let role = Claims::from_map(
-            json!({ "xms_mirid": resource_id })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-        )
-        .ok()
-        .and_then(|claims| claims.role_name().ok())
-        .map_or_else(|| resource_id.to_owned(), |(role, _)| role);
+        // Entra names a system-assigned identity after its resource, and a deployment slot's
+        // `<app>/slots/<slot>` (derived here independently of pgentra's own code).
+        let segments: Vec<&str> = resource_id.trim_end_matches('/').split('/').collect();
+        let role = match segments.as_slice() {
+            [.., site, slots, slot] if slots.eq_ignore_ascii_case("slots") => {
+                format!("{site}/slots/{slot}")
+            }
+            [.., name] if !name.is_empty() => (*name).to_owned(),
+            _ => resource_id.to_owned(),
+        };
         Self::new(
             &role,
             PrincipalKind::SystemAssignedIdentity {
@@ -127,6 +142,11 @@ impl Principal {
     /// Whether this principal is an application (service principal or managed identity).
     pub fn is_app(&self) -> bool {
         !matches!(self.kind, PrincipalKind::User | PrincipalKind::Guest { .. })
+    }
+
+    /// The principal's tenant: its own, or the issuer's.
+    fn tenant_or<'a>(&'a self, issuer: &'a str) -> &'a str {
+        self.tenant.as_deref().unwrap_or(issuer)
     }
 
     fn name_claims(&self, tenant: &str, claims: &mut serde_json::Map<String, Value>) {
@@ -210,6 +230,50 @@ pub enum TokenRejection {
     /// `iss` is not this issuer.
     #[error("the token was issued by another issuer")]
     WrongIssuer,
+    /// Issued by Entra ID for another tenant than the server's.
+    #[error("the token is from tenant {tenant}, not the server's")]
+    WrongTenant {
+        /// The token's tenant.
+        tenant: String,
+    },
+}
+
+/// The claims of a verified token, read by the emulator's own code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenClaims(serde_json::Map<String, Value>);
+
+impl TokenClaims {
+    /// A string claim.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(Value::as_str)
+    }
+
+    /// The principal's object ID (`oid`).
+    pub fn oid(&self) -> Option<&str> {
+        self.str("oid")
+    }
+
+    /// Whether it is an app-only token (a service principal's or a managed identity's).
+    pub fn is_app(&self) -> bool {
+        self.str("idtyp") == Some("app")
+            || (self.str("appid").is_some()
+                && self.str("upn").is_none()
+                && self.str("unique_name").is_none())
+    }
+
+    /// An integer claim (`exp`, `nbf`, `iat`).
+    fn seconds(&self, name: &str) -> Option<i64> {
+        self.0.get(name).and_then(Value::as_i64)
+    }
+
+    /// The audiences: `aud` as a string or an array of strings.
+    fn audiences(&self) -> Vec<&str> {
+        match self.0.get("aud") {
+            Some(Value::String(aud)) => vec![aud.as_str()],
+            Some(Value::Array(auds)) => auds.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Issues and verifies tokens with one RSA key.
@@ -218,6 +282,7 @@ pub struct Issuer {
     kid: String,
     tenant: String,
     lifetime_secs: AtomicU64,
+    token_groups: AtomicUsize,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -226,6 +291,7 @@ impl std::fmt::Debug for Issuer {
             .field("kid", &self.kid)
             .field("tenant", &self.tenant)
             .field("lifetime", &self.lifetime())
+            .field("token_groups", &self.token_groups())
             .finish_non_exhaustive()
     }
 }
@@ -249,7 +315,20 @@ impl Issuer {
             kid,
             tenant: tenant.to_owned(),
             lifetime_secs: AtomicU64::new(lifetime.as_secs().max(1)),
+            token_groups: AtomicUsize::new(0),
         }
+    }
+
+    /// How many group object IDs each token carries in a `groups` claim.
+    pub fn token_groups(&self) -> usize {
+        self.token_groups.load(Ordering::Relaxed)
+    }
+
+    /// Makes tokens issued from now on carry `count` group object IDs, as a user's token does
+    /// for a user in that many groups: about 50 bytes each, so 150 make an 8 KB token, the size
+    /// that broke middleboxes (PgBouncer #874). Entra ID puts at most 200 in a token.
+    pub fn set_token_groups(&self, count: usize) {
+        self.token_groups.store(count, Ordering::Relaxed);
     }
 
     /// The tenant ID.
@@ -259,7 +338,7 @@ impl Issuer {
 
     /// The `iss` claim of its tokens (the v1 issuer, as for Azure PostgreSQL tokens).
     pub fn issuer(&self) -> String {
-        format!("https://sts.windows.net/{}/", self.tenant)
+        issuer_of(&self.tenant)
     }
 
     /// The lifetime of newly issued tokens.
@@ -288,12 +367,20 @@ impl Issuer {
             "aud".into(),
             json!(audience.strip_suffix("/.default").unwrap_or(audience)),
         );
-        claims.insert("iss".into(), json!(self.issuer()));
+        let tenant = principal.tenant_or(&self.tenant);
+        claims.insert("iss".into(), json!(issuer_of(tenant)));
         claims.insert("iat".into(), json!(now));
         claims.insert("nbf".into(), json!(now));
         claims.insert("exp".into(), json!(expires_on));
         claims.insert("ver".into(), json!("1.0"));
-        principal.name_claims(&self.tenant, &mut claims);
+        principal.name_claims(tenant, &mut claims);
+        let groups = self.token_groups();
+        if groups > 0 {
+            let ids: Vec<String> = (0..groups)
+                .map(|i| stable_id("group", &i.to_string()))
+                .collect();
+            claims.insert("groups".into(), json!(ids));
+        }
         IssuedToken {
             token: self.sign(&Value::Object(claims)),
             expires_on,
@@ -330,37 +417,58 @@ impl Issuer {
         }]})
     }
 
-    /// Verifies a token as Azure PostgreSQL would: RS256 signature by this key, issuer,
-    /// audience, and `nbf`/`exp` with `skew` allowed. Returns its claims.
+    /// Verifies a token as Azure PostgreSQL would: RS256 signature by this key, the server's
+    /// tenant as issuer, audience, and `nbf`/`exp` with `skew` allowed. Returns its claims.
     pub fn verify(
         &self,
         token: &str,
         audience: &str,
         skew: Duration,
-    ) -> Result<Claims, TokenRejection> {
+    ) -> Result<TokenClaims, TokenRejection> {
         let malformed = |what: &str| TokenRejection::Malformed(what.to_owned());
-        let claims = Claims::decode(token).map_err(|e| TokenRejection::Malformed(e.to_string()))?;
-        let (signing_input, signature) = token
-            .trim()
-            .rsplit_once('.')
-            .ok_or_else(|| malformed("no signature"))?;
-        let header = signing_input
-            .split('.')
-            .next()
-            .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
-            .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
-            .ok_or_else(|| malformed("unreadable header"))?;
+        let mut segments = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) = (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) else {
+            return Err(malformed("not three dot-separated segments"));
+        };
+        let json_of = |segment: &str| {
+            URL_SAFE_NO_PAD
+                .decode(segment)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        };
+        let header = json_of(header).ok_or_else(|| malformed("unreadable header"))?;
+        let Some(Value::Object(claims)) = json_of(payload) else {
+            return Err(malformed("unreadable payload"));
+        };
+        let claims = TokenClaims(claims);
         if header["alg"] != "RS256" {
             return Err(TokenRejection::BadSignature);
         }
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenRejection::BadSignature)?;
+        let signing_input = &token[..header_len(token)];
         UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, self.key.public_key().as_ref())
             .verify(signing_input.as_bytes(), &signature)
             .map_err(|_| TokenRejection::BadSignature)?;
-        if claims.str("iss") != Some(self.issuer().as_str()) {
-            return Err(TokenRejection::WrongIssuer);
+        let issuer = claims.str("iss").unwrap_or_default();
+        if issuer != self.issuer() {
+            return Err(
+                match issuer
+                    .strip_prefix("https://sts.windows.net/")
+                    .and_then(|rest| rest.strip_suffix('/'))
+                {
+                    Some(tenant) if !tenant.is_empty() => TokenRejection::WrongTenant {
+                        tenant: tenant.to_owned(),
+                    },
+                    _ => TokenRejection::WrongIssuer,
+                },
+            );
         }
         let audience = audience.strip_suffix("/.default").unwrap_or(audience);
         if !claims.audiences().contains(&audience) {
@@ -370,18 +478,33 @@ impl Issuer {
         }
         let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
         let skew = i64::try_from(skew.as_secs()).unwrap_or(i64::MAX);
-        let exp = claims.exp().ok_or_else(|| malformed("no exp claim"))?;
+        let exp = claims
+            .seconds("exp")
+            .ok_or_else(|| malformed("no exp claim"))?;
         if now > exp.saturating_add(skew) {
             return Err(TokenRejection::Expired);
         }
         if claims
-            .nbf()
+            .seconds("nbf")
             .is_some_and(|nbf| now < nbf.saturating_sub(skew))
         {
             return Err(TokenRejection::NotYetValid);
         }
+        if claims.oid().is_none() {
+            return Err(malformed("no oid claim"));
+        }
         Ok(claims)
     }
+}
+
+/// The length of a JWT's signing input: header, dot, payload.
+fn header_len(token: &str) -> usize {
+    token.rfind('.').unwrap_or(0)
+}
+
+/// Entra ID's v1 issuer for `tenant`.
+fn issuer_of(tenant: &str) -> String {
+    format!("https://sts.windows.net/{tenant}/")
 }
 
 #[cfg(test)]
@@ -428,8 +551,11 @@ mod tests {
         ];
         for (principal, expected) in cases {
             let issued = issuer.issue(&principal, &format!("{AUD}/.default"));
-            let claims = issuer.verify(&issued.token, AUD, SKEW).unwrap();
-            assert_eq!(claims.oid(), Some(principal.oid.as_str()));
+            let verified = issuer.verify(&issued.token, AUD, SKEW).unwrap();
+            assert_eq!(verified.oid(), Some(principal.oid.as_str()));
+            assert_eq!(verified.is_app(), principal.is_app());
+            // The emulator's tokens and pgentra's reading of them agree.
+            let claims = pgentra::claims::Claims::decode(&issued.token).unwrap();
             assert_eq!(claims.exp(), Some(issued.expires_on as i64));
             match (claims.role_name(), expected) {
                 (Ok((role, source)), Ok(expected)) => {
@@ -483,7 +609,7 @@ mod tests {
             Err(TokenRejection::BadSignature)
         );
         let other_issuer = issuer
-            .sign(&json!({"iss": "https://sts.windows.net/other/", "aud": AUD, "exp": now + 60}));
+            .sign(&json!({"iss": "https://login.example/other/", "aud": AUD, "exp": now + 60}));
         assert_eq!(
             issuer.verify(&other_issuer, AUD, SKEW),
             Err(TokenRejection::WrongIssuer)
@@ -495,6 +621,68 @@ mod tests {
                     Err(TokenRejection::Malformed(_))
                 ),
                 "{garbage}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_tenants_tokens_are_signed_alike_but_refused() {
+        let issuer = issuer();
+        let other = "11111111-2222-3333-4444-555555555555";
+        let eve = Principal::user("eve@fabrikam.com").in_tenant(other);
+        let token = issuer.issue(&eve, AUD).token;
+        assert_eq!(
+            issuer.verify(&token, AUD, SKEW),
+            Err(TokenRejection::WrongTenant {
+                tenant: other.into()
+            })
+        );
+        let claims = pgentra::claims::Claims::decode(&token).unwrap();
+        assert_eq!(claims.tid(), Some(other));
+    }
+
+    #[test]
+    fn group_claims_grow_a_token_to_the_size_of_a_real_users() {
+        let issuer = issuer();
+        let alice = Principal::user("alice@contoso.com");
+        let plain = issuer.issue(&alice, AUD).token;
+        issuer.set_token_groups(150);
+        let large = issuer.issue(&alice, AUD).token;
+        assert!(plain.len() < 1500, "{}", plain.len());
+        assert!((8_000..10_000).contains(&large.len()), "{}", large.len());
+        let claims = pgentra::claims::Claims::decode(&large).unwrap();
+        assert_eq!(claims.as_map()["groups"].as_array().unwrap().len(), 150);
+        assert!(issuer.verify(&large, AUD, SKEW).is_ok());
+    }
+
+    #[test]
+    fn the_oracle_reads_tokens_with_its_own_code() {
+        let issuer = issuer();
+        let now = unix_now();
+        // Claims pgentra's decoder and the server see alike, signed but broken.
+        for (payload, expected) in [
+            (
+                json!({"iss": issuer.issuer(), "aud": [AUD, "x"], "exp": now + 60, "oid": "o"}),
+                true,
+            ),
+            (
+                json!({"iss": issuer.issuer(), "aud": AUD, "exp": now + 60}),
+                false,
+            ),
+            (
+                json!({"iss": issuer.issuer(), "aud": AUD, "exp": "soon", "oid": "o"}),
+                false,
+            ),
+            (
+                json!({"iss": issuer.issuer(), "exp": now + 60, "oid": "o"}),
+                false,
+            ),
+        ] {
+            let token = issuer.sign(&payload);
+            assert_eq!(
+                issuer.verify(&token, AUD, SKEW).is_ok(),
+                expected,
+                "{payload}"
             );
         }
     }

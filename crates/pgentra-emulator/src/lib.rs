@@ -8,9 +8,13 @@
 //!   App Service and IMDS managed identity (with IMDS's rate limits), OAuth2 client
 //!   credentials over HTTPS, `az`/`azd` shims; fault injection and request counters.
 //! - [`gateway`]: a PostgreSQL-protocol server that validates tokens like Azure (TLS required,
-//!   cleartext password, signature, audience, expiry, principal ↔ role) and relays to the
-//!   backend as the role.
-//! - [`backend`]: a throwaway PostgreSQL cluster from the machine's server binaries.
+//!   cleartext password, signature, tenant, audience, expiry, principal ↔ role) and relays to
+//!   the backend as the role.
+//! - [`backend`]: a throwaway PostgreSQL cluster from the machine's server binaries, set up as
+//!   Azure's: an Entra administrator in `azure_pg_admin`, and `pgaadauth_create_principal`,
+//!   `pgaadauth_create_principal_with_oid` and `pgaadauth_list_principals` in the `postgres`
+//!   database, whose roles the gateway accepts at once.
+//! - [`directory`]: the tenant's principals (with a role or not) and groups.
 //! - [`testing`]: fixtures such as a server that counts the passwords it is sent.
 //! - [`Emulator`]: all of the above in one line, once per test binary with
 //!   [`Emulator::shared`].
@@ -33,12 +37,15 @@
 pub mod backend;
 mod background;
 pub mod ca;
+pub mod directory;
 mod emulator;
 pub mod gateway;
 pub mod identity;
 pub mod issuer;
+mod provision;
 pub mod testing;
 
 pub use emulator::{
-    CLIENT_SECRET, Emulator, EmulatorConfig, EmulatorError, MANAGED_IDENTITY, USER,
+    CLIENT_SECRET, Emulator, EmulatorConfig, EmulatorError, IDENTITY_WITHOUT_ROLE,
+    MANAGED_IDENTITY, USER,
 };

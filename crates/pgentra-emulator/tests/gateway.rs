@@ -128,18 +128,38 @@ fn token_signed_by_another_key_is_refused() {
 
 #[test]
 fn a_principal_cannot_use_another_principals_role() {
-    let alice_token = emulator().token_for(&alice()).token;
-    assert_refused(
-        &psql(MANAGED_IDENTITY, &alice_token, "SELECT 1", &[]),
-        &format!("Service Principal oid mismatch for role[{MANAGED_IDENTITY}]."),
-    );
-    let identity_token = emulator()
-        .token_for(&Principal::user_assigned_identity(MANAGED_IDENTITY))
-        .token;
-    assert_refused(
-        &psql(USER, &identity_token, "SELECT 1", &[]),
-        &format!("password authentication failed for user \"{USER}\""),
-    );
+    let token = |principal: &Principal| emulator().token_for(principal).token;
+    let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+    // Each refusal with Azure's text for its case.
+    let cases = [
+        (
+            MANAGED_IDENTITY,
+            token(&alice()),
+            format!(
+                "Azure AD user token for role[{MANAGED_IDENTITY}] is neither an AAD_AUTH_TOKENTYPE_APP_USER or an AAD_AUTH_TOKENTYPE_APP_OBO token."
+            ),
+        ),
+        (
+            USER,
+            token(&identity),
+            format!(
+                "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[{USER}]"
+            ),
+        ),
+        (
+            MANAGED_IDENTITY,
+            token(&Principal::service_principal("reporting-app")),
+            format!("Service Principal oid mismatch for role[{MANAGED_IDENTITY}]."),
+        ),
+        (
+            USER,
+            token(&Principal::user("bob@contoso.com")),
+            format!("password authentication failed for user \"{USER}\""),
+        ),
+    ];
+    for (role, token, expected) in cases {
+        assert_refused(&psql(role, &token, "SELECT 1", &[]), &expected);
+    }
 }
 
 #[test]
@@ -212,8 +232,9 @@ fn a_silent_client_is_dropped_after_the_login_timeout() {
         audience: emulator().config().audience.clone(),
         skew: Duration::from_secs(5),
         login_timeout: Duration::from_millis(300),
-        roles: Default::default(),
+        directory: Default::default(),
         backend: emulator().backend().clone(),
+        backend_user: "postgres".into(),
         port: 0,
     };
     let ca = pgentra_emulator::ca::Ca::new().unwrap();
@@ -472,4 +493,252 @@ async fn cancel_keys_are_random_not_sequential() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Provisioning like Azure: the Entra administrator and pgaadauth_*.
+// ---------------------------------------------------------------------------------------------
+
+/// A session through the gateway as `role` with `principal`'s token.
+async fn session(
+    role: &str,
+    principal: &Principal,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config = gateway_config();
+    config
+        .user(role)
+        .password(emulator().token_for(principal).token);
+    let (client, connection) = config.connect(tls()).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The admin's session (alice, the first user principal).
+async fn admin() -> tokio_postgres::Client {
+    let admin = emulator().admin().expect("an Entra administrator").clone();
+    session(&admin.role, &admin).await.unwrap()
+}
+
+fn code(error: &tokio_postgres::Error) -> String {
+    error
+        .code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_entra_administrator_is_an_azure_pg_admin_with_createrole_createdb() {
+    let admin = admin().await;
+    let row = admin
+        .query_one(
+            "SELECT rolcreaterole, rolcreatedb, pg_has_role(current_user, 'azure_pg_admin', 'MEMBER'), \
+             rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, bool>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, bool>(2),
+            row.get::<_, bool>(3)
+        ),
+        (true, true, true, false)
+    );
+    // As on Azure, where public belongs to azure_pg_admin: the admin creates tables there...
+    admin
+        .batch_execute("CREATE TABLE admin_made (x int); DROP TABLE admin_made;")
+        .await
+        .unwrap();
+    // ...and another principal (PostgreSQL 15+) does not.
+    let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+    let other = session(MANAGED_IDENTITY, &identity).await.unwrap();
+    let refused = other
+        .batch_execute("CREATE TABLE t (x int)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&refused), "42501", "{refused}");
+}
+
+/// The admin creates a role for a managed identity that had none; it logs in at once with its
+/// own token; `pgaadauth_list_principals` shows it; after `DROP ROLE` its token is refused.
+#[tokio::test]
+async fn roles_created_with_pgaadauth_are_accepted_at_once_and_dropped_ones_refused() {
+    let admin = admin().await;
+    let billing = Principal::user_assigned_identity(pgentra_emulator::IDENTITY_WITHOUT_ROLE);
+    // No role yet.
+    let before = session(&billing.role, &billing).await.unwrap_err();
+    assert_eq!(code(&before), "28P01");
+    // A role name of the test's own, so tests of this binary do not share one.
+    let role = format!("billing-{}", std::process::id());
+    let created: String = admin
+        .query_one(
+            "SELECT * FROM pgaadauth_create_principal_with_oid($1, $2, 'service', false, false)",
+            &[&role, &billing.oid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, format!("Created role for \"{role}\""));
+    let client = session(&role, &billing).await.unwrap();
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, role);
+    let listed = admin
+        .query(
+            "SELECT rolname::text, principaltype, objectid, tenantid, ismfa, isadmin \
+             FROM pgaadauth_list_principals(false) WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let row = &listed[0];
+    assert_eq!(row.get::<_, &str>(1), "service");
+    assert_eq!(row.get::<_, &str>(2), billing.oid);
+    assert_eq!(row.get::<_, &str>(3), emulator().issuer().tenant());
+    assert_eq!((row.get::<_, i32>(4), row.get::<_, i32>(5)), (0, 0));
+    let admins = admin
+        .query(
+            "SELECT rolname::text FROM pgaadauth_list_principals(true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let admins: Vec<&str> = admins.iter().map(|r| r.get(0)).collect();
+    assert_eq!(admins, [USER]);
+
+    drop(client);
+    admin
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+    let after = session(&role, &billing).await.unwrap_err();
+    assert_eq!(code(&after), "28P01", "{after}");
+    // The same name made by plain CREATE ROLE is not an Entra role.
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+        .await
+        .unwrap();
+    assert_eq!(code(&session(&role, &billing).await.unwrap_err()), "28P01");
+    admin
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .unwrap();
+}
+
+/// Azure's errors: an unknown name, a wrong object type, a caller who is not an Entra
+/// administrator, a database other than `postgres`.
+#[tokio::test]
+async fn provisioning_fails_as_on_azure() {
+    let admin = admin().await;
+    let unknown = admin
+        .query_one(
+            "SELECT * FROM pgaadauth_create_principal('nobody@contoso.com', false, false)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let message = unknown.as_db_error().unwrap().message().to_owned();
+    assert_eq!(
+        message,
+        "Could not validate AAD user \"nobody@contoso.com\" because its name is not found in the tenant. Make sure it's correct and retry."
+    );
+    let billing = Principal::user_assigned_identity(pgentra_emulator::IDENTITY_WITHOUT_ROLE);
+    let wrong_type = admin
+        .query_one(
+            "SELECT * FROM pgaadauth_create_principal_with_oid('x', $1, 'user', false, false)",
+            &[&billing.oid],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        wrong_type.as_db_error().unwrap().message(),
+        "incorrect object type provided for principal, given object type: 'user', actual object type: 'service'"
+    );
+    // An existing role: PostgreSQL's own error.
+    let exists = admin
+        .query_one(
+            &format!("SELECT * FROM pgaadauth_create_principal('{USER}', false, false)"),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&exists), "42710", "{exists}");
+
+    // A principal that is not an Entra administrator.
+    let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
+    let other = session(MANAGED_IDENTITY, &identity).await.unwrap();
+    let denied = other
+        .query_one(
+            "SELECT * FROM pgaadauth_create_principal('billing-identity', false, false)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&denied), "42501");
+    assert_eq!(
+        denied.as_db_error().unwrap().message(),
+        "permission denied for function pgaadauth_create_principal"
+    );
+
+    // Only in the postgres database.
+    admin
+        .batch_execute("CREATE DATABASE provisioning_elsewhere")
+        .await
+        .unwrap();
+    let mut config = gateway_config();
+    let alice = alice();
+    config
+        .dbname("provisioning_elsewhere")
+        .password(emulator().token_for(&alice).token);
+    let (elsewhere, connection) = config.connect(tls()).await.unwrap();
+    let task = tokio::spawn(connection);
+    let missing = elsewhere
+        .query_one("SELECT * FROM pgaadauth_list_principals(false)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&missing), "42883", "{missing}");
+    drop(elsewhere);
+    let _ = task.await;
+    admin
+        .batch_execute("DROP DATABASE provisioning_elsewhere")
+        .await
+        .unwrap();
+}
+
+/// A token from another tenant, signed by the same key as Entra ID signs every tenant's, is
+/// refused as one the server cannot validate.
+#[test]
+fn a_token_from_another_tenant_is_refused() {
+    let eve = Principal::user(USER).in_tenant("11111111-2222-3333-4444-555555555555");
+    let token = emulator().token_for(&eve).token;
+    assert_refused(
+        &psql(USER, &token, "SELECT 1", &[]),
+        "An error occurred while validating the access token. Please acquire a new token and retry",
+    );
+}
+
+/// Tokens with 150 group claims (8 KB, as real users' tokens reach) log in.
+#[test]
+fn an_8_kb_token_logs_in() {
+    use base64::Engine as _;
+    let token = emulator().token_for(&alice()).token;
+    let payload = token.split('.').nth(1).unwrap();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    let mut claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    let groups: Vec<String> = (0..150u32)
+        .map(|i| format!("{i:08x}-0000-4000-8000-{i:012x}"))
+        .collect();
+    claims["groups"] = serde_json::json!(groups);
+    let large = emulator().issuer().sign(&claims);
+    assert!(large.len() >= 8_000, "{}", large.len());
+    let output = psql(USER, &large, "SELECT current_user", &[]);
+    assert_eq!(stdout(&output), USER, "{}", stderr(&output));
 }

@@ -447,17 +447,32 @@ fn connector(emulator: &Emulator, auth: EntraAuth, user: Option<&str>) -> Connec
     }
 }
 
+/// Another emulator on the shared emulator's cluster, with other settings.
+fn beside_the_shared(config: EmulatorConfig) -> Emulator {
+    Emulator::shared()
+        .beside(config)
+        .expect("start an emulator beside the shared one")
+}
+
 /// An emulator whose tokens live 4 seconds, for refresh scenarios.
 fn short_lived() -> &'static Emulator {
     static SHORT: OnceLock<Emulator> = OnceLock::new();
     SHORT.get_or_init(|| {
-        Emulator::start(EmulatorConfig {
+        beside_the_shared(EmulatorConfig {
             token_lifetime: Duration::from_secs(4),
             ..EmulatorConfig::default()
         })
-        .expect(
-            "start the emulator (needs the PostgreSQL server binaries: apt-get install postgresql)",
-        )
+    })
+}
+
+/// An emulator whose tokens carry 150 group claims: 8 KB, as a real user's in many groups.
+fn large_tokens() -> &'static Emulator {
+    static LARGE: OnceLock<Emulator> = OnceLock::new();
+    LARGE.get_or_init(|| {
+        beside_the_shared(EmulatorConfig {
+            token_groups: 150,
+            ..EmulatorConfig::default()
+        })
     })
 }
 
@@ -478,6 +493,19 @@ async fn connects_as_the_derived_role(kind: Kind) {
     let credential = managed_identity(emulator, Some(&identity));
     let mi = driver(kind, connector(emulator, auth(&credential), None)).await;
     assert_eq!(mi.users(3).await.unwrap(), [MANAGED_IDENTITY; 3]);
+}
+
+async fn logs_in_with_an_8_kb_token(kind: Kind) {
+    let emulator = large_tokens();
+    let auth = auth(&azure_cli(emulator));
+    let token = auth.credentials().await.unwrap();
+    assert!(
+        token.password().expose_secret().len() >= 8_000,
+        "a {}-byte token",
+        token.password().expose_secret().len()
+    );
+    let driver = driver(kind, connector(emulator, auth, None)).await;
+    assert_eq!(driver.users(3).await.unwrap(), [USER; 3]);
 }
 
 async fn refreshes_under_a_pool(kind: Kind) {
@@ -626,6 +654,7 @@ macro_rules! scenarios {
 
 scenarios!(
     connects_as_the_derived_role,
+    logs_in_with_an_8_kb_token,
     refreshes_under_a_pool,
     a_storm_on_a_cold_provider_makes_one_credential_call,
     an_explicit_user_wins,
