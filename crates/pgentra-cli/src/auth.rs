@@ -8,7 +8,8 @@ use std::time::Duration;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which cloud's database audience to ask a token for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub(crate) enum CloudName {
     /// Azure public cloud.
     Public,
@@ -18,23 +19,26 @@ pub(crate) enum CloudName {
     China,
 }
 
-/// How to get a token: the default credential chain, narrowed or pointed elsewhere.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub(crate) struct AuthArgs {
-    /// The cloud whose database scope to ask for (default: from `AZURE_AUTHORITY_HOST`, else
-    /// public).
-    #[arg(long, value_enum, conflicts_with = "scope")]
-    pub(crate) cloud: Option<CloudName>,
-    /// An explicit token scope, like `https://ossrdbms-aad.database.windows.net/.default`.
-    #[arg(long)]
-    pub(crate) scope: Option<String>,
-    /// Use only this credential of the chain: a name like `AzureCliCredential` or
-    /// `ManagedIdentityCredential`, or `dev` / `prod` (as `AZURE_TOKEN_CREDENTIALS`).
-    #[arg(long, value_name = "NAME")]
-    pub(crate) credential: Option<String>,
-    /// Give up on getting a token after this long [default: 30s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub(crate) timeout: Option<Duration>,
+crate::settings::settings! {
+    /// How to get a token: the default credential chain, narrowed or pointed elsewhere (also
+    /// keys of the proxy's configuration file).
+    pub(crate) struct AuthArgs {
+        /// The cloud whose database scope to ask for (default: from `AZURE_AUTHORITY_HOST`, else
+        /// public).
+        #[arg(long, value_enum, conflicts_with = "scope")]
+        cloud: CloudName,
+        /// An explicit token scope, like `https://ossrdbms-aad.database.windows.net/.default`.
+        #[arg(long)]
+        scope: String,
+        /// Use only this credential of the chain: a name like `AzureCliCredential` or
+        /// `ManagedIdentityCredential`, or `dev` / `prod` (as `AZURE_TOKEN_CREDENTIALS`).
+        #[arg(long, value_name = "NAME")]
+        credential: String,
+        /// Give up on getting a token after this long [default: 30s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+        #[serde(default, deserialize_with = "crate::settings::duration")]
+        timeout: Duration,
+    }
 }
 
 impl AuthArgs {

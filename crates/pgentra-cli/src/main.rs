@@ -20,6 +20,7 @@ mod error;
 mod inspect;
 mod output;
 mod proxy;
+mod settings;
 mod token;
 mod whoami;
 

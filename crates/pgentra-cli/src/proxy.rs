@@ -1,15 +1,18 @@
-//! `pgentra proxy`: Entra ID logins for every PostgreSQL client, with no code.
+//! `pgentra proxy`: Entra ID logins for every PostgreSQL client, with no code, and a pool of
+//! server connections between them.
 //!
-//! Settings come from flags, then `PGENTRA_PROXY_*` variables, then a TOML file (`--config`),
-//! then the defaults.
+//! Every setting is defined once, in [`Settings`]: its flag, its `PGENTRA_PROXY_*` variable and
+//! its key in the TOML file (`--config`). Flags win over variables, which win over the file,
+//! which wins over the defaults.
 
 use crate::Context;
 use crate::auth::AuthArgs;
 use crate::error::CliError;
 use crate::output::{LogFormat, init_logging, shutdown_signal};
+use crate::settings::{duration, settings};
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;
-use pgentra_proxy::{ClientRoles, Instance, Proxy, ProxyConfig};
+use pgentra_proxy::{ClientRoles, Instance, PoolConfig, PoolMode, Proxy, ProxyConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Listens locally and logs clients in to Azure Database for PostgreSQL with a fresh Entra ID
-/// token over verified TLS.
+/// token over verified TLS, pooling the server connections.
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct Args {
     /// Upstream servers: a `postgres://` URL, `key=value` settings or a host name. The first
@@ -30,110 +33,129 @@ pub(crate) struct Args {
         value_delimiter = ','
     )]
     upstreams: Vec<String>,
-    /// A TOML file with the same settings (flags and variables win over it).
+    /// A TOML file with the same settings, in snake case, and `[[instance]]` tables (flags and
+    /// variables win over it).
     #[arg(long, value_name = "FILE", env = "PGENTRA_PROXY_CONFIG")]
     config: Option<PathBuf>,
-    /// The TCP address of the first upstream's listener [default: 127.0.0.1:5432].
-    #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Also listen on a Unix socket in this directory (`.s.PGSQL.<port>`, mode 0600).
-    #[arg(long, value_name = "DIR", env = "PGENTRA_PROXY_UNIX_SOCKET")]
-    unix_socket: Option<PathBuf>,
-    /// Listen on the Unix socket only, not on TCP.
-    #[arg(long, env = "PGENTRA_PROXY_NO_TCP", requires = "unix_socket")]
-    no_tcp: bool,
-    /// Log every session in as this role, whatever the client asks for.
-    #[arg(long, short = 'U', value_name = "ROLE", env = "PGENTRA_PROXY_USER")]
-    user: Option<String>,
-    /// Roles a client may pick with its user name (comma-separated, or `*` for any name);
-    /// other names get the token's role [default: none].
-    #[arg(long, value_name = "ROLES", env = "PGENTRA_PROXY_CLIENT_ROLES")]
-    client_roles: Option<String>,
-    /// Most client sessions at once [default: 1000].
-    #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Limit for connecting to the upstream server [default: 10s].
-    #[arg(long, value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CONNECT_TIMEOUT")]
-    connect_timeout: Option<Duration>,
-    /// Limit for a client's whole login [default: 30s].
-    #[arg(long, value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_LOGIN_TIMEOUT")]
-    login_timeout: Option<Duration>,
-    /// On SIGTERM or SIGINT, how long running sessions may go on [default: 30s].
-    #[arg(long, value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_DRAIN_TIMEOUT")]
-    drain_timeout: Option<Duration>,
-    /// HTTP address for /healthz, /readyz, /metrics and POST /quitquitquit.
-    #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_ADMIN")]
-    admin: Option<SocketAddr>,
-    /// Certificate chain (PEM) for TLS with clients; needs --client-tls-key.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "PGENTRA_PROXY_CLIENT_TLS_CERT",
-        requires = "client_tls_key"
-    )]
-    client_tls_cert: Option<PathBuf>,
-    /// Private key (PEM) for TLS with clients.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "PGENTRA_PROXY_CLIENT_TLS_KEY",
-        requires = "client_tls_cert"
-    )]
-    client_tls_key: Option<PathBuf>,
-    /// A file whose first line is a password clients must give.
-    #[arg(long, value_name = "FILE", env = "PGENTRA_PROXY_CLIENT_PASSWORD_FILE")]
-    client_password_file: Option<PathBuf>,
-    /// Allow listening on non-loopback addresses (anyone who reaches them uses your identity).
-    #[arg(long, env = "PGENTRA_PROXY_ALLOW_REMOTE")]
-    allow_remote: bool,
-    /// Unix socket permissions, in octal [default: 600].
-    #[arg(long, value_name = "MODE", env = "PGENTRA_PROXY_SOCKET_MODE")]
-    socket_mode: Option<String>,
-    /// Worker threads [default: 1 with up to 2 cores, else one per core].
-    #[arg(long, value_name = "N", env = "PGENTRA_PROXY_THREADS")]
-    threads: Option<usize>,
-    /// Log format on standard error.
-    #[arg(long, value_enum, env = "PGENTRA_PROXY_LOG_FORMAT")]
-    log_format: Option<LogFormat>,
-    /// Get a token and log in to every upstream once before serving; exit 1 if that fails.
-    #[arg(long, env = "PGENTRA_PROXY_CHECK")]
-    check: bool,
+    #[command(flatten)]
+    settings: Settings,
     #[command(flatten)]
     auth: AuthArgs,
 }
 
-/// The TOML file: the flags' names in snake case, plus `[[instance]]` tables.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    listen: Option<SocketAddr>,
-    unix_socket: Option<PathBuf>,
-    no_tcp: Option<bool>,
-    user: Option<String>,
-    client_roles: Option<String>,
-    max_connections: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    login_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    drain_timeout: Option<Duration>,
-    admin: Option<SocketAddr>,
-    client_tls_cert: Option<PathBuf>,
-    client_tls_key: Option<PathBuf>,
-    client_password_file: Option<PathBuf>,
-    allow_remote: Option<bool>,
-    socket_mode: Option<String>,
-    threads: Option<usize>,
-    log_format: Option<LogFormat>,
-    check: Option<bool>,
-    credential: Option<String>,
-    #[serde(default)]
-    instance: Vec<FileInstance>,
+/// How to pool server connections, as `--pool-mode` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PoolModeName {
+    /// Each client session logs in a server connection of its own.
+    None,
+    /// A client gets a pooled server connection for its whole session.
+    Session,
 }
 
-/// One `[[instance]]`: an upstream, and optionally its own listener and role.
-#[derive(Debug, Clone, Deserialize)]
+settings! {
+    /// The proxy's settings: flags, `PGENTRA_PROXY_*` variables and file keys.
+    struct Settings {
+        /// The TCP address of the first upstream's listener [default: 127.0.0.1:5432].
+        #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_LISTEN")]
+        listen: SocketAddr,
+        /// Also listen on a Unix socket in this directory (`.s.PGSQL.<port>`, mode 0600).
+        #[arg(long, value_name = "DIR", env = "PGENTRA_PROXY_UNIX_SOCKET")]
+        unix_socket: PathBuf,
+        /// Listen on the Unix socket only, not on TCP.
+        #[arg(long, env = "PGENTRA_PROXY_NO_TCP", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
+        no_tcp: bool,
+        /// Log every session in as this role, whatever the client asks for [default: the
+        /// token's role].
+        #[arg(long, short = 'U', value_name = "ROLE", env = "PGENTRA_PROXY_USER")]
+        user: String,
+        /// Roles a client may pick with its user name (comma-separated, or `*` for any name);
+        /// other names get the token's role [default: none].
+        #[arg(long, value_name = "ROLES", env = "PGENTRA_PROXY_CLIENT_ROLES")]
+        client_roles: String,
+        /// Most authenticated client sessions at once; more get SQLSTATE 53300 [default: 1000].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_CONNECTIONS")]
+        max_connections: usize,
+        /// Limit for connecting to the upstream server (TCP and TLS) [default: 10s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CONNECT_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        connect_timeout: Duration,
+        /// Limit for a client's whole login [default: 30s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_LOGIN_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        login_timeout: Duration,
+        /// On SIGTERM or SIGINT, how long running sessions may go on [default: 30s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_DRAIN_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        drain_timeout: Duration,
+        /// How client sessions get server connections: `session` (pooled, reset between
+        /// clients) or `none` (each its own) [default: session].
+        #[arg(long, value_enum, env = "PGENTRA_PROXY_POOL_MODE")]
+        pool_mode: PoolModeName,
+        /// Server connections per pool: per upstream, role, database and session-shaping
+        /// startup parameters [default: 20].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_POOL_SIZE")]
+        pool_size: usize,
+        /// Idle server connections each pool keeps open [default: 0].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MIN_POOL_SIZE")]
+        min_pool_size: usize,
+        /// Server connections per upstream over all its pools, to stay under its
+        /// max_connections [default: 0, no cap].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_SERVER_CONNECTIONS")]
+        max_server_connections: usize,
+        /// How long a server connection lives, and never past its token's expiry [default: 1h].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_LIFETIME")]
+        #[serde(default, deserialize_with = "duration")]
+        server_lifetime: Duration,
+        /// How long a server connection may stay idle before it is closed [default: 10m].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_IDLE_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        server_idle_timeout: Duration,
+        /// Check a server connection idle this long before handing it out [default: 30s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_CHECK_DELAY")]
+        #[serde(default, deserialize_with = "duration")]
+        server_check_delay: Duration,
+        /// What resets a server connection when its client leaves (empty: nothing) [default:
+        /// DISCARD ALL].
+        #[arg(long, value_name = "SQL", env = "PGENTRA_PROXY_SERVER_RESET_QUERY")]
+        server_reset_query: String,
+        /// How long a client waits for a server connection when its pool is full [default:
+        /// 30s].
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_QUEUE_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        queue_timeout: Duration,
+        /// HTTP address for /healthz, /readyz, /metrics, /pools and POST /quitquitquit.
+        #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_ADMIN")]
+        admin: SocketAddr,
+        /// Certificate chain (PEM) for TLS with clients; needs --client-tls-key.
+        #[arg(long, value_name = "FILE", env = "PGENTRA_PROXY_CLIENT_TLS_CERT")]
+        client_tls_cert: PathBuf,
+        /// Private key (PEM) for TLS with clients.
+        #[arg(long, value_name = "FILE", env = "PGENTRA_PROXY_CLIENT_TLS_KEY")]
+        client_tls_key: PathBuf,
+        /// A file, readable by its owner only, whose first line is a password clients must give.
+        #[arg(long, value_name = "FILE", env = "PGENTRA_PROXY_CLIENT_PASSWORD_FILE")]
+        client_password_file: PathBuf,
+        /// Allow listening on non-loopback addresses (anyone who reaches them uses your identity).
+        #[arg(long, env = "PGENTRA_PROXY_ALLOW_REMOTE", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
+        allow_remote: bool,
+        /// Unix socket permissions, in octal [default: 600].
+        #[arg(long, value_name = "MODE", env = "PGENTRA_PROXY_SOCKET_MODE")]
+        socket_mode: String,
+        /// Worker threads, 1 to 1024 [default: 1 with up to 2 cores, else one per core].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_THREADS")]
+        threads: usize,
+        /// Log format on standard error [default: text].
+        #[arg(long, value_enum, env = "PGENTRA_PROXY_LOG_FORMAT")]
+        log_format: LogFormat,
+        /// Get a token and log in to every upstream once before serving; exit 1 if that fails.
+        #[arg(long, env = "PGENTRA_PROXY_CHECK", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
+        check: bool,
+    }
+}
+
+/// One `[[instance]]`: an upstream, and optionally its own listener and roles.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileInstance {
     upstream: String,
@@ -143,55 +165,36 @@ struct FileInstance {
     client_roles: Option<String>,
 }
 
-impl FileInstance {
-    /// An upstream named on the command line, with the shared listener settings.
-    fn new(upstream: &str) -> Self {
-        Self {
-            upstream: upstream.to_owned(),
-            listen: None,
-            unix_socket: None,
-            user: None,
-            client_roles: None,
-        }
-    }
+/// The TOML file: the settings, the credential options, and `[[instance]]` tables.
+#[derive(Debug, Default)]
+struct File {
+    settings: Settings,
+    auth: AuthArgs,
+    instances: Vec<FileInstance>,
 }
 
-/// Durations in the file are strings like `30s`.
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Option::<String>::deserialize(deserializer)?
-            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
-            .transpose()
-    }
-}
-
-const DEFAULT_LISTEN: &str = "127.0.0.1:5432";
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5432);
 
 pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     let file = match &args.config {
         Some(path) => read_file(path)?,
         None => File::default(),
     };
+    let settings = args.settings.clone().or(file.settings);
+    let auth = args.auth.clone().or(file.auth);
     // A service: its sessions are logged (info) unless RUST_LOG says otherwise.
     init_logging(
         context.verbose.max(1),
-        args.log_format.or(file.log_format).unwrap_or_default(),
+        settings.log_format.unwrap_or_default(),
     );
-    let config = config(args, &file)?;
-    let mut auth_args = args.auth.clone();
-    auth_args.credential = auth_args.credential.or_else(|| file.credential.clone());
-    let auth = auth_args.provider(None)?;
-    let threads = args
+    let config = config(&args.upstreams, &file.instances, &settings)?;
+    let auth = auth.provider(None)?;
+    let threads = settings
         .threads
-        .or(file.threads)
         .unwrap_or_else(pgentra_proxy::default_threads);
     let runtime = pgentra_proxy::runtime(threads).map_err(proxy_error)?;
-    let check = args.check || file.check.unwrap_or(false);
+    let check = settings.check.unwrap_or(false);
     runtime.block_on(async {
         let shutdown = shutdown_signal();
         let proxy = Proxy::bind(config, auth).await.map_err(proxy_error)?;
@@ -222,82 +225,95 @@ fn read_file(path: &Path) -> Result<File, CliError> {
         }
         _ => CliError::io(format!("reading {}", path.display()))(error),
     })?;
-    toml::from_str(&text)
-        .map_err(|error| CliError::Usage(format!("{}: {}", path.display(), error.message())))
+    parse_file(&text).map_err(|message| CliError::Usage(format!("{}: {message}", path.display())))
 }
 
-/// The proxy's configuration: flags and variables over the file over the defaults.
-fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
+/// The file's settings: each key belongs to the settings or to the credential options (each
+/// defined once, there), and `[[instance]]` tables add upstreams.
+fn parse_file(text: &str) -> Result<File, String> {
+    let message = |e: toml::de::Error| e.message().to_owned();
+    let mut table: toml::Table = toml::from_str(text).map_err(message)?;
+    let instances = match table.remove("instance") {
+        Some(value) => value
+            .try_into::<Vec<FileInstance>>()
+            .map_err(|e| format!("[[instance]]: {}", e.message()))?,
+        None => Vec::new(),
+    };
+    let (auth, settings): (toml::Table, toml::Table) = table
+        .into_iter()
+        .partition(|(key, _)| AuthArgs::KEYS.contains(&key.as_str()));
+    if let Some(key) = settings
+        .keys()
+        .find(|key| !Settings::KEYS.contains(&key.as_str()))
+    {
+        return Err(format!("unknown setting {key:?}"));
+    }
+    Ok(File {
+        settings: toml::Value::Table(settings).try_into().map_err(message)?,
+        auth: toml::Value::Table(auth).try_into().map_err(message)?,
+        instances,
+    })
+}
+
+/// The proxy's configuration: the merged settings over the defaults, and the instances (the
+/// upstreams named on the command line, then the file's).
+fn config(
+    upstreams: &[String],
+    file_instances: &[FileInstance],
+    settings: &Settings,
+) -> Result<ProxyConfig, CliError> {
     let mut config = ProxyConfig::default();
-    let listen = args.listen.or(file.listen);
-    let unix_socket = args
-        .unix_socket
-        .clone()
-        .or_else(|| file.unix_socket.clone());
-    let no_tcp = args.no_tcp || file.no_tcp.unwrap_or(false);
-    let user = args.user.clone().or_else(|| file.user.clone());
-    let client_roles = args
-        .client_roles
-        .clone()
-        .or_else(|| file.client_roles.clone());
-    let first_listen: SocketAddr = listen.unwrap_or_else(|| {
-        DEFAULT_LISTEN
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5432)))
-    });
-    // Flags and variables name upstreams in order; the file's instances come after them.
-    let mut upstreams: Vec<FileInstance> = args
-        .upstreams
+    let first_listen = settings.listen.unwrap_or(DEFAULT_LISTEN);
+    let no_tcp = settings.no_tcp.unwrap_or(false);
+    if no_tcp && settings.unix_socket.is_none() {
+        return Err(CliError::Usage("--no-tcp needs --unix-socket".into()));
+    }
+    let mut instances: Vec<FileInstance> = upstreams
         .iter()
-        .map(|upstream| FileInstance::new(upstream))
-        .chain(file.instance.iter().cloned())
+        .map(|upstream| FileInstance {
+            upstream: upstream.clone(),
+            ..FileInstance::default()
+        })
+        .chain(file_instances.iter().cloned())
         .collect();
     let env_default = ConnInfo::from_env()?;
-    if upstreams.is_empty() {
+    if instances.is_empty() {
         if env_default.host.is_none() {
             return Err(CliError::Usage(
                 "no upstream server: give one (`pgentra proxy srv.postgres.database.azure.com`) or set PGHOST".into(),
             ));
         }
-        upstreams.push(FileInstance::new(""));
+        instances.push(FileInstance::default());
     }
-    for (index, own) in upstreams.into_iter().enumerate() {
+    for (index, own) in instances.into_iter().enumerate() {
         let info = parse_upstream(&own.upstream)?.or(env_default.clone());
         let port_offset = u16::try_from(index).unwrap_or(u16::MAX);
-        let tcp = own.listen.or_else(|| {
-            let port = first_listen.port();
+        let tcp = own.listen.unwrap_or_else(|| {
             // Port 0 (any free port) stays 0 for every instance.
-            let port = if port == 0 {
-                0
-            } else {
-                port.saturating_add(port_offset)
+            let port = match first_listen.port() {
+                0 => 0,
+                port => port.saturating_add(port_offset),
             };
-            Some(SocketAddr::new(first_listen.ip(), port))
+            SocketAddr::new(first_listen.ip(), port)
         });
         let mut instance = Instance::new(info.clone(), first_listen);
-        instance.listen = if no_tcp { None } else { tcp };
-        instance.unix_socket_dir = own.unix_socket.or_else(|| unix_socket.clone());
-        instance.user = own.user.or_else(|| user.clone()).or(info.user);
-        if let Some(roles) = own.client_roles.as_ref().or(client_roles.as_ref()) {
+        instance.listen = (!no_tcp).then_some(tcp);
+        instance.unix_socket_dir = own.unix_socket.or_else(|| settings.unix_socket.clone());
+        instance.user = own.user.or_else(|| settings.user.clone()).or(info.user);
+        if let Some(roles) = own.client_roles.as_ref().or(settings.client_roles.as_ref()) {
             instance.client_roles = ClientRoles::parse(roles);
         }
         config.instances.push(instance);
     }
-    if let Some(n) = args.max_connections.or(file.max_connections) {
-        config.max_connections = n;
-    }
-    if let Some(d) = args.connect_timeout.or(file.connect_timeout) {
-        config.connect_timeout = d;
-    }
-    if let Some(d) = args.login_timeout.or(file.login_timeout) {
-        config.login_timeout = d;
-    }
-    if let Some(d) = args.drain_timeout.or(file.drain_timeout) {
-        config.drain_timeout = d;
-    }
-    config.admin = args.admin.or(file.admin);
-    config.allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
-    if let Some(mode) = args.socket_mode.as_ref().or(file.socket_mode.as_ref()) {
+    let defaults = ProxyConfig::default();
+    config.max_connections = settings.max_connections.unwrap_or(defaults.max_connections);
+    config.connect_timeout = settings.connect_timeout.unwrap_or(defaults.connect_timeout);
+    config.login_timeout = settings.login_timeout.unwrap_or(defaults.login_timeout);
+    config.drain_timeout = settings.drain_timeout.unwrap_or(defaults.drain_timeout);
+    config.admin = settings.admin;
+    config.allow_remote = settings.allow_remote.unwrap_or(false);
+    config.pool = pool_config(settings);
+    if let Some(mode) = &settings.socket_mode {
         config.socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|mode| *mode <= 0o777)
@@ -307,15 +323,7 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
                 ))
             })?;
     }
-    let cert = args
-        .client_tls_cert
-        .as_ref()
-        .or(file.client_tls_cert.as_ref());
-    let key = args
-        .client_tls_key
-        .as_ref()
-        .or(file.client_tls_key.as_ref());
-    config.client_tls = match (cert, key) {
+    config.client_tls = match (&settings.client_tls_cert, &settings.client_tls_key) {
         (Some(cert), Some(key)) => Some(client_tls(cert, key)?),
         (None, None) => None,
         _ => {
@@ -324,11 +332,7 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
             ));
         }
     };
-    if let Some(path) = args
-        .client_password_file
-        .as_ref()
-        .or(file.client_password_file.as_ref())
-    {
+    if let Some(path) = &settings.client_password_file {
         refuse_shared_secret_file(path)?;
         let text = std::fs::read_to_string(path)
             .map_err(CliError::io(format!("reading {}", path.display())))?;
@@ -342,6 +346,30 @@ fn config(args: &Args, file: &File) -> Result<ProxyConfig, CliError> {
         config.client_password = Some(Secret::new(password));
     }
     Ok(config)
+}
+
+/// The pool settings over their defaults.
+fn pool_config(settings: &Settings) -> PoolConfig {
+    let mut pool = PoolConfig::default();
+    if let Some(mode) = settings.pool_mode {
+        pool.mode = match mode {
+            PoolModeName::None => PoolMode::None,
+            PoolModeName::Session => PoolMode::Session,
+        };
+    }
+    pool.size = settings.pool_size.unwrap_or(pool.size);
+    pool.min_idle = settings.min_pool_size.unwrap_or(pool.min_idle);
+    pool.max_server_connections = settings
+        .max_server_connections
+        .unwrap_or(pool.max_server_connections);
+    pool.server_lifetime = settings.server_lifetime.unwrap_or(pool.server_lifetime);
+    pool.idle_timeout = settings.server_idle_timeout.unwrap_or(pool.idle_timeout);
+    pool.check_delay = settings.server_check_delay.unwrap_or(pool.check_delay);
+    if let Some(query) = &settings.server_reset_query {
+        pool.reset_query.clone_from(query);
+    }
+    pool.queue_timeout = settings.queue_timeout.unwrap_or(pool.queue_timeout);
+    pool
 }
 
 /// Refuses a secret file that others may read, as libpq refuses a `.pgpass` with group or
@@ -429,12 +457,15 @@ mod tests {
 
     #[test]
     fn the_file_fills_what_flags_leave_unset() {
-        let file: File = toml::from_str(
+        let file = parse_file(
             r#"
             listen = "127.0.0.1:6000"
             max_connections = 5
             drain_timeout = "3s"
             socket_mode = "660"
+            pool_size = 4
+            server_reset_query = ""
+            credential = "AzureCliCredential"
             [[instance]]
             upstream = "host=a.example"
             [[instance]]
@@ -445,14 +476,20 @@ mod tests {
             "#,
         )
         .unwrap();
-        let args = Args {
+        let flags = Settings {
             max_connections: Some(9),
-            ..Args::default()
+            ..Settings::default()
         };
-        let config = config(&args, &file).unwrap();
+        let settings = flags.or(file.settings);
+        let config = config(&[], &file.instances, &settings).unwrap();
         assert_eq!(config.max_connections, 9);
         assert_eq!(config.drain_timeout, Duration::from_secs(3));
         assert_eq!(config.socket_mode, 0o660);
+        assert_eq!(
+            (config.pool.size, config.pool.reset_query.as_str()),
+            (4, "")
+        );
+        assert_eq!(file.auth.credential.as_deref(), Some("AzureCliCredential"));
         let listens: Vec<String> = config
             .instances
             .iter()
@@ -465,6 +502,12 @@ mod tests {
             config.instances[1].client_roles,
             ClientRoles::Listed(vec!["readers".into(), "writers".into()])
         );
-        assert!(toml::from_str::<File>("nonsense = 1").is_err());
+        assert!(
+            parse_file("nonsense = 1")
+                .unwrap_err()
+                .contains("unknown setting")
+        );
+        assert!(parse_file("[[instance]]\nupstream = \"x\"\nport = 1").is_err());
+        assert!(parse_file("login_timeout = \"soon\"").is_err());
     }
 }

@@ -721,3 +721,74 @@ async fn pgbench_init_through_the_proxy_as_the_entra_administrator() {
     proxy.terminate();
     assert!(proxy.wait(SHORT).await.0.success());
 }
+
+/// The README's flag table of `pgentra proxy` and its `--help` list the same flags, with the
+/// same variables: neither can gain or lose a setting without the other.
+#[test]
+fn the_readme_flag_table_matches_help() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_pgentra"))
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    // Flags of every subcommand, not settings of the proxy.
+    let global = ["--help", "--version", "--verbose", "--json"];
+    let mut from_help = std::collections::BTreeMap::new();
+    let mut flag: Option<String> = None;
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('-') && line.starts_with("  ") && !line.starts_with("        ") {
+            flag = trimmed
+                .split([' ', ',', '[', '.'])
+                .find(|word| word.starts_with("--"))
+                .map(str::to_owned)
+                .filter(|f| !global.contains(&f.as_str()));
+            if let Some(flag) = &flag {
+                from_help.insert(flag.clone(), None);
+            }
+        } else if let (Some(flag), Some(env)) =
+            (&flag, trimmed.strip_prefix("[env: PGENTRA_PROXY_"))
+        {
+            let name = env.split('=').next().unwrap().to_owned();
+            from_help.insert(flag.clone(), Some(format!("_{name}")));
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let table = readme
+        .split("| Flag (`PGENTRA_PROXY_*` variable) | Default | Meaning |")
+        .nth(1)
+        .expect("the proxy's flag table in README.md");
+    let mut from_readme = std::collections::BTreeMap::new();
+    for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let first = row.split(" | ").next().unwrap();
+        // `--flag VALUE` (`_VARIABLE`), one or more per row.
+        for part in first.split("`, `").flat_map(|p| p.split("), ")) {
+            let words: Vec<&str> = part
+                .split(['`', ' ', '(', ')', '|', ','])
+                .filter(|w| !w.is_empty())
+                .collect();
+            let Some(flag) = words.iter().find(|w| w.starts_with("--")) else {
+                continue;
+            };
+            let env = words
+                .iter()
+                .find(|w| w.starts_with('_'))
+                .map(|e| (*e).to_owned());
+            from_readme.insert((*flag).to_owned(), env);
+        }
+    }
+    assert_eq!(
+        from_help.keys().collect::<Vec<_>>(),
+        from_readme.keys().collect::<Vec<_>>(),
+        "flags in --help but not in the README, or the reverse"
+    );
+    for (flag, env) in &from_help {
+        if env.is_some() {
+            assert_eq!(
+                env, &from_readme[flag],
+                "{flag}: the README names another variable"
+            );
+        }
+    }
+}

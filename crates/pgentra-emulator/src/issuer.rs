@@ -373,6 +373,8 @@ impl Issuer {
         claims.insert("nbf".into(), json!(now));
         claims.insert("exp".into(), json!(expires_on));
         claims.insert("ver".into(), json!("1.0"));
+        // Entra's unique token identifier: two tokens issued in the same second still differ.
+        claims.insert("uti".into(), json!(unique_token_id()));
         principal.name_claims(tenant, &mut claims);
         let groups = self.token_groups();
         if groups > 0 {
@@ -500,6 +502,17 @@ impl Issuer {
 /// The length of a JWT's signing input: header, dot, payload.
 fn header_len(token: &str) -> usize {
     token.rfind('.').unwrap_or(0)
+}
+
+/// A token identifier like Entra's `uti`: 16 random bytes, base64url.
+fn unique_token_id() -> String {
+    let mut bytes = [0u8; 16];
+    // Uniqueness, not secrecy: a failing OS generator still gives distinct identifiers here.
+    if getrandom::fill(&mut bytes).is_err() {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        bytes[..8].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    }
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Entra ID's v1 issuer for `tenant`.

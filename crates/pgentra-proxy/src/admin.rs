@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, and `POST /quitquitquit`.
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/pools` (JSON, like PgBouncer's
+//! `SHOW POOLS`), and `POST /quitquitquit`.
 //!
 //! It has no authentication, so it is bounded like a public one: at most
 //! [`MAX_ADMIN_CONNECTIONS`] connections at once, one request each, within
@@ -85,10 +86,20 @@ async fn route<B>(
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
         (&Method::GET, "/metrics") => {
-            let mut response = text(StatusCode::OK, shared.metrics.render(&shared.auth.stats()));
+            let mut body = shared.metrics.render(&shared.auth.stats());
+            body.push_str(&crate::metrics::render_pools(&pools(shared)));
+            let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
+        (&Method::GET, "/pools") => {
+            let mut response = text(StatusCode::OK, pools_json(shared));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
             );
             response
         }
@@ -163,6 +174,50 @@ async fn readiness(shared: &Shared) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Every upstream's pools, by its `host:port`.
+fn pools(shared: &Shared) -> Vec<(String, Vec<crate::pool::PoolSnapshot>)> {
+    shared
+        .instances()
+        .iter()
+        .map(|state| (state.target.name.clone(), state.pools.snapshots()))
+        .collect()
+}
+
+/// `/pools`, like PgBouncer's `SHOW POOLS`: one object per pool.
+fn pools_json(shared: &Shared) -> String {
+    let mode = shared.config.pool.mode.as_str();
+    let pools: Vec<serde_json::Value> = pools(shared)
+        .into_iter()
+        .flat_map(|(upstream, snapshots)| {
+            snapshots.into_iter().map(move |p| {
+                let closed: serde_json::Map<String, serde_json::Value> = p
+                    .closed
+                    .iter()
+                    .map(|(reason, n)| ((*reason).to_owned(), (*n).into()))
+                    .collect();
+                serde_json::json!({
+                    "upstream": upstream,
+                    "role": p.role,
+                    "database": p.database,
+                    "params": p.params,
+                    "mode": mode,
+                    "size": p.size,
+                    "server_active": p.active,
+                    "server_idle": p.idle,
+                    "clients_waiting": p.waiting,
+                    "server_logins": p.opened,
+                    "reuses": p.reused,
+                    "resets": p.resets,
+                    "waits": p.waits,
+                    "wait_seconds": p.wait_seconds,
+                    "server_closes": closed,
+                })
+            })
+        })
+        .collect();
+    format!("{}\n", serde_json::json!({ "mode": mode, "pools": pools }))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -2,7 +2,7 @@
 //! connection the session holds; a cancel request with that key is sent on over a new verified
 //! TLS connection with the server's real key. Unknown keys do nothing, as in PostgreSQL.
 
-use crate::server::{self, Target};
+use crate::server::{self, CancelsInFlight, Target};
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use std::collections::HashMap;
@@ -19,6 +19,8 @@ pub(crate) type Key = (i32, [u8; 4]);
 pub(crate) struct CancelTarget {
     pub(crate) target: Arc<Target>,
     pub(crate) key: Key,
+    /// The server connection's count of cancels on their way.
+    pub(crate) in_flight: Arc<CancelsInFlight>,
 }
 
 /// The proxy-issued keys of open sessions.
@@ -58,6 +60,8 @@ pub(crate) async fn forward(keys: &CancelKeys, pid: i32, key: &[u8], connect_tim
         tracing::debug!("cancel request with an unknown key ignored");
         return;
     };
+    // Until the server has it, the connection is not handed to another client.
+    let _in_flight = to.in_flight.start();
     match server::connect(&to.target, connect_timeout).await {
         Ok(mut stream) => {
             let mut request = BytesMut::new();

@@ -88,6 +88,89 @@ impl ClientRoles {
     }
 }
 
+/// How client sessions get server connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolMode {
+    /// Each client session logs in a server connection of its own, closed with it: for
+    /// clients that need a dedicated connection (or a replication one).
+    None,
+    /// A client gets a pooled server connection for its whole session; when it leaves, the
+    /// connection is reset (`DISCARD ALL`) and kept for the next client (PgBouncer's
+    /// `pool_mode = session`).
+    #[default]
+    Session,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "none" => Ok(Self::None),
+            "session" => Ok(Self::Session),
+            other => Err(format!("pool mode {other:?}: use none or session")),
+        }
+    }
+}
+
+impl PoolMode {
+    /// The mode's name, as `--pool-mode` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Session => "session",
+        }
+    }
+}
+
+/// How server connections are pooled. [`Default`] gives the documented defaults.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolConfig {
+    /// The pool mode.
+    pub mode: PoolMode,
+    /// Server connections per pool: per upstream, role, database and the startup parameters
+    /// that shape a session (20).
+    pub size: usize,
+    /// Idle server connections each pool keeps open (0); the pool of an instance's own role
+    /// and database (when the upstream names one) is filled at start.
+    pub min_idle: usize,
+    /// Server connections per upstream over all its pools, to stay under the server's
+    /// `max_connections` (0: no cap). At the cap, an idle connection of another pool is closed
+    /// to make room.
+    pub max_server_connections: usize,
+    /// How long a server connection lives (1 h); never longer than the token it logged in with
+    /// is valid, so a revoked identity loses access.
+    pub server_lifetime: Duration,
+    /// How long a server connection may stay idle before it is closed (10 min).
+    pub idle_timeout: Duration,
+    /// A connection idle longer than this is checked with an empty query before a client gets
+    /// it (30 s); one the server closed is never handed out, whatever its age.
+    pub check_delay: Duration,
+    /// What resets a connection when its client leaves (`DISCARD ALL`; empty: none).
+    pub reset_query: String,
+    /// How long a client waits for a server connection when the pool is full (30 s, and
+    /// never past its login timeout); then it gets SQLSTATE 53300.
+    pub queue_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            mode: PoolMode::Session,
+            size: 20,
+            min_idle: 0,
+            max_server_connections: 0,
+            server_lifetime: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(600),
+            check_delay: Duration::from_secs(30),
+            reset_query: "DISCARD ALL".into(),
+            queue_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// One upstream server and where the proxy listens for it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -155,6 +238,8 @@ pub struct ProxyConfig {
     pub allow_remote: bool,
     /// Permissions of Unix sockets.
     pub socket_mode: u32,
+    /// How server connections are pooled.
+    pub pool: PoolConfig,
 }
 
 /// Clients that may be in the startup phase at once, at the least: the bound on connections
@@ -175,6 +260,7 @@ impl Default for ProxyConfig {
             client_password: None,
             allow_remote: false,
             socket_mode: 0o600,
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -192,6 +278,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("client_password", &self.client_password)
             .field("allow_remote", &self.allow_remote)
             .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .field("pool", &self.pool)
             .finish()
     }
 }
@@ -209,6 +296,15 @@ impl ProxyConfig {
         }
         if self.max_connections == 0 {
             return config("max_connections must be at least 1".into());
+        }
+        if self.pool.size == 0 {
+            return config("the pool size must be at least 1".into());
+        }
+        if self.pool.min_idle > self.pool.size {
+            return config(format!(
+                "the minimum of idle server connections ({}) is more than the pool size ({})",
+                self.pool.min_idle, self.pool.size
+            ));
         }
         for instance in &self.instances {
             if instance.upstream.host.is_none() {

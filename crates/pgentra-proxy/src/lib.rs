@@ -52,8 +52,10 @@ mod admin;
 mod cancel;
 mod config;
 mod listen;
+mod maintain;
 mod metrics;
 mod password;
+mod pool;
 mod refusal;
 mod relay;
 mod server;
@@ -62,7 +64,7 @@ mod shared;
 pub mod startup;
 mod sync;
 
-pub use config::{ClientRoles, Instance, ProxyConfig, ProxyError};
+pub use config::{ClientRoles, Instance, PoolConfig, PoolMode, ProxyConfig, ProxyError};
 pub use metrics::Metrics;
 pub use refusal::Refusal;
 
@@ -133,7 +135,7 @@ impl Proxy {
         let mut instances = Vec::new();
         let mut listeners = Vec::new();
         for instance in &config.instances {
-            let state = Arc::new(InstanceState::new(instance.clone())?);
+            let state = Arc::new(InstanceState::new(instance.clone(), &config.pool)?);
             instances.push(Arc::clone(&state));
             let mut tcp_port = None;
             if let Some(addr) = instance.listen {
@@ -248,6 +250,7 @@ impl Proxy {
                 stop_tx.clone(),
             ));
         }
+        tasks.spawn(maintain::run(Arc::clone(&self.shared), stop_rx.clone()));
         let mut stopped = stop_rx.clone();
         tokio::select! {
             () = shutdown => {}

@@ -1,5 +1,6 @@
 //! Counters of the proxy's work, rendered in the Prometheus text format.
 
+use crate::pool::PoolSnapshot;
 use crate::refusal::Reason;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +183,107 @@ impl Metrics {
         );
         out
     }
+}
+
+/// A Prometheus label value, escaped (backslash, double quote and newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// One sample of a pool family: the extra labels (after the pool's own) and the value.
+type Samples = fn(&PoolSnapshot) -> Vec<(String, f64)>;
+
+#[allow(clippy::cast_precision_loss)] // counts stay far below 2^53
+fn count(value: u64) -> f64 {
+    value as f64
+}
+
+/// The pools' families, labelled by upstream, role and database.
+const POOL_FAMILIES: [(&str, &str, &str, Samples); 8] = [
+    (
+        "pool_server_connections",
+        "gauge",
+        "Server connections of a pool, by state (idle, active).",
+        |p| {
+            vec![
+                (",state=\"idle\"".into(), count(p.idle)),
+                (",state=\"active\"".into(), count(p.active)),
+            ]
+        },
+    ),
+    (
+        "pool_clients_waiting",
+        "gauge",
+        "Clients waiting for a server connection now.",
+        |p| vec![(String::new(), count(p.waiting))],
+    ),
+    (
+        "pool_server_logins_total",
+        "counter",
+        "Server connections opened (each an upstream login with a token).",
+        |p| vec![(String::new(), count(p.opened))],
+    ),
+    (
+        "pool_reuses_total",
+        "counter",
+        "Clients given an idle server connection, without a new login.",
+        |p| vec![(String::new(), count(p.reused))],
+    ),
+    (
+        "pool_resets_total",
+        "counter",
+        "Server connections reset with the reset query and put back.",
+        |p| vec![(String::new(), count(p.resets))],
+    ),
+    (
+        "pool_waits_total",
+        "counter",
+        "Clients that waited for a server connection.",
+        |p| vec![(String::new(), count(p.waits))],
+    ),
+    (
+        "pool_wait_seconds_total",
+        "counter",
+        "Time clients spent waiting for a server connection.",
+        |p| vec![(String::new(), p.wait_seconds)],
+    ),
+    (
+        "pool_server_closes_total",
+        "counter",
+        "Server connections closed, by reason.",
+        |p| {
+            p.closed
+                .iter()
+                .map(|(reason, n)| (format!(",reason=\"{reason}\""), count(*n)))
+                .collect()
+        },
+    ),
+];
+
+/// The pools' families in the Prometheus text format: per upstream, its pools.
+pub(crate) fn render_pools(pools: &[(String, Vec<PoolSnapshot>)]) -> String {
+    let mut out = String::new();
+    for (name, kind, help, samples) in POOL_FAMILIES {
+        let _ = writeln!(out, "# HELP pgentra_proxy_{name} {help}");
+        let _ = writeln!(out, "# TYPE pgentra_proxy_{name} {kind}");
+        for (upstream, snapshots) in pools {
+            for pool in snapshots {
+                let labels = format!(
+                    "upstream=\"{}\",role=\"{}\",database=\"{}\"",
+                    label(upstream),
+                    label(&pool.role),
+                    label(&pool.database)
+                );
+                for (extra, value) in samples(pool) {
+                    let _ = writeln!(out, "pgentra_proxy_{name}{{{labels}{extra}}} {value}");
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -69,3 +69,240 @@ where
         *count += n as u64;
     }
 }
+
+/// Walks the messages of one direction of a session as its bytes arrive, without waiting for
+/// whole messages (a `COPY` row or a result set passes through as it comes): each message's
+/// tag is known when its 5-byte header is complete, and the bodies of the few it is asked to
+/// keep when they are.
+#[derive(Debug, Default)]
+struct Framer {
+    head: [u8; 5],
+    head_len: usize,
+    /// Body bytes of the current message still to come.
+    left: usize,
+    tag: u8,
+    body: Vec<u8>,
+    keeping: bool,
+}
+
+/// Longest body the framer keeps (`ReadyForQuery` is 1 byte, `ParameterStatus` small).
+const MAX_KEPT: usize = 64 * 1024;
+
+/// What the framer tells its caller about a message.
+enum Seen<'a> {
+    /// A header is complete. The caller returns whether to pass the message on.
+    Header { tag: u8 },
+    /// A message kept by [`Framer::feed`]'s `keep` is complete.
+    Body { tag: u8, body: &'a [u8] },
+}
+
+impl Framer {
+    /// Feeds `chunk`: the bytes to pass on go to `out` (headers once complete, so a message
+    /// refused at its header is never partly sent), and `seen` hears of each header and kept
+    /// body. Returns `Err` for a length the protocol does not allow.
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+        keep: impl Fn(u8) -> bool,
+        mut seen: impl FnMut(Seen<'_>) -> bool,
+    ) -> Result<(), ()> {
+        let mut at = 0;
+        while at < chunk.len() {
+            if self.left == 0 {
+                let take = (5 - self.head_len).min(chunk.len() - at);
+                self.head[self.head_len..self.head_len + take]
+                    .copy_from_slice(&chunk[at..at + take]);
+                self.head_len += take;
+                at += take;
+                if self.head_len < 5 {
+                    break;
+                }
+                self.head_len = 0;
+                self.tag = self.head[0];
+                let len =
+                    i32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                let body = usize::try_from(len)
+                    .ok()
+                    .and_then(|l| l.checked_sub(4))
+                    .ok_or(())?;
+                let pass = seen(Seen::Header { tag: self.tag });
+                if pass {
+                    out.extend_from_slice(&self.head);
+                }
+                self.keeping = pass && keep(self.tag) && body <= MAX_KEPT;
+                self.body.clear();
+                self.left = body;
+                if body == 0 && self.keeping {
+                    seen(Seen::Body {
+                        tag: self.tag,
+                        body: &[],
+                    });
+                }
+                if !pass && body > 0 {
+                    // Only bodiless messages are refused (Terminate).
+                    return Err(());
+                }
+            } else {
+                let take = self.left.min(chunk.len() - at);
+                let part = &chunk[at..at + take];
+                out.extend_from_slice(part);
+                if self.keeping {
+                    self.body.extend_from_slice(part);
+                }
+                self.left -= take;
+                at += take;
+                if self.left == 0 && self.keeping {
+                    seen(Seen::Body {
+                        tag: self.tag,
+                        body: &self.body,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a pooled session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The client sent `Terminate` (not passed to the server), or closed its connection, and
+    /// every query it sent was answered: the server connection may go back to the pool.
+    ClientDone,
+    /// The client went away with a query, a `COPY` or a transaction step unanswered, or broke
+    /// the protocol.
+    ClientGone,
+    /// The server closed the connection or broke the protocol.
+    ServerGone,
+    /// The drain timeout ended the session.
+    Killed,
+}
+
+/// What the relay of a pooled session learnt.
+#[derive(Debug)]
+pub(crate) struct SessionEnd {
+    pub(crate) ending: Ending,
+    pub(crate) relayed: Relayed,
+    /// The status of the server's last `ReadyForQuery` (`I`, `T` or `E`).
+    pub(crate) status: u8,
+}
+
+/// Relays a client's session over a pooled server connection, message-aware: the client's
+/// `Terminate` ends the session without ending the server's; `ReadyForQuery` says whether the
+/// server is idle, in a transaction or in a failed one; `ParameterStatus` keeps `params` what
+/// the server's are, for the next client. A client that closes its side still gets the answers
+/// to what it sent (as from PostgreSQL) before the session ends.
+pub(crate) async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Box<dyn Stream>,
+    server: &mut S,
+    params: &mut crate::server::Params,
+    kill: watch::Receiver<bool>,
+) -> SessionEnd {
+    let mut end = SessionEnd {
+        ending: Ending::ClientDone,
+        relayed: Relayed::default(),
+        status: b'I',
+    };
+    let (mut from_client, mut from_server) = (Framer::default(), Framer::default());
+    let (mut client_buf, mut server_buf) = (vec![0u8; RELAY_BUFFER], vec![0u8; RELAY_BUFFER]);
+    let mut out = Vec::with_capacity(RELAY_BUFFER);
+    // Queries, function calls and Syncs the server has yet to answer with ReadyForQuery.
+    let mut pending: usize = 0;
+    let mut client_open = true;
+    let killed = async move {
+        let mut kill = kill;
+        let _ = kill.wait_for(|kill| *kill).await;
+    };
+    tokio::pin!(killed);
+    loop {
+        if !client_open && pending == 0 {
+            end.ending = Ending::ClientDone;
+            return end;
+        }
+        tokio::select! {
+            read = client.read(&mut client_buf), if client_open => {
+                let n = match read {
+                    Ok(0) => {
+                        client_open = false;
+                        continue;
+                    }
+                    Ok(n) => n,
+                    Err(_) => {
+                        end.ending = Ending::ClientGone;
+                        return end;
+                    }
+                };
+                out.clear();
+                let mut terminated = false;
+                let fed = from_client.feed(&client_buf[..n], &mut out, |_| false, |seen| {
+                    if let Seen::Header { tag, .. } = seen {
+                        match tag {
+                            b'X' => {
+                                terminated = true;
+                                return false;
+                            }
+                            b'Q' | b'S' | b'F' => pending += 1,
+                            _ => {}
+                        }
+                    }
+                    !terminated
+                });
+                if fed.is_err() {
+                    end.ending = Ending::ClientGone;
+                    return end;
+                }
+                // What follows a Terminate is not passed on (the framer stopped taking it).
+                if !out.is_empty() {
+                    if server.write_all(&out).await.and(server.flush().await).is_err() {
+                        end.ending = Ending::ServerGone;
+                        return end;
+                    }
+                    end.relayed.to_server += out.len() as u64;
+                }
+                if terminated {
+                    client_open = false;
+                }
+            }
+            read = server.read(&mut server_buf) => {
+                let n = match read {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        end.ending = Ending::ServerGone;
+                        return end;
+                    }
+                };
+                out.clear();
+                let fed = from_server.feed(&server_buf[..n], &mut out, |tag| matches!(tag, b'Z' | b'S'), |seen| {
+                    match seen {
+                        Seen::Body { tag: b'Z', body } => {
+                            pending = pending.saturating_sub(1);
+                            end.status = body.first().copied().unwrap_or(b'E');
+                        }
+                        Seen::Body { tag: b'S', body } => params.report(body),
+                        _ => {}
+                    }
+                    true
+                });
+                if fed.is_err() {
+                    end.ending = Ending::ServerGone;
+                    return end;
+                }
+                // A client that closed its side may no longer read; the answers are then
+                // dropped, but still counted so the session ends cleanly.
+                if client_open || !out.is_empty() {
+                    let written = client.write_all(&out).await.and(client.flush().await);
+                    if written.is_err() && client_open {
+                        end.ending = Ending::ClientGone;
+                        return end;
+                    }
+                }
+                end.relayed.to_client += out.len() as u64;
+            }
+            () = &mut killed => {
+                end.ending = Ending::Killed;
+                return end;
+            }
+        }
+    }
+}

@@ -8,9 +8,12 @@ use bytes::{Bytes, BytesMut};
 use pgentra::Secret;
 use pgentra_wire::{ErrorFields, MAX_STARTUP_PACKET, startup_message};
 use postgres_protocol::message::{backend, frontend};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
 
 /// Largest server message read during the login (`ParameterStatus`, notices, errors).
@@ -53,8 +56,107 @@ pub(crate) struct ServerConn {
     /// `AuthenticationOk`, the `ParameterStatus` messages and any notices. (`BackendKeyData`
     /// is the proxy's to issue, and `ReadyForQuery` comes last.)
     pub(crate) welcome: Bytes,
+    /// The server's parameters as it last reported them (`ParameterStatus`), in the order it
+    /// first did.
+    pub(crate) params: Params,
+    /// The parameters right after the login: what `RESET ALL` (and `DISCARD ALL`) returns to.
+    pub(crate) defaults: Params,
     /// The server's own cancel key.
     pub(crate) key: (i32, [u8; 4]),
+    /// Cancel requests on their way to this connection.
+    pub(crate) cancels: Arc<CancelsInFlight>,
+}
+
+/// Parameters as a server reports them: names and values (bytes, as the server sent them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Params(pub(crate) Vec<(String, Bytes)>);
+
+impl Params {
+    pub(crate) fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Records a reported value, keeping the order of first reports.
+    pub(crate) fn set(&mut self, name: &str, value: Bytes) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, old)) => *old = value,
+            None => self.0.push((name.to_owned(), value)),
+        }
+    }
+
+    /// Records a `ParameterStatus` body (`name\0value\0`), if well formed.
+    pub(crate) fn report(&mut self, body: &[u8]) {
+        let mut parts = body.split(|b| *b == 0);
+        if let (Some(name), Some(value)) = (parts.next(), parts.next())
+            && let Ok(name) = std::str::from_utf8(name)
+        {
+            self.set(name, Bytes::copy_from_slice(value));
+        }
+    }
+
+    /// The `ParameterStatus` messages for these parameters, in order.
+    pub(crate) fn messages(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (name, value) in &self.0 {
+            let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value);
+            body.push(0);
+            out.extend_from_slice(&pgentra_wire::message(b'S', &body));
+        }
+        out
+    }
+}
+
+/// Cancel requests sent on to a server connection and not yet acknowledged (the server closes
+/// the cancel connection once it has signalled the backend): a connection is not handed to
+/// another client while one is on its way, or it could cancel that client's query.
+#[derive(Debug, Default)]
+pub(crate) struct CancelsInFlight {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+impl CancelsInFlight {
+    /// Counts one until the returned guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> CancelGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        CancelGuard(Arc::clone(self))
+    }
+
+    /// Resolves once none is in flight, or after `limit`; whether none is.
+    pub(crate) async fn settled(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let done = self.done.notified();
+                if self.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+/// One cancel request in flight.
+pub(crate) struct CancelGuard(Arc<CancelsInFlight>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.done.notify_waiters();
+    }
+}
+
+/// Why one of the proxy's own queries on a server connection failed.
+#[derive(Debug)]
+pub(crate) enum QueryError {
+    /// The server answered with an error (the connection is still usable).
+    Server(ErrorFields),
+    /// The connection broke, sent what is not the protocol, or did not answer in time.
+    Broken(String),
 }
 
 impl ServerConn {
@@ -65,6 +167,55 @@ impl ServerConn {
         let _ = self.stream.write_all(&message).await;
         let _ = self.stream.shutdown().await;
     }
+
+    /// Runs `sql` as a simple query of the proxy's own, within `limit`: its answers are read and
+    /// dropped, but the parameters it changes are recorded. The `ReadyForQuery` status on
+    /// success.
+    pub(crate) async fn query(&mut self, sql: &str, limit: Duration) -> Result<u8, QueryError> {
+        let run = async {
+            let mut message = BytesMut::new();
+            frontend::query(sql, &mut message).map_err(|e| QueryError::Broken(e.to_string()))?;
+            self.stream.write_all(&message).await.map_err(broken)?;
+            self.stream.flush().await.map_err(broken)?;
+            let mut buffer = BytesMut::new();
+            let mut error = None;
+            loop {
+                let raw = read_message(&mut self.stream, &mut buffer)
+                    .await
+                    .map_err(|e| QueryError::Broken(e.to_string()))?;
+                match raw[0] {
+                    b'S' => self.params.report(&raw[5..]),
+                    b'E' => error = ErrorFields::parse(&raw[5..]).ok(),
+                    b'Z' => {
+                        let status = raw.get(5).copied().unwrap_or(b'E');
+                        return match error {
+                            Some(error) => Err(QueryError::Server(error)),
+                            None => Ok(status),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(limit, run)
+            .await
+            .map_err(|_| QueryError::Broken(format!("no answer within {limit:?}")))?
+    }
+
+    /// Whether the server has closed the connection or said something while idle (a
+    /// `FATAL` on shutdown, say): such a connection is never handed to a client.
+    pub(crate) fn looks_closed(&self) -> bool {
+        let tcp = self.stream.get_ref().0;
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        !matches!(tcp.poll_peek(&mut cx, &mut buf), std::task::Poll::Pending)
+    }
+}
+
+fn broken(error: std::io::Error) -> QueryError {
+    QueryError::Broken(error.to_string())
 }
 
 /// Why an upstream login failed.
@@ -177,6 +328,7 @@ pub(crate) async fn login(
     stream.flush().await?;
     let mut buffer = BytesMut::with_capacity(4096);
     let mut welcome = BytesMut::new();
+    let mut params = Params::default();
     let mut key = None;
     loop {
         let raw = read_message(&mut stream, &mut buffer).await?;
@@ -191,9 +343,13 @@ pub(crate) async fn login(
                 stream.write_all(&answer).await?;
                 stream.flush().await?;
             }
-            backend::Message::AuthenticationOk
-            | backend::Message::ParameterStatus(_)
-            | backend::Message::NoticeResponse(_) => welcome.extend_from_slice(&raw),
+            backend::Message::ParameterStatus(_) => {
+                params.report(&raw[5..]);
+                welcome.extend_from_slice(&raw);
+            }
+            backend::Message::AuthenticationOk | backend::Message::NoticeResponse(_) => {
+                welcome.extend_from_slice(&raw);
+            }
             backend::Message::BackendKeyData(body) => {
                 key = Some((body.process_id(), body.secret_key().to_be_bytes()));
             }
@@ -202,7 +358,10 @@ pub(crate) async fn login(
                 return Ok(ServerConn {
                     stream,
                     welcome: welcome.freeze(),
+                    defaults: params.clone(),
+                    params,
                     key,
+                    cancels: Arc::default(),
                 });
             }
             backend::Message::ErrorResponse(_) => {

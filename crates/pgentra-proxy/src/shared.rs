@@ -5,6 +5,7 @@ use crate::cancel::CancelKeys;
 use crate::config::{Instance, ProxyConfig, ProxyError};
 use crate::metrics::Metrics;
 use crate::password::PasswordGate;
+use crate::pool::Pools;
 use crate::server::Target;
 use pgentra::EntraAuth;
 use std::sync::Arc;
@@ -86,16 +87,21 @@ impl Shared {
     }
 }
 
-/// One upstream server's settings and how to reach it.
+/// One upstream server's settings, how to reach it, and its server connections.
 pub(crate) struct InstanceState {
     pub(crate) instance: Instance,
     pub(crate) target: Arc<Target>,
+    pub(crate) pools: Pools,
 }
 
 impl InstanceState {
-    pub(crate) fn new(instance: Instance) -> Result<Self, ProxyError> {
+    pub(crate) fn new(
+        instance: Instance,
+        pool: &crate::config::PoolConfig,
+    ) -> Result<Self, ProxyError> {
         Ok(Self {
             target: Arc::new(Target::new(&instance)?),
+            pools: Pools::new(pool.clone()),
             instance,
         })
     }

@@ -374,6 +374,14 @@ impl ErrorFields {
         Ok(Self(fields))
     }
 
+    /// The same error as a `FATAL` one (an `ERROR` of a query the proxy ran for a login, which
+    /// the client is to see as PostgreSQL shows a login refused).
+    pub fn into_fatal(mut self) -> Self {
+        self.set(b'S', "FATAL");
+        self.set(b'V', "FATAL");
+        self
+    }
+
     /// The value of a field.
     pub fn get(&self, kind: u8) -> Option<&str> {
         self.0

@@ -588,7 +588,7 @@ async fn failures_surface_with_their_causes(kind: Kind) {
         "{kind:?}: {err}"
     );
 
-    // The gateway refuses the token (a managed identity's token for alice's role): the
+    // The gateway refuses the token (a managed identity's token for alice's role, a user's): the
     // driver's error carries the server's message, and never the token.
     let identity = Principal::user_assigned_identity(MANAGED_IDENTITY);
     let credential = managed_identity(emulator, Some(&identity));
@@ -607,7 +607,7 @@ async fn failures_surface_with_their_causes(kind: Kind) {
         .unwrap_err();
     assert!(
         err.contains(&format!(
-            "password authentication failed for user \"{USER}\""
+            "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[{USER}]"
         )),
         "{kind:?}: {err}"
     );

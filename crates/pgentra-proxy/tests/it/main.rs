@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cancel;
+mod pooling;
 mod refusals;
 mod sessions;
 mod support;

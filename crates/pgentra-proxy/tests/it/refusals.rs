@@ -263,12 +263,10 @@ async fn a_failing_token_endpoint_gets_the_client_a_fatal() {
     let nothing = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let (result, _) = login_with_token_endpoint(emulator, imds_auth(&nothing, LOGIN), LOGIN).await;
+    // Whichever comes first, the credential's own failure or the login deadline, it is said.
     let (code, message) = refused(&result);
     assert_eq!(code, "08001", "{message}");
-    assert!(
-        message.contains("could not get an Entra ID token"),
-        "{message}"
-    );
+    assert!(message.contains("Entra ID token"), "{message}");
 
     for status in [500, 429, 503] {
         let endpoint = own_token_endpoint(emulator);
@@ -340,8 +338,9 @@ async fn psql_sees_why_when_the_token_endpoint_hangs() {
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
+    // The provider's timeout and the login deadline are equal: either may speak first.
     assert!(
-        stderr.contains("FATAL:  the pgentra proxy got no Entra ID token"),
+        stderr.contains("FATAL:  the pgentra proxy") && stderr.contains("Entra ID token"),
         "{stderr}"
     );
     assert!(

@@ -163,7 +163,11 @@ async fn sessions_survive_token_refreshes() {
     .await
     .unwrap();
     let auth = auth(&emulator);
-    let proxy = Running::start(config(&emulator), auth.clone()).await;
+    // Each session its own server connection: every new session is a login with the token of
+    // that moment.
+    let mut config = config(&emulator);
+    config.pool.mode = PoolMode::None;
+    let proxy = Running::start(config, auth.clone()).await;
     let client = connect(proxy.addr(), USER, |_| {}).await.unwrap();
     let first_expiry = auth.stats().expires_at.expect("a cached token");
 
@@ -348,8 +352,20 @@ async fn startup_parameters_travel_both_ways_as_values() {
     assert!(exists, "the startup parameter was executed");
     drop(client);
     cluster.psql(&format!("drop table {table};")).unwrap();
+    drop(stream);
+    proxy.stop().await;
+}
 
-    // After ReadyForQuery it is a byte pipe: a Terminate ends the backend too.
+/// With pool mode `none`, a session is a byte pipe over a server connection of its own: a
+/// Terminate ends the backend too.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_pooling_a_session_ends_its_backend() {
+    let emulator = Emulator::shared();
+    let mut config = config(emulator);
+    config.pool.mode = PoolMode::None;
+    let proxy = Running::start(config, auth(emulator)).await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut stream, &[("database", "postgres")]).await;
     let pid = raw_value(&mut stream, "select pg_backend_pid()").await;
     stream.write_all(&message(b'X', &[])).await.unwrap();
     assert!(read_until_closed(&mut stream, SHORT).await.is_empty());

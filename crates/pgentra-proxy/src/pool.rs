@@ -1,0 +1,433 @@
+//! Server connections kept between clients: one pool per upstream and (role, database, the
+//! startup parameters that shape a session), as PgBouncer's session pooling.
+//!
+//! A client takes an idle connection (checked first: one the server closed is never handed
+//! out), or a slot to log in a new one (up to the pool size, and the upstream's total cap), or
+//! waits in the queue for either, up to the queue timeout. When it leaves, its connection is
+//! reset and put back, or closed. Connections retire after their lifetime (never later than the
+//! token they logged in with expires, so a revoked identity loses access) and after being idle
+//! too long; a background task does that and keeps each pool's minimum of idle connections.
+
+use crate::config::PoolConfig;
+use crate::server::ServerConn;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Startup parameters the proxy sets on a pooled connection with `SET`, rather than keeping a
+/// pool per value: the ones PostgreSQL reports with `ParameterStatus`, so their values are
+/// tracked as sessions change them (PgBouncer's list, and `IntervalStyle`). Lowercase names
+/// match the client's spelling; the second is the server's.
+pub(crate) const TRACKED: [(&str, &str); 6] = [
+    ("application_name", "application_name"),
+    ("client_encoding", "client_encoding"),
+    ("datestyle", "DateStyle"),
+    ("timezone", "TimeZone"),
+    ("intervalstyle", "IntervalStyle"),
+    ("standard_conforming_strings", "standard_conforming_strings"),
+];
+
+/// The server's name of a tracked parameter, if `name` is one.
+pub(crate) fn tracked(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    TRACKED
+        .iter()
+        .find(|(client, _)| *client == lower)
+        .map(|(_, server)| *server)
+}
+
+/// What tells one pool from another on the same upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) role: String,
+    pub(crate) database: String,
+    /// The startup parameters that are not tracked (`options`, `search_path`, ...), sorted:
+    /// they go into the server's startup message, so they shape the whole session.
+    pub(crate) params: Vec<(String, Bytes)>,
+}
+
+/// Why a server connection was closed, as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// Past its lifetime, or its token's expiry.
+    Lifetime,
+    /// Idle past the idle timeout.
+    Idle,
+    /// The server closed it, or it failed a check.
+    Broken,
+    /// The client left in the middle of a query, a `COPY`, or a cancel request.
+    ClientLeft,
+    /// The reset or rollback failed.
+    ResetFailed,
+    /// Made room under the upstream's cap for another pool.
+    Evicted,
+    /// The proxy is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub(crate) const ALL: [Self; 7] = [
+        Self::Lifetime,
+        Self::Idle,
+        Self::Broken,
+        Self::ClientLeft,
+        Self::ResetFailed,
+        Self::Evicted,
+        Self::Shutdown,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Lifetime => "lifetime",
+            Self::Idle => "idle_timeout",
+            Self::Broken => "broken",
+            Self::ClientLeft => "client_left",
+            Self::ResetFailed => "reset_failed",
+            Self::Evicted => "evicted",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// A pool's counters.
+#[derive(Debug, Default)]
+pub(crate) struct PoolStats {
+    pub(crate) opened: AtomicU64,
+    pub(crate) reused: AtomicU64,
+    pub(crate) resets: AtomicU64,
+    pub(crate) waits: AtomicU64,
+    pub(crate) wait_micros: AtomicU64,
+    pub(crate) waiting: AtomicU64,
+    pub(crate) active: AtomicU64,
+    closed: [AtomicU64; CloseReason::ALL.len()],
+}
+
+/// What a pool looks like now, for `/metrics` and `/pools`.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSnapshot {
+    pub(crate) role: String,
+    pub(crate) database: String,
+    /// Names of the startup parameters that shape this pool's sessions.
+    pub(crate) params: Vec<String>,
+    pub(crate) size: usize,
+    pub(crate) active: u64,
+    pub(crate) idle: u64,
+    pub(crate) waiting: u64,
+    pub(crate) opened: u64,
+    pub(crate) reused: u64,
+    pub(crate) resets: u64,
+    pub(crate) waits: u64,
+    pub(crate) wait_seconds: f64,
+    pub(crate) closed: Vec<(&'static str, u64)>,
+}
+
+/// A server connection and the slots it takes, in a pool or with a client.
+pub(crate) struct Pooled {
+    pub(crate) server: ServerConn,
+    /// When it retires: its lifetime, or its token's expiry if sooner.
+    pub(crate) retire_at: Instant,
+    /// When it was last returned (or opened).
+    pub(crate) idle_since: Instant,
+    _slots: Slots,
+}
+
+/// A place in the pool's size and in the upstream's total cap. Giving it back wakes the
+/// clients waiting for one.
+pub(crate) struct Slots {
+    _pool: OwnedSemaphorePermit,
+    _upstream: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // The permits are released right after this, before any waiter runs again.
+        self.freed.notify_waiters();
+    }
+}
+
+/// What a client gets from [`Pool::checkout`].
+pub(crate) enum Checkout {
+    /// An idle connection, to check before use.
+    Idle(Box<Pooled>),
+    /// Room for a new connection, to log in.
+    Open(Slots),
+}
+
+/// The server connections of one upstream, pool by pool, and its total cap.
+pub(crate) struct Pools {
+    config: PoolConfig,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// The upstream's total cap (`None`: no cap).
+    upstream: Option<Arc<Semaphore>>,
+    /// Woken when a connection of this upstream closes, so that waiters of a pool held back by
+    /// the total cap look again.
+    freed: Arc<Notify>,
+}
+
+impl Pools {
+    pub(crate) fn new(config: PoolConfig) -> Self {
+        Self {
+            upstream: (config.max_server_connections > 0)
+                .then(|| Arc::new(Semaphore::new(config.max_server_connections))),
+            config,
+            pools: Mutex::new(HashMap::new()),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The pool for `key`, made on first use.
+    pub(crate) fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+        let mut pools = crate::sync::lock(&self.pools);
+        Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
+            Arc::new(Pool {
+                key: key.clone(),
+                slots: Arc::new(Semaphore::new(self.config.size)),
+                idle: Mutex::new(Vec::new()),
+                available: Notify::new(),
+                stats: PoolStats::default(),
+            })
+        }))
+    }
+
+    /// Every pool.
+    pub(crate) fn all(&self) -> Vec<Arc<Pool>> {
+        crate::sync::lock(&self.pools).values().cloned().collect()
+    }
+
+    /// Every pool's state, ordered by role and database.
+    pub(crate) fn snapshots(&self) -> Vec<PoolSnapshot> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut all: Vec<PoolSnapshot> = self
+            .all()
+            .iter()
+            .map(|pool| {
+                let stats = &pool.stats;
+                PoolSnapshot {
+                    role: pool.key.role.clone(),
+                    database: pool.key.database.clone(),
+                    params: pool.key.params.iter().map(|(n, _)| n.clone()).collect(),
+                    size: self.config.size,
+                    active: load(&stats.active),
+                    idle: pool.idle_count() as u64,
+                    waiting: load(&stats.waiting),
+                    opened: load(&stats.opened),
+                    reused: load(&stats.reused),
+                    resets: load(&stats.resets),
+                    waits: load(&stats.waits),
+                    #[allow(clippy::cast_precision_loss)] // far below 2^53 µs
+                    wait_seconds: load(&stats.wait_micros) as f64 / 1e6,
+                    closed: CloseReason::ALL
+                        .iter()
+                        .map(|r| (r.label(), load(&stats.closed[r.index()])))
+                        .collect(),
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.role, &a.database).cmp(&(&b.role, &b.database)));
+        all
+    }
+
+    /// An idle connection, or room for a new one, waiting in `pool`'s queue until `until`.
+    /// `None` when none came in time.
+    pub(crate) async fn checkout(
+        &self,
+        pool: &Pool,
+        until: tokio::time::Instant,
+    ) -> Option<Checkout> {
+        let started = Instant::now();
+        let mut counted = false;
+        let waited = |counted: bool| {
+            if counted {
+                pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                pool.stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
+            }
+        };
+        loop {
+            // Registered before looking, so a connection returned meanwhile is not missed.
+            let available = pool.available.notified();
+            let freed = self.freed.notified();
+            tokio::pin!(available, freed);
+            available.as_mut().enable();
+            freed.as_mut().enable();
+            if let Some(idle) = pool.take_idle() {
+                waited(counted);
+                return Some(Checkout::Idle(idle));
+            }
+            if let Some(slots) = self.try_slots(pool) {
+                waited(counted);
+                return Some(Checkout::Open(slots));
+            }
+            if !counted {
+                counted = true;
+                pool.stats.waits.fetch_add(1, Ordering::Relaxed);
+                pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                () = &mut available => {}
+                () = &mut freed => {}
+                () = tokio::time::sleep_until(until) => {
+                    waited(counted);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// A slot in `pool` and under the upstream's cap; at the cap, an idle connection of another
+    /// pool makes room.
+    pub(crate) fn try_slots(&self, pool: &Pool) -> Option<Slots> {
+        let own = Arc::clone(&pool.slots).try_acquire_owned().ok()?;
+        let slots = |upstream| Slots {
+            _pool: own,
+            _upstream: upstream,
+            freed: Arc::clone(&self.freed),
+        };
+        let Some(upstream) = &self.upstream else {
+            return Some(slots(None));
+        };
+        if let Ok(permit) = Arc::clone(upstream).try_acquire_owned() {
+            return Some(slots(Some(permit)));
+        }
+        let victim = self
+            .all()
+            .into_iter()
+            .filter(|other| other.key != pool.key)
+            .find_map(|other| other.take_oldest_idle().map(|idle| (other, idle)));
+        let (other, idle) = victim?;
+        // Closed here, not in the background: its permit must be free now.
+        other.count_close(CloseReason::Evicted);
+        let Pooled { server, _slots, .. } = *idle;
+        drop(_slots);
+        tokio::spawn(terminate(server));
+        let permit = Arc::clone(upstream).try_acquire_owned().ok()?;
+        Some(slots(Some(permit)))
+    }
+
+    /// Wraps a connection just logged in with `slots`, retiring at `token_expiry` or its
+    /// lifetime, whichever comes first.
+    pub(crate) fn pooled(
+        &self,
+        server: ServerConn,
+        slots: Slots,
+        token_expiry: std::time::SystemTime,
+    ) -> Pooled {
+        let until_expiry = token_expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let now = Instant::now();
+        Pooled {
+            retire_at: now + until_expiry.min(self.config.server_lifetime),
+            idle_since: now,
+            server,
+            _slots: slots,
+        }
+    }
+
+    /// Closes idle connections past their lifetime or idle timeout (keeping each pool's
+    /// minimum), for the background task.
+    pub(crate) fn retire(&self) {
+        let now = Instant::now();
+        for pool in self.all() {
+            let expired: Vec<(Pooled, CloseReason)> = {
+                let mut idle = crate::sync::lock(&pool.idle);
+                let mut kept = Vec::with_capacity(idle.len());
+                let mut out = Vec::new();
+                let total = idle.len();
+                for conn in idle.drain(..) {
+                    if now >= conn.retire_at {
+                        out.push((conn, CloseReason::Lifetime));
+                    } else if now.duration_since(conn.idle_since) >= self.config.idle_timeout
+                        && total - out.len() > self.config.min_idle
+                    {
+                        out.push((conn, CloseReason::Idle));
+                    } else {
+                        kept.push(conn);
+                    }
+                }
+                *idle = kept;
+                out
+            };
+            for (conn, reason) in expired {
+                pool.close(conn, reason);
+            }
+        }
+    }
+
+    /// How many more idle connections `pool` should have to reach its minimum.
+    pub(crate) fn missing_idle(&self, pool: &Pool) -> usize {
+        let idle = crate::sync::lock(&pool.idle).len();
+        self.config.min_idle.saturating_sub(idle)
+    }
+
+    /// Closes every idle connection (the proxy is stopping).
+    pub(crate) fn close_all(&self) {
+        for pool in self.all() {
+            let idle: Vec<Pooled> = crate::sync::lock(&pool.idle).drain(..).collect();
+            for conn in idle {
+                pool.close(conn, CloseReason::Shutdown);
+            }
+        }
+    }
+}
+
+/// One pool: its idle connections, its size, its queue and its counters.
+pub(crate) struct Pool {
+    pub(crate) key: PoolKey,
+    slots: Arc<Semaphore>,
+    /// Most recently returned last (handed out first: its caches are warm).
+    idle: Mutex<Vec<Pooled>>,
+    available: Notify,
+    pub(crate) stats: PoolStats,
+}
+
+impl Pool {
+    fn take_idle(&self) -> Option<Box<Pooled>> {
+        crate::sync::lock(&self.idle).pop().map(Box::new)
+    }
+
+    fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
+        let mut idle = crate::sync::lock(&self.idle);
+        (!idle.is_empty()).then(|| Box::new(idle.remove(0)))
+    }
+
+    /// Idle connections now.
+    pub(crate) fn idle_count(&self) -> usize {
+        crate::sync::lock(&self.idle).len()
+    }
+
+    /// Puts a reset connection back, for the next client.
+    pub(crate) fn put(&self, mut conn: Pooled) {
+        conn.idle_since = Instant::now();
+        crate::sync::lock(&self.idle).push(conn);
+        self.available.notify_one();
+    }
+
+    /// Closes a connection for `reason`: its slots free at once, the server is told in the
+    /// background.
+    pub(crate) fn close(&self, conn: Pooled, reason: CloseReason) {
+        self.count_close(reason);
+        tokio::spawn(terminate(conn.server));
+    }
+
+    fn count_close(&self, reason: CloseReason) {
+        self.stats.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends a server connection politely, within a second.
+async fn terminate(mut server: ServerConn) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), server.terminate()).await;
+}

@@ -1,0 +1,524 @@
+//! Session pooling: server connections reused across clients, reset between them, capped,
+//! retired, checked, and never carrying one client's session into another's.
+
+use super::support::*;
+
+/// The backend process ID of a client's session.
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A pooled proxy for the emulator, with `tweak` applied to its settings.
+async fn pooled(emulator: &Emulator, tweak: impl FnOnce(&mut ProxyConfig)) -> (Running, EntraAuth) {
+    let mut config = config(emulator);
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
+    tweak(&mut config);
+    let auth = auth(emulator);
+    (Running::start(config, auth.clone()).await, auth)
+}
+
+/// Waits until `/pools` shows what `done` looks for in the first pool.
+async fn pool_until(
+    proxy: &Running,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    within(SHORT, what, async {
+        loop {
+            let (status, body) = http(proxy.admin.unwrap(), "GET", "/pools").await;
+            assert_eq!(status, 200, "{body}");
+            let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if let Some(pool) = pools["pools"].as_array().and_then(|p| p.first())
+                && done(pool)
+            {
+                return pool.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// The second client gets the first one's backend: no new upstream login, no token fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_client_reuses_the_server_connection() {
+    let emulator = Emulator::shared();
+    let (proxy, auth) = pooled(emulator, |_| {}).await;
+    let first = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pid = backend_pid(&first).await;
+    drop(first);
+    pool_until(&proxy, "the connection back in the pool", |p| {
+        p["server_idle"] == 1
+    })
+    .await;
+    let (logins, tokens) = (emulator.gateway().logins(), auth.stats().tokens_fetched);
+    for _ in 0..3 {
+        let next = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+        assert_eq!(backend_pid(&next).await, pid);
+        assert_eq!(current_user(&next).await, USER);
+        drop(next);
+        pool_until(&proxy, "the connection back in the pool", |p| {
+            p["server_idle"] == 1
+        })
+        .await;
+    }
+    assert_eq!(emulator.gateway().logins(), logins, "a new upstream login");
+    assert_eq!(auth.stats().tokens_fetched, tokens, "a token fetch");
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(
+        (pool["server_logins"].as_u64(), pool["reuses"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(pool["resets"], 4);
+    assert_eq!(
+        (pool["role"].as_str(), pool["database"].as_str()),
+        (Some(USER), Some("postgres"))
+    );
+    let metrics = proxy.metrics().await;
+    let labels = format!(
+        "upstream=\"localhost:{}\",role=\"{USER}\",database=\"postgres\"",
+        emulator.gateway().port()
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("pgentra_proxy_pool_reuses_total{{{labels}}}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!("pgentra_proxy_pool_server_connections{{{labels},state=\"idle\"}}")
+        ),
+        1.0
+    );
+    proxy.stop().await;
+}
+
+/// Nothing of one client's session reaches the next on the same backend: temporary tables,
+/// `SET`, SQL and protocol-level prepared statements, advisory locks, `LISTEN`, `WITH HOLD`
+/// cursors.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clients_session_state_is_gone_for_the_next() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |_| {}).await;
+    let login = [("database", "postgres"), ("user", USER)];
+    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut a, &login).await;
+    let pid = raw_value(&mut a, "select pg_backend_pid()").await;
+    raw_query(
+        &mut a,
+        "create temp table a_only (x int); \
+         set work_mem = '7MB'; \
+         prepare a_statement as select 1; \
+         select pg_advisory_lock(4242); \
+         listen a_channel; \
+         begin; declare a_cursor cursor with hold for select 1; commit;",
+    )
+    .await
+    .unwrap();
+    // A named statement of the extended protocol, left open.
+    let mut parse = b"a_parsed\0select 3\0".to_vec();
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    a.write_all(&[message(b'P', &parse), message(b'S', &[])].concat())
+        .await
+        .unwrap();
+    let answers = read_until_ready(&mut a).await;
+    assert_eq!(tags(&answers), "1Z");
+    a.write_all(&message(b'X', &[])).await.unwrap();
+    read_until_closed(&mut a, SHORT).await;
+    pool_until(&proxy, "the connection back in the pool", |p| {
+        p["server_idle"] == 1
+    })
+    .await;
+
+    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut b, &login).await;
+    assert_eq!(
+        raw_value(&mut b, "select pg_backend_pid()").await,
+        pid,
+        "not the same backend: the test shows nothing"
+    );
+    let rows = raw_query(
+        &mut b,
+        "select to_regclass('pg_temp.a_only') is null, \
+                current_setting('work_mem') <> '7MB', \
+                (select count(*) from pg_prepared_statements), \
+                (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
+                (select count(*) from pg_listening_channels()), \
+                (select count(*) from pg_cursors)",
+    )
+    .await
+    .unwrap();
+    let row: Vec<&str> = rows[0].iter().map(|v| v.as_deref().unwrap()).collect();
+    assert_eq!(
+        row,
+        ["t", "t", "0", "0", "0", "0"],
+        "temp table, SET, prepared statements, advisory lock, LISTEN, cursor"
+    );
+    drop(b);
+    proxy.stop().await;
+}
+
+/// A client that leaves in the middle of a transaction hands it to no one: its writes are
+/// rolled back, its locks released, and the next client starts outside any transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_left_open_is_not_handed_on() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |_| {}).await;
+    let table = format!("left_open_{}", std::process::id());
+    let setup = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    setup
+        .batch_execute(&format!("create table {table} (x int)"))
+        .await
+        .unwrap();
+    let pid = backend_pid(&setup).await;
+    drop(setup);
+    pool_until(&proxy, "the connection back in the pool", |p| {
+        p["server_idle"] == 1
+    })
+    .await;
+
+    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut raw, &[("database", "postgres"), ("user", USER)]).await;
+    assert_eq!(
+        raw_value(&mut raw, "select pg_backend_pid()").await,
+        pid.to_string()
+    );
+    raw_query(
+        &mut raw,
+        &format!("begin; insert into {table} values (1); lock table {table}"),
+    )
+    .await
+    .unwrap();
+    // Gone without a word: no Terminate, no COMMIT.
+    drop(raw);
+    pool_until(&proxy, "the connection back in the pool", |p| {
+        p["server_idle"] == 1
+    })
+    .await;
+
+    let next = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_eq!(backend_pid(&next).await, pid);
+    // In a transaction of its own (the simple protocol's implicit one), now() is the statement's
+    // time; inside the abandoned one it would be that transaction's start.
+    let messages = next
+        .simple_query("select now() = statement_timestamp()")
+        .await
+        .unwrap();
+    let own = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(
+        own.as_deref(),
+        Some("t"),
+        "the next client is inside the old transaction"
+    );
+    let rows: i64 = next
+        .query_one(&format!("select count(*) from {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the abandoned insert was committed");
+    next.batch_execute(&format!("drop table {table}"))
+        .await
+        .unwrap();
+    drop(next);
+    proxy.stop().await;
+}
+
+/// Startup parameters that differ between clients of one pool are each client's own:
+/// `application_name`, `TimeZone`, `DateStyle`, `client_encoding` — in the session and in the
+/// `ParameterStatus` messages of the welcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_client_gets_its_own_startup_parameters_on_a_shared_backend() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |_| {}).await;
+    let mut pids = Vec::new();
+    for (app, zone, style, encoding) in [
+        ("first", "Europe/Paris", "ISO, DMY", "LATIN1"),
+        ("second", "America/Chicago", "SQL, MDY", "UTF8"),
+        ("third", "UTC", "ISO, MDY", "UTF8"),
+    ] {
+        let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
+        let messages = raw_login(
+            &mut raw,
+            &[
+                ("database", "postgres"),
+                ("application_name", app),
+                ("TimeZone", zone),
+                ("DateStyle", style),
+                ("client_encoding", encoding),
+            ],
+        )
+        .await;
+        let reported = parameters(&messages);
+        let welcome = |name: &str| {
+            reported
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(welcome("application_name").as_deref(), Some(app));
+        assert_eq!(welcome("TimeZone").as_deref(), Some(zone));
+        assert_eq!(welcome("DateStyle").as_deref(), Some(style));
+        assert_eq!(welcome("client_encoding").as_deref(), Some(encoding));
+        assert_eq!(raw_value(&mut raw, "show application_name").await, app);
+        assert_eq!(raw_value(&mut raw, "show TimeZone").await, zone);
+        assert_eq!(raw_value(&mut raw, "show DateStyle").await, style);
+        assert_eq!(raw_value(&mut raw, "show client_encoding").await, encoding);
+        pids.push(raw_value(&mut raw, "select pg_backend_pid()").await);
+        raw.write_all(&message(b'X', &[])).await.unwrap();
+        read_until_closed(&mut raw, SHORT).await;
+        pool_until(&proxy, "the connection back in the pool", |p| {
+            p["server_idle"] == 1
+        })
+        .await;
+    }
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        1,
+        "the clients did not share the backend: {pids:?}"
+    );
+    // A client that sends none of them gets the server's defaults back.
+    let plain = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let app: String = plain
+        .query_one("show application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(app, "");
+    drop(plain);
+    proxy.stop().await;
+}
+
+/// At the pool size, a client waits for a connection to come back, and gets it; past the queue
+/// timeout it gets SQLSTATE 53300.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_pool_queues_clients_up_to_the_queue_timeout() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.size = 1;
+        config.pool.queue_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let holder = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pid = backend_pid(&holder).await;
+
+    // Past the queue timeout: refused, with the reason.
+    let started = Instant::now();
+    let error = connect(proxy.addr(), USER, |_| {}).await.unwrap_err();
+    let db = db_error(&error);
+    assert_eq!(db.code(), &SqlState::TOO_MANY_CONNECTIONS, "{db:?}");
+    assert!(db.message().contains("queue timeout"), "{db:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // Within it: the waiting client gets the holder's connection when the holder leaves.
+    let addr = proxy.addr();
+    let waiter = tokio::spawn(async move { connect(addr, USER, |_| {}).await });
+    pool_until(&proxy, "a client waiting", |p| p["clients_waiting"] == 1).await;
+    drop(holder);
+    let waiter = within(SHORT, "the waiter", waiter).await.unwrap().unwrap();
+    assert_eq!(backend_pid(&waiter).await, pid);
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["server_logins"], 1);
+    assert_eq!(pool["waits"], 2);
+    drop(waiter);
+    proxy.stop().await;
+}
+
+/// The pool size caps each (role, database) pool and the upstream's cap all of them: at the
+/// cap, a pool makes room by closing another pool's idle connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_size_and_the_upstream_cap_hold() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.size = 2;
+        config.pool.max_server_connections = 3;
+        config.pool.queue_timeout = Duration::from_millis(500);
+        config.instances[0].client_roles = ClientRoles::parse("readers");
+    })
+    .await;
+    let alice: Vec<_> = connect_all((0..2).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    // A third for alice's pool: over its size.
+    let error = connect(proxy.addr(), USER, |_| {}).await.unwrap_err();
+    assert_eq!(db_error(&error).code(), &SqlState::TOO_MANY_CONNECTIONS);
+    // The readers' pool has room for one under the upstream's cap of 3, not two.
+    let readers = connect(proxy.addr(), "readers", |_| {}).await.unwrap();
+    assert_eq!(current_user(&readers).await, "readers");
+    let error = connect(proxy.addr(), "readers", |_| {}).await.unwrap_err();
+    assert_eq!(db_error(&error).code(), &SqlState::TOO_MANY_CONNECTIONS);
+    // Alice's two go back to her pool idle; a second readers' session closes one to fit.
+    drop(alice);
+    within(SHORT, "alice's connections idle", async {
+        loop {
+            let (_, body) = http(proxy.admin.unwrap(), "GET", "/pools").await;
+            let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let idle: u64 = pools["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["server_idle"].as_u64().unwrap())
+                .sum();
+            if idle == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let second = connect(proxy.addr(), "readers", |_| {}).await.unwrap();
+    assert_eq!(current_user(&second).await, "readers");
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("reason=\"evicted\"} 1"), "{metrics}");
+    drop((readers, second));
+    proxy.stop().await;
+}
+
+async fn connect_all<F>(connects: impl Iterator<Item = F>) -> Vec<tokio_postgres::Client>
+where
+    F: Future<Output = Result<tokio_postgres::Client, tokio_postgres::Error>>,
+{
+    let mut clients = Vec::new();
+    for connect in connects {
+        clients.push(connect.await.unwrap());
+    }
+    clients
+}
+
+/// A connection past its lifetime is not handed out again, and one idle past the idle timeout
+/// is closed; both are counted by reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_lifetime_and_idle_timeout_retire_connections() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.server_lifetime = Duration::from_secs(1);
+    })
+    .await;
+    let first = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pid = backend_pid(&first).await;
+    drop(first);
+    let pool = pool_until(&proxy, "the old connection retired", |p| {
+        p["server_closes"]["lifetime"] == 1
+    })
+    .await;
+    assert_eq!(pool["server_idle"], 0);
+    let next = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_ne!(
+        backend_pid(&next).await,
+        pid,
+        "a connection past its lifetime was reused"
+    );
+    drop(next);
+    proxy.stop().await;
+
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    drop(connect(proxy.addr(), USER, |_| {}).await.unwrap());
+    let pool = pool_until(&proxy, "the idle connection closed", |p| {
+        p["server_closes"]["idle_timeout"] == 1
+    })
+    .await;
+    assert_eq!(pool["server_idle"], 0);
+    proxy.stop().await;
+}
+
+/// Idle connections whose backend went away (the server restarted) are never handed out: the
+/// next clients get fresh ones, not errors.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_never_get_a_connection_the_server_closed() {
+    let emulator = tokio::task::spawn_blocking(|| {
+        Emulator::shared()
+            .beside(EmulatorConfig::default())
+            .expect("an emulator of its own")
+    })
+    .await
+    .unwrap();
+    let (proxy, _) = pooled(&emulator, |_| {}).await;
+    let clients: Vec<_> = connect_all((0..3).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    drop(clients);
+    pool_until(&proxy, "three idle connections", |p| p["server_idle"] == 3).await;
+    let gateway = &emulator;
+    tokio::task::block_in_place(|| gateway.restart_gateway()).unwrap();
+    for _ in 0..3 {
+        let client = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+        assert_eq!(current_user(&client).await, USER);
+    }
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert!(
+        pool["server_closes"]["broken"].as_u64().unwrap() >= 1,
+        "{pool}"
+    );
+    proxy.stop().await;
+}
+
+/// A cancel request through a pooled connection reaches the query of the client that holds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_requests_reach_the_pooled_connection() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |_| {}).await;
+    // Warm the pool, so the client below gets a reused connection.
+    drop(connect(proxy.addr(), USER, |_| {}).await.unwrap());
+    pool_until(&proxy, "an idle connection", |p| p["server_idle"] == 1).await;
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let key =
+        backend_key(&raw_login(&mut stream, &[("database", "postgres"), ("user", USER)]).await);
+    start_sleeping(&mut stream).await;
+    let started = Instant::now();
+    send_cancel(proxy.addr(), key.0, &key.1, false).await;
+    assert_cancelled(&mut stream, started).await;
+    assert_eq!(raw_value(&mut stream, "select 1").await, "1");
+    drop(stream);
+    proxy.stop().await;
+}
+
+/// Server connections outlive their token; once it has expired, a new server connection logs
+/// in with a new one, and the old ones retire at the first token's expiry.
+#[tokio::test(flavor = "multi_thread")]
+async fn new_server_connections_after_the_first_token_expired() {
+    let emulator = tokio::task::spawn_blocking(|| {
+        Emulator::shared()
+            .beside(EmulatorConfig {
+                token_lifetime: Duration::from_secs(3),
+                skew: Duration::ZERO,
+                ..EmulatorConfig::default()
+            })
+            .expect("an emulator of its own")
+    })
+    .await
+    .unwrap();
+    let (proxy, auth) = pooled(&emulator, |_| {}).await;
+    let long = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let first_expiry = auth.stats().expires_at.expect("a cached token");
+    // A session that began with the first token, busy past its expiry.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        long.simple_query("select pg_sleep(0.2)").await.unwrap();
+    }
+    assert!(SystemTime::now() > first_expiry);
+    // A second client needs a second server connection: logged in with a later token.
+    let second = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_eq!(current_user(&second).await, USER);
+    assert_ne!(backend_pid(&second).await, backend_pid(&long).await);
+    assert!(auth.stats().tokens_fetched >= 2);
+    assert_eq!(emulator.gateway().rejected(), 0);
+    // The first session goes on; its connection is retired when it comes back (its token has
+    // expired), not handed to anyone.
+    assert_eq!(current_user(&long).await, USER);
+    drop(long);
+    pool_until(&proxy, "the first connection retired", |p| {
+        p["server_closes"]["lifetime"].as_u64() >= Some(1)
+    })
+    .await;
+    drop(second);
+    proxy.stop().await;
+}
