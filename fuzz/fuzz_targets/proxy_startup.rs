@@ -43,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, input)) = data.split_first() else {
         return;
     };
+    // PostgreSQL 17's direct TLS: the proxy's answers are TLS records from the first byte.
+    let direct_tls = mode & 1 != 0 && mode & 2 == 0 && input.first() == Some(&0x16);
     let input = input.to_vec();
     runtime().block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -59,16 +61,20 @@ fuzz_target!(|data: &[u8]| {
         let tls_used = conn.is_tls();
         drop(conn);
         let answers = writer.await.unwrap();
-        if !tls_used {
-            // In clear text the proxy says only S/N, and a NegotiateProtocolVersion last.
-            let version_at = answers.iter().position(|b| *b == b'v');
-            let (bytes, negotiation) = answers.split_at(version_at.unwrap_or(answers.len()));
-            assert!(bytes.iter().all(|b| matches!(b, b'S' | b'N')), "{answers:?}");
-            if !negotiation.is_empty() {
-                assert!(matches!(result, Ok(Request::Login { .. })));
-                let len = i32::from_be_bytes(negotiation[1..5].try_into().unwrap());
-                assert_eq!(usize::try_from(len).unwrap() + 1, negotiation.len());
-            }
+        // In clear text the proxy says only S/N, and a NegotiateProtocolVersion last. After an
+        // `S` the rest is TLS (records of a handshake, or an alert when it failed).
+        let clear = match answers.iter().position(|b| *b == b'S') {
+            _ if direct_tls => &answers[..0],
+            Some(at) => &answers[..=at],
+            None => &answers[..],
+        };
+        let version_at = clear.iter().position(|b| *b == b'v');
+        let (bytes, negotiation) = clear.split_at(version_at.unwrap_or(clear.len()));
+        assert!(bytes.iter().all(|b| matches!(b, b'S' | b'N')), "{answers:?}");
+        if !negotiation.is_empty() {
+            assert!(!tls_used && matches!(result, Ok(Request::Login { .. })));
+            let len = i32::from_be_bytes(negotiation[1..5].try_into().unwrap());
+            assert_eq!(usize::try_from(len).unwrap() + 1, negotiation.len());
         }
         match result {
             Ok(Request::Login { params, .. }) => {

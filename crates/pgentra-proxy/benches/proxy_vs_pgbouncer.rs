@@ -1,6 +1,11 @@
 //! `proxy_vs_pgbouncer`: `pgbench` select-only (`-S`) and TPC-B-like with 1, 8 and 32 clients
 //! against a throwaway PostgreSQL directly, through the pgentra proxy and through PgBouncer in
-//! session mode, all measured in the same run, and the memory each holds per idle session.
+//! session mode, all measured in the same run, and the memory each holds per idle session; then
+//! connection churn (`pgbench -C -S`, a new connection per transaction, 1, 4 and 16 clients)
+//! against the emulator's gateway (the Azure-like login path: TLS, a token checked, a new
+//! backend) directly, through `pgentra proxy` pooled and in its relay mode (`--pool-mode none`),
+//! and through PgBouncer in session mode, with the server connections each opened and the
+//! tokens each fetched.
 //!
 //! Every path uses TLS to PostgreSQL, as an application does with Azure:
 //!
@@ -33,7 +38,8 @@
 //! ```
 //!
 //! Settings (environment): `PGENTRA_BENCH_SECONDS` per pgbench run (default 5),
-//! `PGENTRA_BENCH_ROUNDS` (5), `PGENTRA_BENCH_CLIENTS` (`1,8,32`), `PGENTRA_BENCH_WORKLOADS`
+//! `PGENTRA_BENCH_ROUNDS` (5), `PGENTRA_BENCH_CLIENTS` (`1,8,32`),
+//! `PGENTRA_BENCH_CHURN_CLIENTS` (`1,4,16`; empty skips the churn rows), `PGENTRA_BENCH_WORKLOADS`
 //! (`select-only,tpc-b`), `PGENTRA_BENCH_SCALE` (pgbench scale, 10), `PGENTRA_BENCH_IDLE` idle
 //! sessions for the memory test (1000; 0 skips it), `PGENTRA_BENCH_PROXY_WORKERS` (the proxy's
 //! worker threads; by default what `pgentra proxy` uses, 1 on this 2-core machine), `PGENTRA_BENCH_CLIENT_SOCKET` (`tcp`,
@@ -45,8 +51,10 @@ use pgentra::EntraAuth;
 use pgentra::conninfo::ConnInfo;
 use pgentra_emulator::backend::Cluster;
 use pgentra_emulator::ca::Ca;
+use pgentra_emulator::identity::Endpoint;
 use pgentra_emulator::issuer::{Issuer, Principal};
-use pgentra_proxy::{Instance, Proxy, ProxyConfig};
+use pgentra_emulator::{Emulator, EmulatorConfig, USER};
+use pgentra_proxy::{Instance, PoolMode, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -86,6 +94,8 @@ struct Knobs {
     seconds: u64,
     rounds: usize,
     clients: Vec<u32>,
+    /// Client counts of the connection-churn rows.
+    churn_clients: Vec<u32>,
     scale: u32,
     idle: usize,
     workloads: Vec<Workload>,
@@ -104,14 +114,20 @@ impl Knobs {
                 Err(_) => Ok(default),
             }
         }
-        let clients = match std::env::var("PGENTRA_BENCH_CLIENTS") {
-            Ok(list) => list
-                .split(',')
-                .map(|c| c.trim().parse())
-                .collect::<Result<Vec<u32>, _>>()
-                .map_err(|_| format!("PGENTRA_BENCH_CLIENTS={list:?}: expected like 1,8,32"))?,
-            Err(_) => vec![1, 8, 32],
+        let list = |name: &str, default: &[u32]| -> Result<Vec<u32>> {
+            match std::env::var(name) {
+                Ok(list) => list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|_| format!("{name}={list:?}: expected like 1,8,32").into()),
+                Err(_) => Ok(default.to_vec()),
+            }
         };
+        let clients = list("PGENTRA_BENCH_CLIENTS", &[1, 8, 32])?;
+        let churn_clients = list("PGENTRA_BENCH_CHURN_CLIENTS", &[1, 4, 16])?;
         let workloads = match std::env::var("PGENTRA_BENCH_WORKLOADS") {
             Ok(list) => list
                 .split(',')
@@ -129,6 +145,7 @@ impl Knobs {
             seconds: var("PGENTRA_BENCH_SECONDS", 5)?,
             rounds: var("PGENTRA_BENCH_ROUNDS", 5)?,
             clients,
+            churn_clients,
             scale: var("PGENTRA_BENCH_SCALE", 10)?,
             idle: var("PGENTRA_BENCH_IDLE", 1000)?,
             workloads,
@@ -143,7 +160,11 @@ impl Knobs {
                 }
             },
         };
-        if knobs.seconds == 0 || knobs.rounds == 0 || knobs.clients.contains(&0) {
+        if knobs.seconds == 0
+            || knobs.rounds == 0
+            || knobs.clients.contains(&0)
+            || knobs.churn_clients.contains(&0)
+        {
             return Err("seconds, rounds and client counts must be at least 1".into());
         }
         Ok(knobs)
@@ -200,11 +221,22 @@ fn run() -> Result<()> {
     );
     // Both listen on loopback TCP and on a Unix socket here.
     let sockets = cluster.scratch_dir("sockets")?;
-    let proxy = Helper::proxy(&upstream, knobs.idle + biggest + 100, &sockets)?;
+    let proxy = Helper::proxy(
+        &upstream,
+        knobs.idle + biggest + 100,
+        &sockets,
+        "session",
+        &[],
+    )?;
     let bouncer = Helper::pgbouncer(
         &cluster,
         &files,
-        &ca_file,
+        &ServerSide {
+            port: cluster.port(),
+            user: ROLE.to_owned(),
+            password: None,
+            ca: ca_file.clone(),
+        },
         knobs.idle + biggest + 100,
         &sockets,
     )?;
@@ -216,6 +248,8 @@ fn run() -> Result<()> {
             tls: Some(ca_file),
             socket_dir: None,
             pid: None,
+            login: None,
+            churn: false,
         },
         Target {
             name: "proxy",
@@ -223,6 +257,8 @@ fn run() -> Result<()> {
             tls: None,
             socket_dir: client_socket.clone(),
             pid: Some(proxy.pid),
+            login: None,
+            churn: false,
         },
         Target {
             name: "pgbouncer",
@@ -230,6 +266,8 @@ fn run() -> Result<()> {
             tls: None,
             socket_dir: client_socket,
             pid: Some(bouncer.pid),
+            login: None,
+            churn: false,
         },
     ];
     println!(
@@ -340,6 +378,10 @@ fn run() -> Result<()> {
         verdict.print();
     }
 
+    if !knobs.churn_clients.is_empty() {
+        churn(&knobs, &cluster, &files, &pgbench)?;
+    }
+
     if knobs.idle > 0 {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -373,6 +415,170 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// The connection-churn rows: `pgbench -C -S` against the emulator's gateway (in front of the
+/// same cluster) directly, through the proxy pooled and as a relay, and through PgBouncer.
+fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Result<()> {
+    let emulator = Emulator::start(EmulatorConfig {
+        backend_url: Some(cluster.url()),
+        ..EmulatorConfig::default()
+    })?;
+    // The signed-in user (the Entra administrator) reads pgbench's tables.
+    cluster.psql(&format!(
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{USER}\";"
+    ))?;
+    let token = emulator.token_for(&Principal::user(USER)).token;
+    let gateway = emulator.gateway().port();
+    let upstream = format!(
+        "host=localhost port={gateway} dbname={DATABASE} sslmode=verify-full sslrootcert={}",
+        emulator.ca_file().display()
+    );
+    let biggest = knobs.churn_clients.iter().copied().max().unwrap_or(1) as usize;
+    let sockets = cluster.scratch_dir("churn-sockets")?;
+    let path = format!(
+        "{}:{}",
+        emulator.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let az = [("PATH", path)];
+    let pooled = Helper::proxy(&upstream, biggest + 10, &sockets, "session", &az)?;
+    let relay = Helper::proxy(&upstream, biggest + 10, &sockets, "none", &az)?;
+    // PgBouncer cannot get tokens: it logs in with one fetched here (valid for an hour).
+    let bouncer = Helper::pgbouncer(
+        cluster,
+        files,
+        &ServerSide {
+            port: gateway,
+            user: USER.to_owned(),
+            password: Some(token.clone()),
+            ca: emulator.ca_file().to_owned(),
+        },
+        biggest + 10,
+        &sockets,
+    )?;
+    let through = |name, port| Target {
+        name,
+        port,
+        tls: None,
+        socket_dir: None,
+        pid: None,
+        login: Some((USER.to_owned(), String::new())),
+        churn: true,
+    };
+    let targets = [
+        Target {
+            name: "gateway",
+            port: gateway,
+            tls: Some(emulator.ca_file().to_owned()),
+            socket_dir: None,
+            pid: None,
+            login: Some((USER.to_owned(), token)),
+            churn: true,
+        },
+        through("pooled", pooled.port),
+        through("relay", relay.port),
+        through("pgbouncer", bouncer.port),
+    ];
+    println!();
+    println!(
+        "churn: pgbench -n -C -S -T {} (a new connection per transaction) against the emulator's gateway (TLS, a token checked, a new backend), {} round(s)",
+        knobs.seconds, knobs.rounds
+    );
+    println!(
+        "logins: server connections each target opened (gateway logins), its warm-up run included; tokens: credential calls (the emulator's az); PgBouncer logs in with a token fetched once, before; each proxy made one login and one credential call at its start (--check)"
+    );
+    // Warm each path (the pools fill up, PgBouncer's too), counted in the first row.
+    let mut warm = ([0u64; 4], [0u64; 4]);
+    for (i, target) in targets.iter().enumerate() {
+        let before = (
+            emulator.gateway().logins(),
+            emulator.identity().requests(Endpoint::AzureCli),
+        );
+        pgbench_run(pgbench, target, Workload::SelectOnly, biggest as u32, 1)?;
+        warm.0[i] = emulator.gateway().logins() - before.0;
+        warm.1[i] = emulator.identity().requests(Endpoint::AzureCli) - before.1;
+    }
+    println!(
+        "{:>7} {:>9} {:>16} {:>16} {:>16} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "clients",
+        "gateway",
+        "pooled",
+        "relay",
+        "pgbouncer",
+        "logins",
+        "logins",
+        "logins",
+        "logins",
+        "tokens",
+        "tokens",
+    );
+    println!(
+        "{:>7} {:>9} {:>16} {:>16} {:>16} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}",
+        "",
+        "tps",
+        "tps (ratio)",
+        "tps (ratio)",
+        "tps (ratio)",
+        "gateway",
+        "pooled",
+        "relay",
+        "pgbouncer",
+        "pooled",
+        "relay",
+    );
+    let mut met = true;
+    for &clients in &knobs.churn_clients {
+        let mut tps: Vec<[f64; 4]> = Vec::with_capacity(knobs.rounds);
+        let (mut logins, mut tokens) = std::mem::take(&mut warm);
+        for round in 0..knobs.rounds {
+            let mut sample = [0.0; 4];
+            for i in 0..targets.len() {
+                let which = (i + round) % targets.len();
+                let (logins_before, tokens_before) = (
+                    emulator.gateway().logins(),
+                    emulator.identity().requests(Endpoint::AzureCli),
+                );
+                sample[which] = pgbench_run(
+                    pgbench,
+                    &targets[which],
+                    Workload::SelectOnly,
+                    clients,
+                    knobs.seconds,
+                )?
+                .tps;
+                logins[which] += emulator.gateway().logins() - logins_before;
+                tokens[which] += emulator.identity().requests(Endpoint::AzureCli) - tokens_before;
+            }
+            tps.push(sample);
+        }
+        let m = |measure: &dyn Fn(&[f64; 4]) -> f64| median(tps.iter().map(measure));
+        let ratio = |i: usize| m(&|r| r[i] / r[0]);
+        println!(
+            "{:>7} {:>9.0} {:>8.0} ({:>5.2}) {:>8.0} ({:>5.2}) {:>8.0} ({:>5.2}) {:>8} {:>8} {:>8} {:>9} {:>7} {:>7}",
+            clients,
+            m(&|r| r[0]),
+            m(&|r| r[1]),
+            ratio(1),
+            m(&|r| r[2]),
+            ratio(2),
+            m(&|r| r[3]),
+            ratio(3),
+            logins[0],
+            logins[1],
+            logins[2],
+            logins[3],
+            tokens[1],
+            tokens[2],
+        );
+        met &= m(&|r| r[1]) >= m(&|r| r[3]) && logins[1] <= logins[3];
+    }
+    println!(
+        "verdict: churn: pgentra pooled at least PgBouncer's TPS in every row, with no more server logins (target): {}",
+        if met { "met" } else { "MISSED" }
+    );
+    drop((pooled, relay, bouncer));
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     SelectOnly,
@@ -397,6 +603,10 @@ struct Target {
     socket_dir: Option<PathBuf>,
     /// The process in the middle, whose CPU time per transaction is measured.
     pid: Option<u32>,
+    /// The role and password pgbench logs in with (the cluster's superuser, without one).
+    login: Option<(String, String)>,
+    /// A new connection for every transaction (`pgbench -C`).
+    churn: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -472,13 +682,19 @@ fn pgbench_run(
     if workload == Workload::SelectOnly {
         command.arg("-S");
     }
+    if target.churn {
+        command.arg("-C");
+    }
     // Only these settings: none from the environment (PGSERVICE, PGOPTIONS, ...).
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("PGPORT", target.port.to_string())
-        .env("PGUSER", ROLE)
         .env("PGDATABASE", DATABASE);
+    match &target.login {
+        Some((user, password)) => command.env("PGUSER", user).env("PGPASSWORD", password),
+        None => command.env("PGUSER", ROLE),
+    };
     match &target.socket_dir {
         Some(dir) => command.env("PGHOST", dir),
         None => command
@@ -581,6 +797,15 @@ fn cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_nanos(total))
 }
 
+/// The server PgBouncer logs in to: its port on loopback, verified against `ca`, as `user`
+/// with `password` (a token, for the gateway) or trusted.
+struct ServerSide {
+    port: u16,
+    user: String,
+    password: Option<String>,
+    ca: PathBuf,
+}
+
 /// A process this benchmark started: the proxy or PgBouncer. Its standard input is a lifeline:
 /// when this process ends, however it ends, the helper stops.
 struct Helper {
@@ -593,11 +818,21 @@ struct Helper {
 
 impl Helper {
     /// This binary in `--serve-proxy` mode, in front of `upstream`, with a Unix socket in
-    /// `socket_dir` too.
-    fn proxy(upstream: &str, max_connections: usize, socket_dir: &Path) -> Result<Self> {
+    /// `socket_dir` too, pool mode `mode`; with `env`, its token comes from the Azure CLI
+    /// credential on that environment's `PATH` (the emulator's `az`), else from a static one.
+    fn proxy(
+        upstream: &str,
+        max_connections: usize,
+        socket_dir: &Path,
+        mode: &str,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
+        let credential = if env.is_empty() { "static" } else { "az" };
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--serve-proxy", upstream, &max_connections.to_string()])
             .arg(socket_dir)
+            .args([mode, credential])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -629,7 +864,7 @@ impl Helper {
     fn pgbouncer(
         cluster: &Cluster,
         files: &Path,
-        ca_file: &Path,
+        server: &ServerSide,
         max_connections: usize,
         socket_dir: &Path,
     ) -> Result<Self> {
@@ -641,14 +876,20 @@ impl Helper {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let userlist = files.join("userlist.txt");
-        std::fs::write(&userlist, format!("\"{ROLE}\" \"\"\n"))?;
-        let config = files.join("pgbouncer.ini");
+        let name = format!("pgbouncer-{}", server.port);
+        let userlist = files.join(format!("{name}-users.txt"));
+        std::fs::write(&userlist, format!("\"{}\" \"\"\n", server.user))?;
+        let config = files.join(format!("{name}.ini"));
+        let password = server
+            .password
+            .as_ref()
+            .map(|p| format!(" password={p}"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 "[databases]
-{DATABASE} = host=127.0.0.1 port={upstream} dbname={DATABASE} user={ROLE}
+{DATABASE} = host=127.0.0.1 port={upstream} dbname={DATABASE} user={user}{password}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -667,9 +908,10 @@ log_connections = 0
 log_disconnections = 0
 stats_period = 3600
 ",
-                upstream = cluster.port(),
+                upstream = server.port,
+                user = server.user,
                 userlist = userlist.display(),
-                ca = ca_file.display(),
+                ca = server.ca.display(),
                 socket_dir = socket_dir.display(),
             ),
         )?;
@@ -901,32 +1143,50 @@ impl TokenCredential for Static {
 /// a free loopback port, which it prints as `listening on ADDR`, and on a Unix socket in
 /// `args[2]`, until its standard input closes.
 fn serve_proxy(args: &[String]) -> Result<()> {
-    let [upstream, max_connections, socket_dir, ..] = args else {
-        return Err("usage: --serve-proxy CONNINFO MAX_CONNECTIONS SOCKET_DIR".into());
+    let [upstream, max_connections, socket_dir, mode, credential, ..] = args else {
+        return Err(
+            "usage: --serve-proxy CONNINFO MAX_CONNECTIONS SOCKET_DIR session|none static|az"
+                .into(),
+        );
     };
-    let issuer = Issuer::new("bench-tenant", Duration::from_secs(3600));
-    let issued = issuer.issue(
-        &Principal::user(pgentra_emulator::USER),
-        pgentra::Cloud::Public.audience(),
-    );
-    let expires_on = OffsetDateTime::from_unix_timestamp(i64::try_from(issued.expires_on)?)?;
-    let auth = EntraAuth::builder()
-        .credential_named(
-            "emulator issuer",
-            Arc::new(Static {
-                token: issued.token,
-                expires_on,
-            }),
-        )
-        .username(ROLE)
-        .build()?;
     let mut instance = Instance::new(ConnInfo::parse(upstream)?, "127.0.0.1:0".parse()?);
-    instance.user = Some(ROLE.to_owned());
+    let auth = if credential == "az" {
+        // The real Azure CLI credential, on the emulator's `az` (on PATH): the role is the
+        // token's.
+        EntraAuth::builder()
+            .credential_chain(pgentra::credential::CredentialChain::from_vars([
+                ("PATH", std::env::var("PATH")?),
+                ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential".into()),
+            ])?)
+            .build()?
+    } else {
+        // The cluster trusts loopback: an Entra-shaped token for its superuser.
+        let issuer = Issuer::new("bench-tenant", Duration::from_secs(3600));
+        let issued = issuer.issue(&Principal::user(USER), pgentra::Cloud::Public.audience());
+        let expires_on = OffsetDateTime::from_unix_timestamp(i64::try_from(issued.expires_on)?)?;
+        instance.user = Some(ROLE.to_owned());
+        EntraAuth::builder()
+            .credential_named(
+                "emulator issuer",
+                Arc::new(Static {
+                    token: issued.token,
+                    expires_on,
+                }),
+            )
+            .username(ROLE)
+            .build()?
+    };
     instance.unix_socket_dir = Some(PathBuf::from(socket_dir));
     let mut config = ProxyConfig::default();
     config.instances = vec![instance];
     config.max_connections = max_connections.parse()?;
     config.drain_timeout = Duration::from_secs(2);
+    // As PgBouncer here: a server connection for every client the run has.
+    config.pool.size = config.max_connections;
+    config.pool.mode = match mode.as_str() {
+        "none" => PoolMode::None,
+        _ => PoolMode::Session,
+    };
     // The runtime `pgentra proxy` uses, unless told otherwise (for comparison).
     let workers: usize = match std::env::var("PGENTRA_BENCH_PROXY_WORKERS") {
         Ok(workers) => workers.parse()?,

@@ -172,21 +172,40 @@ impl ServerConn {
     /// dropped, but the parameters it changes are recorded. The `ReadyForQuery` status on
     /// success.
     pub(crate) async fn query(&mut self, sql: &str, limit: Duration) -> Result<u8, QueryError> {
+        self.queries(&[sql], limit).await
+    }
+
+    /// Runs several simple queries of the proxy's own in one round trip (pipelined: each its
+    /// own `Query`, as some, like `DISCARD ALL`, may not share one). The first error, or the
+    /// last `ReadyForQuery` status.
+    pub(crate) async fn queries(
+        &mut self,
+        sql: &[&str],
+        limit: Duration,
+    ) -> Result<u8, QueryError> {
         let run = async {
-            let mut message = BytesMut::new();
-            frontend::query(sql, &mut message).map_err(|e| QueryError::Broken(e.to_string()))?;
-            self.stream.write_all(&message).await.map_err(broken)?;
+            let mut messages = BytesMut::new();
+            for sql in sql {
+                frontend::query(sql, &mut messages)
+                    .map_err(|e| QueryError::Broken(e.to_string()))?;
+            }
+            self.stream.write_all(&messages).await.map_err(broken)?;
             self.stream.flush().await.map_err(broken)?;
             let mut buffer = BytesMut::new();
             let mut error = None;
+            let mut left = sql.len();
             loop {
                 let raw = read_message(&mut self.stream, &mut buffer)
                     .await
                     .map_err(|e| QueryError::Broken(e.to_string()))?;
                 match raw[0] {
                     b'S' => self.params.report(&raw[5..]),
-                    b'E' => error = ErrorFields::parse(&raw[5..]).ok(),
+                    b'E' if error.is_none() => error = ErrorFields::parse(&raw[5..]).ok(),
                     b'Z' => {
+                        left -= 1;
+                        if left > 0 {
+                            continue;
+                        }
                         let status = raw.get(5).copied().unwrap_or(b'E');
                         return match error {
                             Some(error) => Err(QueryError::Server(error)),

@@ -8,7 +8,7 @@ use crate::config::PoolMode;
 use crate::pool::{Checkout, CloseReason, Pool, PoolKey, Pooled};
 use crate::refusal::Refusal;
 use crate::relay::{self, Ending};
-use crate::server::{self, LoginError, QueryError, ServerConn};
+use crate::server::{self, LoginError, Params, QueryError, ServerConn};
 use crate::shared::{InstanceState, Shared};
 use crate::startup::{self, ClientConn, Request, StartupError};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -40,6 +40,8 @@ enum Session {
         conn: Box<Pooled>,
         pool: Arc<Pool>,
         key: cancel::Key,
+        /// The client's values of the tracked parameters.
+        tracked: Vec<(&'static str, Bytes)>,
     },
 }
 
@@ -72,6 +74,7 @@ pub(crate) async fn serve(
             mut conn,
             pool,
             key,
+            tracked,
         } => {
             let server = &mut conn.server;
             let end =
@@ -82,7 +85,7 @@ pub(crate) async fn serve(
                 .bytes(end.relayed.to_server, end.relayed.to_client);
             shared.cancel_keys.forget(&key);
             drop(client);
-            release(*conn, &pool, end, &instance, &shared).await;
+            release(*conn, &pool, end, &tracked, &instance, &shared).await;
         }
     }
 }
@@ -317,7 +320,11 @@ impl Login<'_> {
         let pool = pools.pool(&key);
         let mut conn_for_client = self.checkout(&pool, &key).await?;
         // The client's values of the tracked parameters (or the server's defaults), by SET.
-        let sets = set_statements(&conn_for_client.server, &tracked);
+        let sets = set_statements(
+            &conn_for_client.server.params,
+            &conn_for_client.server.defaults,
+            &tracked,
+        );
         if !sets.is_empty() {
             match conn_for_client.server.query(&sets, OWN_QUERY_TIMEOUT).await {
                 Ok(b'I') => {}
@@ -351,6 +358,7 @@ impl Login<'_> {
             conn: conn_for_client,
             pool,
             key,
+            tracked,
         })
     }
 
@@ -452,9 +460,10 @@ fn login_refusal(error: LoginError, upstream: &str, role: &str, creds: &DbCreden
     }
 }
 
-/// `SET` statements that give `server` the client's values of the tracked parameters, and the
-/// server's defaults for those the client did not send; empty when they already match.
-fn set_statements(server: &ServerConn, client: &[(&'static str, Bytes)]) -> String {
+/// `SET` statements that take a server from `current` to the client's values of the tracked
+/// parameters, and to the server's `defaults` for those the client did not send; empty when
+/// they already match.
+fn set_statements(current: &Params, defaults: &Params, client: &[(&'static str, Bytes)]) -> String {
     let mut sql = String::new();
     for (_, name) in crate::pool::TRACKED {
         let wanted = client
@@ -462,8 +471,8 @@ fn set_statements(server: &ServerConn, client: &[(&'static str, Bytes)]) -> Stri
             .rev()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
-            .or_else(|| server.defaults.get(name));
-        let (Some(wanted), current) = (wanted, server.params.get(name)) else {
+            .or_else(|| defaults.get(name));
+        let (Some(wanted), current) = (wanted, current.get(name)) else {
             continue;
         };
         if current == Some(wanted) {
@@ -512,6 +521,7 @@ async fn release(
     mut conn: Pooled,
     pool: &Pool,
     end: relay::SessionEnd,
+    tracked: &[(&'static str, Bytes)],
     instance: &InstanceState,
     shared: &Shared,
 ) {
@@ -538,7 +548,16 @@ async fn release(
         return pool.close(conn, CloseReason::ResetFailed);
     }
     if !config.reset_query.is_empty() {
-        if !own_query(&mut conn.server, &config.reset_query).await {
+        // The reset returns every parameter to the server's default; the client's startup
+        // values of the tracked ones are set again in the same round trip, so that the next
+        // client of the same application (the common case) needs no SET before its login ends.
+        let server = &conn.server;
+        let sets = set_statements(&server.defaults, &server.defaults, tracked);
+        let reset: Vec<&str> = [config.reset_query.as_str(), sets.as_str()]
+            .into_iter()
+            .filter(|sql| !sql.is_empty())
+            .collect();
+        if !own_queries(&mut conn.server, &reset).await {
             return pool.close(conn, CloseReason::ResetFailed);
         }
         pool.stats.resets.fetch_add(1, Ordering::Relaxed);
@@ -546,25 +565,30 @@ async fn release(
     pool.put(conn);
 }
 
-/// Runs one of the proxy's own queries (a check, a rollback, the reset); whether it succeeded
-/// and left the server idle. A failure is logged: the connection will be closed.
+/// Runs one of the proxy's own queries (a check, a rollback); whether it succeeded and left the
+/// server idle. A failure is logged: the connection will be closed.
 async fn own_query(server: &mut ServerConn, sql: &str) -> bool {
-    match server.query(sql, OWN_QUERY_TIMEOUT).await {
+    own_queries(server, &[sql]).await
+}
+
+/// As [`own_query`], for queries sent together in one round trip.
+async fn own_queries(server: &mut ServerConn, sql: &[&str]) -> bool {
+    match server.queries(sql, OWN_QUERY_TIMEOUT).await {
         Ok(b'I') => true,
         Ok(status) => {
-            tracing::debug!(sql, status = %char::from(status), "a server connection is not idle after the proxy's query");
+            tracing::debug!(?sql, status = %char::from(status), "a server connection is not idle after the proxy's query");
             false
         }
         Err(QueryError::Server(error)) => {
             tracing::debug!(
-                sql,
+                ?sql,
                 message = error.get(b'M').unwrap_or_default(),
                 "the proxy's query failed"
             );
             false
         }
         Err(QueryError::Broken(why)) => {
-            tracing::debug!(sql, why, "a server connection broke");
+            tracing::debug!(?sql, why, "a server connection broke");
             false
         }
     }

@@ -522,3 +522,32 @@ async fn new_server_connections_after_the_first_token_expired() {
     drop(second);
     proxy.stop().await;
 }
+
+/// With a minimum of idle connections, the pool of the instance's own role and database is
+/// filled at start, before any client, and topped up after clients take them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_minimum_of_idle_connections_is_opened_ahead() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.min_idle = 2;
+        config.instances[0].upstream.dbname = Some("postgres".into());
+    })
+    .await;
+    let logins = emulator.gateway().logins();
+    let pool = pool_until(&proxy, "two connections opened ahead", |p| {
+        p["server_idle"] == 2
+    })
+    .await;
+    assert_eq!(
+        (pool["role"].as_str(), pool["database"].as_str()),
+        (Some(USER), Some("postgres"))
+    );
+    let clients = connect_all((0..3).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    pool_until(&proxy, "topped up to two idle beside three in use", |p| {
+        p["server_idle"] == 2 && p["server_active"] == 3
+    })
+    .await;
+    assert!(emulator.gateway().logins() >= logins + 1);
+    drop(clients);
+    proxy.stop().await;
+}
