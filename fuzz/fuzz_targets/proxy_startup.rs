@@ -62,14 +62,19 @@ fuzz_target!(|data: &[u8]| {
         drop(conn);
         let answers = writer.await.unwrap();
         // In clear text the proxy says only S/N, and a NegotiateProtocolVersion last. After an
-        // `S` the rest is TLS (records of a handshake, or an alert when it failed).
-        let clear = match answers.iter().position(|b| *b == b'S') {
-            _ if direct_tls => &answers[..0],
-            Some(at) => &answers[..=at],
-            None => &answers[..],
+        // `S` the rest is TLS (records of a handshake, or an alert when it failed). Read the
+        // answers in order: an `S` inside the NegotiateProtocolVersion is a parameter's letter.
+        let clear: &[u8] = if direct_tls { &[] } else { &answers };
+        let mut at = 0;
+        while at < clear.len() && clear[at] == b'N' {
+            at += 1;
+        }
+        let (bytes, negotiation) = match clear.get(at) {
+            Some(b'S') => (&clear[..=at], &clear[..0]),
+            Some(b'v') => clear.split_at(at),
+            Some(other) => panic!("the proxy answered {other:#04x} in clear text: {answers:?}"),
+            None => (clear, &clear[..0]),
         };
-        let version_at = clear.iter().position(|b| *b == b'v');
-        let (bytes, negotiation) = clear.split_at(version_at.unwrap_or(clear.len()));
         assert!(bytes.iter().all(|b| matches!(b, b'S' | b'N')), "{answers:?}");
         if !negotiation.is_empty() {
             assert!(!tls_used && matches!(result, Ok(Request::Login { .. })));

@@ -51,6 +51,8 @@ enum PoolModeName {
     None,
     /// A client gets a pooled server connection for its whole session.
     Session,
+    /// A client gets a pooled server connection for each transaction.
+    Transaction,
 }
 
 settings! {
@@ -89,7 +91,8 @@ settings! {
         #[serde(default, deserialize_with = "duration")]
         drain_timeout: Duration,
         /// How client sessions get server connections: `session` (pooled, reset between
-        /// clients) or `none` (each its own) [default: session].
+        /// clients), `transaction` (pooled, per transaction) or `none` (each its own)
+        /// [default: session].
         #[arg(long, value_enum, env = "PGENTRA_PROXY_POOL_MODE")]
         pool_mode: PoolModeName,
         /// Server connections per pool: per upstream, role, database and session-shaping
@@ -124,6 +127,10 @@ settings! {
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_QUEUE_TIMEOUT")]
         #[serde(default, deserialize_with = "duration")]
         queue_timeout: Duration,
+        /// In transaction pooling, statements kept prepared on each server connection for
+        /// clients; past it the least recently used is closed [default: 200].
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_PREPARED_STATEMENTS")]
+        max_prepared_statements: usize,
         /// HTTP address for /healthz, /readyz, /metrics, /pools and POST /quitquitquit.
         #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_ADMIN")]
         admin: SocketAddr,
@@ -355,6 +362,7 @@ fn pool_config(settings: &Settings) -> PoolConfig {
         pool.mode = match mode {
             PoolModeName::None => PoolMode::None,
             PoolModeName::Session => PoolMode::Session,
+            PoolModeName::Transaction => PoolMode::Transaction,
         };
     }
     pool.size = settings.pool_size.unwrap_or(pool.size);
@@ -369,6 +377,9 @@ fn pool_config(settings: &Settings) -> PoolConfig {
         pool.reset_query.clone_from(query);
     }
     pool.queue_timeout = settings.queue_timeout.unwrap_or(pool.queue_timeout);
+    pool.max_prepared_statements = settings
+        .max_prepared_statements
+        .unwrap_or(pool.max_prepared_statements);
     pool
 }
 

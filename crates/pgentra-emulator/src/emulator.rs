@@ -141,6 +141,8 @@ pub struct Emulator {
     identity: IdentityServer,
     gateway: Gateway,
     ca_file: PathBuf,
+    /// What the gateway presents: a certificate from the CA for `localhost`.
+    server_tls: Arc<rustls::ServerConfig>,
     bin_dir: PathBuf,
     backend: BackendAddr,
     // Last: the directory that holds the files above (the cluster's, or a temp dir).
@@ -259,7 +261,7 @@ impl Emulator {
         let pg_tls = ca
             .server_config(&[b"postgresql"])
             .map_err(|e| EmulatorError::Certificates(e.to_string()))?;
-        let gateway = Gateway::start(gateway_config, Arc::clone(&issuer), pg_tls)
+        let gateway = Gateway::start(gateway_config, Arc::clone(&issuer), Arc::clone(&pg_tls))
             .map_err(io("starting the gateway"))?;
         Ok(Self {
             config,
@@ -267,6 +269,7 @@ impl Emulator {
             identity,
             gateway,
             ca_file,
+            server_tls: pg_tls,
             bin_dir,
             backend,
             files,
@@ -349,6 +352,20 @@ impl Emulator {
     /// The emulator CA's PEM file (`PGSSLROOTCERT`, `SSL_CERT_FILE`).
     pub fn ca_file(&self) -> &Path {
         &self.ca_file
+    }
+
+    /// The TLS configuration the gateway presents (a certificate for `localhost` and
+    /// `127.0.0.1` from the CA in [`ca_file`](Self::ca_file), ALPN `postgresql`), for a server
+    /// of a test's own that clients are to trust as they trust the gateway: a proxy in front of
+    /// it, say.
+    ///
+    /// ```no_run
+    /// let emulator = pgentra_emulator::Emulator::shared();
+    /// let tls = tokio_rustls::TlsAcceptor::from(emulator.server_tls());
+    /// # drop(tls);
+    /// ```
+    pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.server_tls)
     }
 
     /// The directory with the `az` and `azd` shims.

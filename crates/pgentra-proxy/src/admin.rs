@@ -197,6 +197,11 @@ fn pools_json(shared: &Shared) -> String {
                     .iter()
                     .map(|(reason, n)| ((*reason).to_owned(), (*n).into()))
                     .collect();
+                let pins: serde_json::Map<String, serde_json::Value> = p
+                    .pins
+                    .iter()
+                    .map(|(reason, n)| ((*reason).to_owned(), (*n).into()))
+                    .collect();
                 serde_json::json!({
                     "upstream": upstream,
                     "role": p.role,
@@ -206,7 +211,10 @@ fn pools_json(shared: &Shared) -> String {
                     "size": p.size,
                     "server_active": p.active,
                     "server_idle": p.idle,
+                    "clients": p.clients,
                     "clients_waiting": p.waiting,
+                    "clients_pinned": p.pinned,
+                    "pins": pins,
                     "server_logins": p.opened,
                     "reuses": p.reused,
                     "resets": p.resets,

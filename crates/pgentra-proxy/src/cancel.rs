@@ -1,8 +1,10 @@
 //! Cancel requests: the proxy issues each session its own key and maps it to the server
-//! connection the session holds; a cancel request with that key is sent on over a new verified
-//! TLS connection with the server's real key. Unknown keys do nothing, as in PostgreSQL.
+//! connection the session holds (in transaction pooling, the one it holds now, if any); a
+//! cancel request with that key is sent on over a new verified TLS connection with the server's
+//! real key. Unknown keys, and keys of sessions holding no server connection, do nothing, as in
+//! PostgreSQL.
 
-use crate::server::{self, CancelsInFlight, Target};
+use crate::server::{self, CancelGuard, CancelsInFlight, Target};
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use std::collections::HashMap;
@@ -26,13 +28,13 @@ pub(crate) struct CancelTarget {
 /// The proxy-issued keys of open sessions.
 #[derive(Default)]
 pub(crate) struct CancelKeys {
-    keys: Mutex<HashMap<Key, CancelTarget>>,
+    keys: Mutex<HashMap<Key, Option<CancelTarget>>>,
 }
 
 impl CancelKeys {
-    /// A new key for a session whose cancel requests go to `to`, from the OS's CSPRNG
-    /// ([`pgentra_wire::random_cancel_key`]).
-    pub(crate) fn issue(&self, to: CancelTarget) -> std::io::Result<Key> {
+    /// A new key for a session whose cancel requests go to `to` (nowhere yet: `None`), from
+    /// the OS's CSPRNG ([`pgentra_wire::random_cancel_key`]).
+    pub(crate) fn issue(&self, to: Option<CancelTarget>) -> std::io::Result<Key> {
         loop {
             let ours = pgentra_wire::random_cancel_key()?;
             if let Entry::Vacant(entry) = crate::sync::lock(&self.keys).entry(ours) {
@@ -46,8 +48,22 @@ impl CancelKeys {
         crate::sync::lock(&self.keys).remove(key);
     }
 
-    fn get(&self, key: &Key) -> Option<CancelTarget> {
-        crate::sync::lock(&self.keys).get(key).cloned()
+    /// Points a session's key at the server connection it now holds, or at none. Once it
+    /// points away, no new cancel request reaches the old connection; those already on their
+    /// way are counted in its [`CancelsInFlight`].
+    pub(crate) fn point(&self, key: &Key, to: Option<CancelTarget>) {
+        if let Some(target) = crate::sync::lock(&self.keys).get_mut(key) {
+            *target = to;
+        }
+    }
+
+    /// Where a cancel request with `key` goes, counted in flight from here (under the same lock
+    /// as [`point`](Self::point), so a connection is never handed on with one uncounted).
+    fn start(&self, key: &Key) -> Option<(CancelTarget, CancelGuard)> {
+        let keys = crate::sync::lock(&self.keys);
+        let to = keys.get(key)?.clone()?;
+        let guard = to.in_flight.start();
+        Some((to, guard))
     }
 }
 
@@ -56,12 +72,11 @@ pub(crate) async fn forward(keys: &CancelKeys, pid: i32, key: &[u8], connect_tim
     let Ok(key): Result<[u8; 4], _> = key.try_into() else {
         return;
     };
-    let Some(to) = keys.get(&(pid, key)) else {
-        tracing::debug!("cancel request with an unknown key ignored");
+    // Until the server has it, the connection is not handed to another client.
+    let Some((to, _in_flight)) = keys.start(&(pid, key)) else {
+        tracing::debug!("cancel request with an unknown key, or for no query, ignored");
         return;
     };
-    // Until the server has it, the connection is not handed to another client.
-    let _in_flight = to.in_flight.start();
     match server::connect(&to.target, connect_timeout).await {
         Ok(mut stream) => {
             let mut request = BytesMut::new();

@@ -100,6 +100,12 @@ pub enum PoolMode {
     /// `pool_mode = session`).
     #[default]
     Session,
+    /// A client holds a pooled server connection only for each of its transactions: from its
+    /// first message until the server is idle again (`ReadyForQuery` `I`); between
+    /// transactions the connection serves other clients (PgBouncer's `pool_mode =
+    /// transaction`). Prepared statements work; session state pins a client to its
+    /// connection (see the README).
+    Transaction,
 }
 
 impl std::str::FromStr for PoolMode {
@@ -109,7 +115,10 @@ impl std::str::FromStr for PoolMode {
         match text {
             "none" => Ok(Self::None),
             "session" => Ok(Self::Session),
-            other => Err(format!("pool mode {other:?}: use none or session")),
+            "transaction" => Ok(Self::Transaction),
+            other => Err(format!(
+                "pool mode {other:?}: use none, session or transaction"
+            )),
         }
     }
 }
@@ -120,6 +129,7 @@ impl PoolMode {
         match self {
             Self::None => "none",
             Self::Session => "session",
+            Self::Transaction => "transaction",
         }
     }
 }
@@ -153,6 +163,10 @@ pub struct PoolConfig {
     /// How long a client waits for a server connection when the pool is full (30 s, and
     /// never past its login timeout); then it gets SQLSTATE 53300.
     pub queue_timeout: Duration,
+    /// In transaction pooling, how many statements the proxy keeps prepared on each server
+    /// connection for its clients (200, as PgBouncer's `max_prepared_statements`); past it,
+    /// the least recently used is closed, and prepared again when a client needs it.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -167,6 +181,7 @@ impl Default for PoolConfig {
             check_delay: Duration::from_secs(30),
             reset_query: "DISCARD ALL".into(),
             queue_timeout: Duration::from_secs(30),
+            max_prepared_statements: 200,
         }
     }
 }
@@ -299,6 +314,9 @@ impl ProxyConfig {
         }
         if self.pool.size == 0 {
             return config("the pool size must be at least 1".into());
+        }
+        if self.pool.max_prepared_statements == 0 {
+            return config("max_prepared_statements must be at least 1".into());
         }
         if self.pool.min_idle > self.pool.size {
             return config(format!(

@@ -51,10 +51,12 @@
 mod admin;
 mod cancel;
 mod config;
+mod lease;
 mod listen;
 mod maintain;
 mod metrics;
 mod password;
+mod pinning;
 mod pool;
 mod refusal;
 mod relay;
@@ -62,7 +64,10 @@ mod server;
 mod session;
 mod shared;
 pub mod startup;
+mod statements;
 mod sync;
+mod tracked;
+mod transaction;
 
 pub use config::{ClientRoles, Instance, PoolConfig, PoolMode, ProxyConfig, ProxyError};
 pub use metrics::Metrics;

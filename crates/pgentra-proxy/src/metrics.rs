@@ -120,7 +120,7 @@ impl Metrics {
         metric(
             "connections_refused_total",
             "counter",
-            "Clients refused, by reason.",
+            "Clients refused, and sessions the proxy ended with a FATAL, by reason.",
             &refused,
         );
         metric(
@@ -202,7 +202,7 @@ fn count(value: u64) -> f64 {
 }
 
 /// The pools' families, labelled by upstream, role and database.
-const POOL_FAMILIES: [(&str, &str, &str, Samples); 8] = [
+const POOL_FAMILIES: [(&str, &str, &str, Samples); 11] = [
     (
         "pool_server_connections",
         "gauge",
@@ -212,6 +212,29 @@ const POOL_FAMILIES: [(&str, &str, &str, Samples); 8] = [
                 (",state=\"idle\"".into(), count(p.idle)),
                 (",state=\"active\"".into(), count(p.active)),
             ]
+        },
+    ),
+    (
+        "pool_clients",
+        "gauge",
+        "Client sessions logged in on a pool now.",
+        |p| vec![(String::new(), count(p.clients))],
+    ),
+    (
+        "pool_clients_pinned",
+        "gauge",
+        "Client sessions pinned to their server connection now (transaction pooling).",
+        |p| vec![(String::new(), count(p.pinned))],
+    ),
+    (
+        "pool_pins_total",
+        "counter",
+        "Client sessions pinned to their server connection, by the session state that pinned them.",
+        |p| {
+            p.pins
+                .iter()
+                .map(|(reason, n)| (format!(",reason=\"{reason}\""), count(*n)))
+                .collect()
         },
     ),
     (

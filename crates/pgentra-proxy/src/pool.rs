@@ -9,6 +9,7 @@
 //! too long; a background task does that and keeps each pool's minimum of idle connections.
 
 use crate::config::PoolConfig;
+use crate::pinning::PinReason;
 use crate::server::ServerConn;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -16,28 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-
-/// Startup parameters the proxy sets on a pooled connection with `SET`, rather than keeping a
-/// pool per value: the ones PostgreSQL reports with `ParameterStatus`, so their values are
-/// tracked as sessions change them (PgBouncer's list, and `IntervalStyle`). Lowercase names
-/// match the client's spelling; the second is the server's.
-pub(crate) const TRACKED: [(&str, &str); 6] = [
-    ("application_name", "application_name"),
-    ("client_encoding", "client_encoding"),
-    ("datestyle", "DateStyle"),
-    ("timezone", "TimeZone"),
-    ("intervalstyle", "IntervalStyle"),
-    ("standard_conforming_strings", "standard_conforming_strings"),
-];
-
-/// The server's name of a tracked parameter, if `name` is one.
-pub(crate) fn tracked(name: &str) -> Option<&'static str> {
-    let lower = name.to_ascii_lowercase();
-    TRACKED
-        .iter()
-        .find(|(client, _)| *client == lower)
-        .map(|(_, server)| *server)
-}
 
 /// What tells one pool from another on the same upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -106,7 +85,20 @@ pub(crate) struct PoolStats {
     pub(crate) wait_micros: AtomicU64,
     pub(crate) waiting: AtomicU64,
     pub(crate) active: AtomicU64,
+    /// Client sessions logged in on this pool now.
+    pub(crate) clients: AtomicU64,
+    /// Sessions pinned to their server connection now (transaction pooling).
+    pub(crate) pinned: AtomicU64,
+    pins: [AtomicU64; PinReason::ALL.len()],
     closed: [AtomicU64; CloseReason::ALL.len()],
+}
+
+impl PoolStats {
+    /// Counts a session pinned for `reason`.
+    pub(crate) fn pin(&self, reason: PinReason) {
+        self.pins[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.pinned.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What a pool looks like now, for `/metrics` and `/pools`.
@@ -117,6 +109,8 @@ pub(crate) struct PoolSnapshot {
     /// Names of the startup parameters that shape this pool's sessions.
     pub(crate) params: Vec<String>,
     pub(crate) size: usize,
+    pub(crate) clients: u64,
+    pub(crate) pinned: u64,
     pub(crate) active: u64,
     pub(crate) idle: u64,
     pub(crate) waiting: u64,
@@ -126,6 +120,7 @@ pub(crate) struct PoolSnapshot {
     pub(crate) waits: u64,
     pub(crate) wait_seconds: f64,
     pub(crate) closed: Vec<(&'static str, u64)>,
+    pub(crate) pins: Vec<(&'static str, u64)>,
 }
 
 /// A server connection and the slots it takes, in a pool or with a client.
@@ -219,6 +214,8 @@ impl Pools {
                     database: pool.key.database.clone(),
                     params: pool.key.params.iter().map(|(n, _)| n.clone()).collect(),
                     size: self.config.size,
+                    clients: load(&stats.clients),
+                    pinned: load(&stats.pinned),
                     active: load(&stats.active),
                     idle: pool.idle_count() as u64,
                     waiting: load(&stats.waiting),
@@ -231,6 +228,10 @@ impl Pools {
                     closed: CloseReason::ALL
                         .iter()
                         .map(|r| (r.label(), load(&stats.closed[r.index()])))
+                        .collect(),
+                    pins: PinReason::ALL
+                        .iter()
+                        .map(|r| (r.label(), load(&stats.pins[r.index()])))
                         .collect(),
                 }
             })

@@ -80,6 +80,18 @@ pub enum Refusal {
         /// The timeout.
         limit: Duration,
     },
+    /// A logged-in client sent what is not the protocol (transaction pooling reads every
+    /// message).
+    ClientProtocol(String),
+    /// The server connection a logged-in client was using broke.
+    ServerLost {
+        /// `host:port`.
+        upstream: String,
+        /// What happened.
+        what: String,
+    },
+    /// The proxy is draining, and a client between transactions is told to go.
+    SessionShutdown,
     /// Something inside the proxy failed (the OS gave no random bytes, say).
     Internal(String),
 }
@@ -97,13 +109,14 @@ pub(crate) enum Reason {
     UpstreamConnect,
     UpstreamAuth,
     UpstreamLogin,
+    UpstreamLost,
     QueueTimeout,
     Internal,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Metrics`](crate::Metrics)' counters.
-    pub(crate) const ALL: [Self; 12] = [
+    pub(crate) const ALL: [Self; 13] = [
         Self::MaxConnections,
         Self::PendingLogins,
         Self::ShuttingDown,
@@ -114,6 +127,7 @@ impl Reason {
         Self::UpstreamConnect,
         Self::UpstreamAuth,
         Self::UpstreamLogin,
+        Self::UpstreamLost,
         Self::QueueTimeout,
         Self::Internal,
     ];
@@ -131,6 +145,7 @@ impl Reason {
             Self::UpstreamConnect => "upstream_connect",
             Self::UpstreamAuth => "upstream_auth",
             Self::UpstreamLogin => "upstream_login",
+            Self::UpstreamLost => "upstream_lost",
             Self::QueueTimeout => "queue_timeout",
             Self::Internal => "internal",
         }
@@ -150,11 +165,12 @@ impl Refusal {
         match self {
             Self::TooManyClients { .. } => Reason::MaxConnections,
             Self::TooManyLogins { .. } => Reason::PendingLogins,
-            Self::ShuttingDown => Reason::ShuttingDown,
+            Self::ShuttingDown | Self::SessionShutdown => Reason::ShuttingDown,
             Self::ClientPassword { .. } => Reason::ClientPassword,
             Self::ProtocolVersion { .. }
             | Self::InvalidStartup(_)
-            | Self::ForwardedStartupTooLong { .. } => Reason::Protocol,
+            | Self::ForwardedStartupTooLong { .. }
+            | Self::ClientProtocol(_) => Reason::Protocol,
             Self::StartupTimeout(_) | Self::TokenTimeout(_) | Self::ServerTimeout { .. } => {
                 Reason::LoginTimeout
             }
@@ -162,6 +178,7 @@ impl Refusal {
             Self::ServerUnreachable { .. } => Reason::UpstreamConnect,
             Self::ServerAuthMethod { .. } => Reason::UpstreamAuth,
             Self::ServerRefused(_) | Self::ServerBroke { .. } => Reason::UpstreamLogin,
+            Self::ServerLost { .. } => Reason::UpstreamLost,
             Self::QueueTimeout { .. } => Reason::QueueTimeout,
             Self::Internal(_) => Reason::Internal,
         }
@@ -280,6 +297,18 @@ impl Refusal {
                     "All of the pool's server connections are in use: raise the pool size, or let clients wait longer.",
                 ),
             ),
+            Self::ClientProtocol(what) => fatal("08P01", what, None),
+            Self::ServerLost { upstream, what } => fatal(
+                "08006",
+                &format!("the server connection to {upstream} broke: it {what}"),
+                Some("The transaction in progress, if any, did not commit; connect again."),
+            ),
+            // PostgreSQL's text for a backend ended by a fast shutdown.
+            Self::SessionShutdown => fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+                Some("The pgentra proxy is shutting down; connect again."),
+            ),
             Self::Internal(what) => fatal("XX000", &format!("pgentra proxy: {what}"), None),
         }
     }
@@ -322,6 +351,12 @@ mod tests {
             Refusal::QueueTimeout {
                 limit: Duration::from_secs(1),
             },
+            Refusal::ClientProtocol("x".into()),
+            Refusal::ServerLost {
+                upstream: "h:1".into(),
+                what: "closed the connection".into(),
+            },
+            Refusal::SessionShutdown,
             Refusal::Internal("x".into()),
         ];
         let mut reasons = Vec::new();

@@ -4,6 +4,7 @@
 
 use crate::ProxyError;
 use crate::config::Instance;
+use crate::statements::Prepared;
 use bytes::{Bytes, BytesMut};
 use pgentra::Secret;
 use pgentra_wire::{ErrorFields, MAX_STARTUP_PACKET, startup_message};
@@ -65,6 +66,8 @@ pub(crate) struct ServerConn {
     pub(crate) key: (i32, [u8; 4]),
     /// Cancel requests on their way to this connection.
     pub(crate) cancels: Arc<CancelsInFlight>,
+    /// The statements the proxy prepared here for clients (transaction pooling).
+    pub(crate) prepared: Prepared,
 }
 
 /// Parameters as a server reports them: names and values (bytes, as the server sent them).
@@ -125,6 +128,11 @@ impl CancelsInFlight {
         CancelGuard(Arc::clone(self))
     }
 
+    /// Whether none is in flight now.
+    pub(crate) fn none(&self) -> bool {
+        self.count.load(Ordering::SeqCst) == 0
+    }
+
     /// Resolves once none is in flight, or after `limit`; whether none is.
     pub(crate) async fn settled(&self, limit: Duration) -> bool {
         let wait = async {
@@ -183,6 +191,8 @@ impl ServerConn {
         sql: &[&str],
         limit: Duration,
     ) -> Result<u8, QueryError> {
+        // "A simple Query message also destroys the unnamed statement" (Extended Query).
+        self.prepared.unnamed = None;
         let run = async {
             let mut messages = BytesMut::new();
             for sql in sql {
@@ -381,6 +391,7 @@ pub(crate) async fn login(
                     params,
                     key,
                     cancels: Arc::default(),
+                    prepared: Prepared::default(),
                 });
             }
             backend::Message::ErrorResponse(_) => {

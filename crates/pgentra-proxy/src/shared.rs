@@ -9,7 +9,6 @@ use crate::pool::Pools;
 use crate::server::Target;
 use pgentra::EntraAuth;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{Notify, Semaphore, watch};
 
 pub(crate) struct Shared {
@@ -24,7 +23,7 @@ pub(crate) struct Shared {
     pub(crate) cancel_keys: CancelKeys,
     pub(crate) password: Option<PasswordGate>,
     pub(crate) client_tls: Option<tokio_rustls::TlsAcceptor>,
-    draining: AtomicBool,
+    draining: watch::Sender<bool>,
     /// Set when the drain timeout has passed: sessions still running end.
     pub(crate) kill: watch::Sender<bool>,
     /// Woken each time a client connection closes.
@@ -50,7 +49,7 @@ impl Shared {
             auth,
             metrics: Arc::default(),
             cancel_keys: CancelKeys::default(),
-            draining: AtomicBool::new(false),
+            draining: watch::Sender::new(false),
             kill: watch::Sender::new(false),
             closed: Notify::new(),
         }
@@ -62,11 +61,16 @@ impl Shared {
     }
 
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        *self.draining.borrow()
     }
 
     pub(crate) fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.send_replace(true);
+    }
+
+    /// Turns true when the proxy starts draining.
+    pub(crate) fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Counts a client connection that has closed.

@@ -1,5 +1,6 @@
 //! The drivers against the emulator: one scenario table, run over tokio-postgres, postgres,
-//! deadpool-postgres, bb8, r2d2, sqlx, SeaORM, diesel-async and diesel.
+//! deadpool-postgres, bb8, r2d2, sqlx, SeaORM, diesel-async and diesel; directly against the
+//! gateway, and through `pgentra-proxy` in transaction pooling.
 #![cfg(all(
     feature = "tokio-postgres-0_7",
     feature = "postgres-0_19",
@@ -144,6 +145,27 @@ async fn driver(kind: Kind, connectors: Connectors) -> Driver {
             }
         }
     }
+}
+
+/// `n` SeaORM statements at once, outside transactions (each on a pool connection while it
+/// runs), and each one's role.
+async fn sea_orm_statements(
+    db: &sea_orm::DatabaseConnection,
+    n: usize,
+) -> Result<Vec<String>, String> {
+    use sea_orm::ConnectionTrait;
+    let statements = (0..n).map(|_| {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            QUERY,
+        ))
+    });
+    let mut users = Vec::new();
+    for result in futures::future::join_all(statements).await {
+        let row = result.map_err(|e| describe(&e))?.ok_or("no row")?;
+        users.push(row.try_get_by_index(0).map_err(|e| describe(&e))?);
+    }
+    Ok(users)
 }
 
 /// Every message of an error's source chain, joined, plus its `Debug`.
@@ -476,6 +498,70 @@ fn large_tokens() -> &'static Emulator {
     })
 }
 
+/// `pgentra-proxy` in transaction pooling in front of `emulator`'s gateway, with four server
+/// connections, logging in with the Azure CLI credential; clients reach it over TLS with the
+/// gateway's certificate, so the drivers' settings differ from the gateway's by the port only.
+struct TransactionProxy {
+    addr: std::net::SocketAddr,
+    metrics: Arc<pgentra_proxy::Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Server connections behind the transaction-pooling proxy.
+const PROXY_SERVER_CONNECTIONS: usize = 4;
+
+impl TransactionProxy {
+    async fn start(emulator: &Emulator) -> Self {
+        let mut config = pgentra_proxy::ProxyConfig::default();
+        let mut upstream = conninfo(emulator, None);
+        upstream.dbname = None;
+        config.instances.push(pgentra_proxy::Instance::new(
+            upstream,
+            "127.0.0.1:0".parse().unwrap(),
+        ));
+        config.client_tls = Some(emulator.server_tls());
+        config.pool.mode = pgentra_proxy::PoolMode::Transaction;
+        config.pool.size = PROXY_SERVER_CONNECTIONS;
+        // Pools that linger after a scenario are closed soon after it.
+        config.drain_timeout = Duration::from_secs(1);
+        let proxy = pgentra_proxy::Proxy::bind(config, auth(&azure_cli(emulator)))
+            .await
+            .unwrap();
+        let addr = proxy.local_addrs()[0];
+        let metrics = proxy.metrics();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The connectors of `auth`, for the proxy.
+    fn connectors(&self, emulator: &Emulator, auth: EntraAuth) -> Connectors {
+        let mut info = conninfo(emulator, None);
+        info.port = Some(self.addr.port());
+        Connectors {
+            postgres: EntraConnector::new(auth.clone(), &info).unwrap(),
+            sqlx: pgentra::sqlx::SqlxConnector::new(auth.clone(), &info).unwrap(),
+            diesel: pgentra::diesel::EntraPgConnectionManager::new(auth, info),
+        }
+    }
+
+    async fn stop(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(Duration::from_secs(40), &mut self.task)
+            .await
+            .expect("the proxy stopping")
+            .unwrap();
+    }
+}
+
 /// Storms open hundreds of connections: one at a time, within the backend's limit.
 static STORMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -652,8 +738,40 @@ macro_rules! scenarios {
     };
 }
 
+/// Forty client connections of the driver's pool through the proxy, on four server
+/// connections, three rounds: each driver prepares its statements under names, which must work
+/// on whichever server connection each statement lands.
+async fn forty_connections_share_four_through_a_transaction_pooling_proxy(kind: Kind) {
+    let emulator = Emulator::shared();
+    let proxy = TransactionProxy::start(emulator).await;
+    let driver = driver(kind, proxy.connectors(emulator, auth(&azure_cli(emulator)))).await;
+    for round in 1..=3 {
+        // SeaORM's `users` holds forty transactions open at once, which needs forty server
+        // connections in any transaction pooler: its statements run outside transactions here.
+        let users = match &driver {
+            Driver::SeaOrm(db, _) => sea_orm_statements(db, 40).await,
+            _ => driver.users(40).await,
+        };
+        let users = users.unwrap_or_else(|e| panic!("{kind:?}, round {round}: {e}"));
+        assert_eq!(users, vec![USER; 40], "{kind:?}, round {round}");
+    }
+    drop(driver);
+    let logins = proxy.metrics.logins();
+    assert!(
+        (1..=PROXY_SERVER_CONNECTIONS as u64).contains(&logins),
+        "{kind:?}: {logins} upstream logins for four server connections"
+    );
+    assert_eq!(proxy.metrics.connections_refused(), 0, "{kind:?}");
+    if !matches!(kind, Kind::SeaOrm) {
+        let clients = proxy.metrics.connections_total();
+        assert!(clients >= 40, "{kind:?}: {clients} client connections");
+    }
+    proxy.stop().await;
+}
+
 scenarios!(
     connects_as_the_derived_role,
+    forty_connections_share_four_through_a_transaction_pooling_proxy,
     logs_in_with_an_8_kb_token,
     refreshes_under_a_pool,
     a_storm_on_a_cold_provider_makes_one_credential_call,

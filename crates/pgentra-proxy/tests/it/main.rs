@@ -8,3 +8,4 @@ mod pooling;
 mod refusals;
 mod sessions;
 mod support;
+mod transactions;

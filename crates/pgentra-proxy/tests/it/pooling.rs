@@ -3,46 +3,6 @@
 
 use super::support::*;
 
-/// The backend process ID of a client's session.
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// A pooled proxy for the emulator, with `tweak` applied to its settings.
-async fn pooled(emulator: &Emulator, tweak: impl FnOnce(&mut ProxyConfig)) -> (Running, EntraAuth) {
-    let mut config = config(emulator);
-    config.admin = Some("127.0.0.1:0".parse().unwrap());
-    tweak(&mut config);
-    let auth = auth(emulator);
-    (Running::start(config, auth.clone()).await, auth)
-}
-
-/// Waits until `/pools` shows what `done` looks for in the first pool.
-async fn pool_until(
-    proxy: &Running,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    within(SHORT, what, async {
-        loop {
-            let (status, body) = http(proxy.admin.unwrap(), "GET", "/pools").await;
-            assert_eq!(status, 200, "{body}");
-            let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if let Some(pool) = pools["pools"].as_array().and_then(|p| p.first())
-                && done(pool)
-            {
-                return pool.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
 /// The second client gets the first one's backend: no new upstream login, no token fetch.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_client_reuses_the_server_connection() {
@@ -380,17 +340,6 @@ async fn pool_size_and_the_upstream_cap_hold() {
     assert!(metrics.contains("reason=\"evicted\"} 1"), "{metrics}");
     drop((readers, second));
     proxy.stop().await;
-}
-
-async fn connect_all<F>(connects: impl Iterator<Item = F>) -> Vec<tokio_postgres::Client>
-where
-    F: Future<Output = Result<tokio_postgres::Client, tokio_postgres::Error>>,
-{
-    let mut clients = Vec::new();
-    for connect in connects {
-        clients.push(connect.await.unwrap());
-    }
-    clients
 }
 
 /// A connection past its lifetime is not handed out again, and one idle past the idle timeout

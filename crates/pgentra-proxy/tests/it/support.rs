@@ -120,6 +120,60 @@ impl Running {
     }
 }
 
+/// The backend process ID of a client's session.
+pub(crate) async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A pooled proxy for the emulator, with `tweak` applied to its settings.
+pub(crate) async fn pooled(
+    emulator: &Emulator,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> (Running, EntraAuth) {
+    let mut config = config(emulator);
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
+    tweak(&mut config);
+    let auth = auth(emulator);
+    (Running::start(config, auth.clone()).await, auth)
+}
+
+/// Waits until `/pools` shows what `done` looks for in the first pool.
+pub(crate) async fn pool_until(
+    proxy: &Running,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    within(SHORT, what, async {
+        loop {
+            let (status, body) = http(proxy.admin.unwrap(), "GET", "/pools").await;
+            assert_eq!(status, 200, "{body}");
+            let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if let Some(pool) = pools["pools"].as_array().and_then(|p| p.first())
+                && done(pool)
+            {
+                return pool.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+pub(crate) async fn connect_all<F>(connects: impl Iterator<Item = F>) -> Vec<tokio_postgres::Client>
+where
+    F: Future<Output = Result<tokio_postgres::Client, tokio_postgres::Error>>,
+{
+    let mut clients = Vec::new();
+    for connect in connects {
+        clients.push(connect.await.unwrap());
+    }
+    clients
+}
+
 /// The value of one sample in a Prometheus exposition.
 pub(crate) fn sample(metrics: &str, name: &str) -> f64 {
     metrics

@@ -1,0 +1,218 @@
+//! Prepared statements under transaction pooling, as PgBouncer 1.21+ keeps them: a client's
+//! statements live in the client's own table, by its names, and are prepared on whichever
+//! server connection it gets, on demand, under names of the proxy's (`__pgentra_<n>`). A
+//! server connection keeps what it prepared, by content, so that clients parsing the same
+//! text share one server statement, up to a bound past which the least recently used is
+//! closed.
+//!
+//! Sharing by content is safe because a prepared statement holds no session state: PostgreSQL
+//! "will force re-analysis and re-planning of the statement before using it whenever database
+//! objects used in the statement have undergone definitional (DDL) changes … Also, if the value
+//! of `search_path` changes from one use to the next" (the `PREPARE` reference page).
+
+use crate::pinning::{self, PinReason};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+/// A statement as the client's `Parse` defines it: what follows the name in the message (the
+/// query text, a NUL, the parameter types), compared and hashed by that content.
+#[derive(Debug)]
+pub(crate) struct Statement {
+    definition: Bytes,
+    hash: u64,
+    /// Whether running it leaves session state behind (read from its text once).
+    pub(crate) pins: Option<PinReason>,
+}
+
+impl Statement {
+    /// The statement of a `Parse` body after its name.
+    pub(crate) fn new(definition: Bytes) -> Arc<Self> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        definition.hash(&mut hasher);
+        let query = definition.split(|b| *b == 0).next().unwrap_or_default();
+        Arc::new(Self {
+            pins: pinning::pins(&String::from_utf8_lossy(query)),
+            hash: hasher.finish(),
+            definition,
+        })
+    }
+
+    /// A `Parse` message preparing this statement as `name`.
+    pub(crate) fn parse_message(&self, name: &[u8]) -> Bytes {
+        let mut body = BytesMut::with_capacity(name.len() + 1 + self.definition.len());
+        body.put_slice(name);
+        body.put_u8(0);
+        body.put_slice(&self.definition);
+        pgentra_wire::message(b'P', &body)
+    }
+}
+
+impl PartialEq for Statement {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.definition == other.definition
+    }
+}
+
+impl Eq for Statement {}
+
+impl Hash for Statement {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// A client's prepared statements, by the names it gave them; and its unnamed statement,
+/// which lives until its next unnamed `Parse` or simple query, as in PostgreSQL.
+#[derive(Debug, Default)]
+pub(crate) struct ClientStatements {
+    named: HashMap<Bytes, Arc<Statement>>,
+    pub(crate) unnamed: Option<Arc<Statement>>,
+}
+
+impl ClientStatements {
+    /// The statement `name` names (`""`: the unnamed one).
+    pub(crate) fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    /// Defines `name`; the statement it named before, if any.
+    pub(crate) fn insert(
+        &mut self,
+        name: Bytes,
+        statement: Arc<Statement>,
+    ) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.replace(statement)
+        } else {
+            self.named.insert(name, statement)
+        }
+    }
+
+    /// Forgets `name`; the statement it named, if any.
+    pub(crate) fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+}
+
+/// What one server connection has prepared for the proxy's clients, by content, with the
+/// order of last use; and which statement is its unnamed one.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    names: HashMap<Arc<Statement>, (Bytes, u64)>,
+    /// Counts uses, for the order of last use.
+    clock: u64,
+    /// Names are never reused on a connection, so an evicted statement's `Close` cannot
+    /// close a newer one.
+    next_name: u64,
+    /// The client statement the server's unnamed statement holds, if the proxy knows it.
+    pub(crate) unnamed: Option<Arc<Statement>>,
+}
+
+impl Prepared {
+    /// The server's name for `statement`, if prepared here (marking it used).
+    pub(crate) fn get(&mut self, statement: &Arc<Statement>) -> Option<Bytes> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.names.get_mut(statement).map(|(name, used)| {
+            *used = clock;
+            name.clone()
+        })
+    }
+
+    /// Records `statement` as prepared under a new name, which it returns; at `limit`, the
+    /// least recently used statement makes room, and its name is returned to be closed.
+    pub(crate) fn insert(
+        &mut self,
+        statement: Arc<Statement>,
+        limit: usize,
+    ) -> (Bytes, Option<Bytes>) {
+        let evicted = if self.names.len() >= limit {
+            let oldest = self
+                .names
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(statement, _)| Arc::clone(statement));
+            oldest
+                .and_then(|statement| self.names.remove(&statement))
+                .map(|(name, _)| name)
+        } else {
+            None
+        };
+        self.next_name += 1;
+        self.clock += 1;
+        let name = Bytes::from(format!("__pgentra_{}", self.next_name));
+        self.names.insert(statement, (name.clone(), self.clock));
+        (name, evicted)
+    }
+
+    /// Forgets `statement` (its `Parse` failed, or never ran).
+    pub(crate) fn remove(&mut self, statement: &Arc<Statement>) {
+        self.names.remove(statement);
+    }
+
+    /// Forgets everything (`DISCARD ALL` or `DEALLOCATE ALL` ran).
+    pub(crate) fn clear(&mut self) {
+        self.names.clear();
+        self.unnamed = None;
+    }
+
+    /// How many statements are prepared here.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statement(sql: &str) -> Arc<Statement> {
+        let mut definition = sql.as_bytes().to_vec();
+        definition.extend_from_slice(&[0, 0, 0]);
+        Statement::new(Bytes::from(definition))
+    }
+
+    #[test]
+    fn the_least_recently_used_statement_makes_room() {
+        let mut prepared = Prepared::default();
+        let (a, b, c) = (
+            statement("select 1"),
+            statement("select 2"),
+            statement("select 3"),
+        );
+        let (name_a, _) = prepared.insert(Arc::clone(&a), 2);
+        let (name_b, _) = prepared.insert(Arc::clone(&b), 2);
+        assert_ne!(name_a, name_b);
+        // `a` used last: `b` goes.
+        assert_eq!(prepared.get(&statement("select 1")), Some(name_a.clone()));
+        let (name_c, evicted) = prepared.insert(Arc::clone(&c), 2);
+        assert_eq!(evicted, Some(name_b));
+        assert!(prepared.get(&b).is_none());
+        assert_eq!(prepared.get(&c), Some(name_c.clone()));
+        // A statement prepared again gets a name never used on this connection.
+        let (name_b2, _) = prepared.insert(b, 2);
+        assert!(![name_a, name_c].contains(&name_b2));
+        assert_eq!(prepared.len(), 2);
+    }
+
+    #[test]
+    fn a_statement_knows_whether_it_pins() {
+        assert_eq!(statement("LISTEN jobs").pins, Some(PinReason::Listen));
+        assert_eq!(statement("select $1::int").pins, None);
+        assert_eq!(statement("select 1"), statement("select 1"));
+        assert_ne!(statement("select 1"), statement("select 2"));
+        let parse = statement("select 1").parse_message(b"s1");
+        assert_eq!(&parse[..], b"P\0\0\0\x12s1\0select 1\0\0\0");
+    }
+}

@@ -1,0 +1,973 @@
+//! Transaction pooling: a client holds a server connection only while it needs one — from its
+//! first message while it holds none, until the server says it is idle (`ReadyForQuery` `I`)
+//! with nothing the client sent left unanswered — and the pool's connections serve other
+//! clients in between (PgBouncer's `pool_mode = transaction`).
+//!
+//! Both directions are read as whole messages (a `DataRow` or `CopyData` passes through as it
+//! comes), and the answers the client is owed are queued in the order it asked for them, as
+//! the protocol's "Pipelining" section describes. That queue tells when a connection is free;
+//! it lets the proxy answer some messages itself (the `Parse` of a statement the connection
+//! already has, the `Close` of a client's statement) in their turn; and it lets the proxy
+//! prepare a client's statements on whichever connection it gets, dropping the answers to what
+//! it sent of its own ([`crate::statements`]).
+//!
+//! Session state that would outlive a transaction pins the client to its connection for the
+//! rest of its session ([`crate::pinning`]); that connection is reset before another client
+//! gets it. Tracked parameters (`application_name`, `TimeZone`, ...) do not pin: the server
+//! reports each change, and the proxy sets the client's values on every connection it gets.
+
+use crate::cancel;
+use crate::lease::{self, Lease, Reset};
+use crate::pinning::{self, PinReason};
+use crate::pool::{CloseReason, Pool, Pooled};
+use crate::refusal::Refusal;
+use crate::relay::{Ending, Relayed};
+use crate::shared::{InstanceState, Shared};
+use crate::startup::{StartupError, Stream};
+use crate::statements::{ClientStatements, Statement};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Longest client message the proxy holds whole (`Query`, `Parse`, `Bind`, ...); `CopyData`
+/// passes through at any length. PostgreSQL's own limit is 1 GB.
+const MAX_CLIENT_MESSAGE: usize = 256 << 20;
+/// Longest server message held whole; `DataRow` and `CopyData` pass through at any length.
+const MAX_SERVER_MESSAGE: usize = 64 << 20;
+/// Bytes read at a time from either side.
+const READ_SIZE: usize = 8192;
+
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// One client's session in transaction pooling.
+pub(crate) struct Transactions<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) instance: &'a InstanceState,
+    pub(crate) pool: Arc<Pool>,
+    /// The client's proxy-issued cancel key, pointed at each connection it holds.
+    pub(crate) key: cancel::Key,
+    /// The client's values of the tracked parameters, as it last set them.
+    pub(crate) tracked: Vec<(&'static str, Bytes)>,
+}
+
+/// How a transaction-pooled session ended.
+pub(crate) struct TransactionsEnd {
+    pub(crate) relayed: Relayed,
+    /// Why the proxy ended it, for the client's `FATAL`; `None` when the client left.
+    pub(crate) refusal: Option<Refusal>,
+}
+
+/// An answer the client is owed, in order.
+enum Expect {
+    /// `ParseComplete`: passed on for the client's `Parse`, dropped for the proxy's. If the
+    /// server does not run it, `undo` takes back what it would have defined; `rename` is the
+    /// server's name and the client's, for the error of a duplicate name.
+    Parse {
+        pass: bool,
+        undo: Undo,
+        rename: Option<(Bytes, Bytes)>,
+    },
+    Bind,
+    /// `CloseComplete`, passed on or not.
+    Close {
+        pass: bool,
+    },
+    /// `ParameterDescription` (once `parameters`), then `RowDescription` or `NoData`.
+    DescribeStatement {
+        parameters: bool,
+    },
+    DescribePortal,
+    /// Rows, then `CommandComplete`, `EmptyQueryResponse` or `PortalSuspended`.
+    Execute,
+    Sync,
+    /// A simple query or a function call: everything up to `ReadyForQuery`.
+    Query,
+    /// An answer the proxy gives itself, in its turn.
+    Own {
+        message: &'static [u8],
+        undo: Undo,
+    },
+    /// The client's `CopyDone` or `CopyFail`, sent before the server began the `COPY` it ends:
+    /// the `Sync`s before it will be read in copy-in mode, where the server ignores them.
+    CopyEnd,
+}
+
+/// What to take back for a message the server did not run (it failed, or an error before it
+/// made the server skip it): the client must see the statements PostgreSQL would have.
+enum Undo {
+    None,
+    /// The client's `Parse` defined this name (and the server was to prepare the statement).
+    Defined(Bytes, Option<Arc<Statement>>),
+    /// The client's `Close` removed this statement.
+    Closed(Bytes, Arc<Statement>),
+    /// The proxy's `Parse` of a statement on the server.
+    Prepared(Arc<Statement>),
+    /// A `Parse` of the unnamed statement: PostgreSQL drops the old one first, so after a
+    /// failure there is none.
+    Unnamed,
+}
+
+/// Why the relay stopped.
+enum Stop {
+    /// The client sent `Terminate` or closed its connection.
+    ClientDone,
+    /// The client's connection failed.
+    ClientGone,
+    /// The server connection broke, or answered out of turn.
+    ServerGone(String),
+    /// The proxy ends the session with this `FATAL`.
+    Refuse(Refusal),
+    /// The drain timeout passed.
+    Killed,
+}
+
+fn stop_for(error: StartupError) -> Stop {
+    match error {
+        StartupError::Refuse(refusal) => Stop::Refuse(refusal),
+        StartupError::Gone(_) => Stop::ClientGone,
+    }
+}
+
+/// The server connection a client holds, and what it is owed from it.
+struct Held {
+    conn: Box<Pooled>,
+    expect: VecDeque<Expect>,
+    /// Server bytes not yet handled.
+    input: BytesMut,
+    /// Bytes for the server, sent when the client's input is handled.
+    output: BytesMut,
+    /// Body bytes of a `DataRow` or `CopyData` still to pass to the client.
+    streaming: usize,
+    /// The status of the last `ReadyForQuery`.
+    status: u8,
+    /// After an error in an extended-query message, the server "reads and discards messages
+    /// until a Sync is reached": until the client's `Sync`, its messages are passed on as they
+    /// are and owed nothing.
+    skipping: bool,
+    /// A parameter the proxy does not track was reported while held.
+    reported_untracked: bool,
+    /// The server is in copy-in mode and has yet to read the client's `CopyDone` or
+    /// `CopyFail`: "the backend ignores Flush and Sync messages received during copy-in mode".
+    copy_in: bool,
+}
+
+impl Held {
+    fn new(conn: Box<Pooled>) -> Self {
+        Self {
+            conn,
+            expect: VecDeque::new(),
+            input: BytesMut::with_capacity(READ_SIZE),
+            output: BytesMut::with_capacity(READ_SIZE),
+            streaming: 0,
+            status: b'I',
+            skipping: false,
+            reported_untracked: false,
+            copy_in: false,
+        }
+    }
+
+    /// Whether everything sent was answered and the server is idle outside a transaction.
+    fn idle(&self) -> bool {
+        self.expect.is_empty() && self.status == b'I' && self.streaming == 0 && !self.skipping
+    }
+
+    /// The server's name of `statement`, prepared there first if it is not yet (the answer is
+    /// the proxy's, and dropped); past the limit, the least recently used goes.
+    fn prepare(&mut self, statement: &Arc<Statement>, limit: usize) -> Bytes {
+        let prepared = &mut self.conn.server.prepared;
+        if let Some(name) = prepared.get(statement) {
+            return name;
+        }
+        let (name, evicted) = prepared.insert(Arc::clone(statement), limit);
+        if let Some(old) = evicted {
+            self.output.put_slice(&close_message(b'S', &old));
+            self.expect.push_back(Expect::Close { pass: false });
+        }
+        self.output.put_slice(&statement.parse_message(&name));
+        self.expect.push_back(Expect::Parse {
+            pass: false,
+            undo: Undo::Prepared(Arc::clone(statement)),
+            rename: None,
+        });
+        name
+    }
+
+    /// Makes the server's unnamed statement `wanted`, or none: a `Bind` of the unnamed
+    /// statement must never find another client's.
+    fn unnamed(&mut self, wanted: Option<&Arc<Statement>>) {
+        let prepared = &mut self.conn.server.prepared;
+        match wanted {
+            Some(statement) if prepared.unnamed.as_ref() != Some(statement) => {
+                prepared.unnamed = Some(Arc::clone(statement));
+                self.output.put_slice(&statement.parse_message(b""));
+                self.expect.push_back(Expect::Parse {
+                    pass: false,
+                    undo: Undo::Unnamed,
+                    rename: None,
+                });
+            }
+            None if prepared.unnamed.is_some() => {
+                prepared.unnamed = None;
+                self.output.put_slice(&close_message(b'S', b""));
+                self.expect.push_back(Expect::Close { pass: false });
+            }
+            _ => {}
+        }
+    }
+}
+
+struct Relay<'a> {
+    session: Transactions<'a>,
+    /// Client bytes not yet handled.
+    input: BytesMut,
+    /// Body bytes of a client's `CopyData` still to pass to the server.
+    copying: usize,
+    statements: ClientStatements,
+    held: Option<Held>,
+    pinned: Option<PinReason>,
+    /// Bytes for the client, sent when the server's input is handled.
+    output: BytesMut,
+    relayed: Relayed,
+}
+
+/// Relays a client's session in transaction pooling until it ends, and gives back the server
+/// connection it holds then.
+pub(crate) async fn relay(
+    client: &mut Box<dyn Stream>,
+    session: Transactions<'_>,
+    kill: watch::Receiver<bool>,
+) -> TransactionsEnd {
+    let mut relay = Relay {
+        session,
+        input: BytesMut::with_capacity(READ_SIZE),
+        copying: 0,
+        statements: ClientStatements::default(),
+        held: None,
+        pinned: None,
+        output: BytesMut::with_capacity(READ_SIZE),
+        relayed: Relayed::default(),
+    };
+    let stop = relay.run(client, kill).await;
+    relay.finish(stop).await
+}
+
+impl Relay<'_> {
+    async fn run(&mut self, client: &mut Box<dyn Stream>, mut kill: watch::Receiver<bool>) -> Stop {
+        let mut draining = self.session.shared.draining();
+        loop {
+            tokio::select! {
+                read = client.read_buf(&mut self.input) => match read {
+                    Ok(0) => return Stop::ClientDone,
+                    Ok(_) => {
+                        if let Err(stop) = self.on_client().await {
+                            return stop;
+                        }
+                    }
+                    Err(_) => return Stop::ClientGone,
+                },
+                read = read_server(&mut self.held) => match read {
+                    Ok(n) if n > 0 => {
+                        if let Err(stop) = self.on_server() {
+                            return stop;
+                        }
+                    }
+                    Ok(_) => return Stop::ServerGone("closed the connection".into()),
+                    Err(error) => return Stop::ServerGone(format!("failed: {error}")),
+                },
+                () = turns_true(&mut kill) => return Stop::Killed,
+                // A client between transactions is told to go at once; one in a transaction
+                // is told when it ends.
+                () = turns_true(&mut draining), if self.held.is_none() => {
+                    return Stop::Refuse(Refusal::SessionShutdown);
+                }
+            }
+            if let Err(stop) = self.flush(client).await {
+                return stop;
+            }
+            if self.held.as_ref().is_some_and(Held::idle) && self.copying == 0 {
+                self.check_reported();
+                if self.pinned.is_none() {
+                    self.release();
+                }
+            }
+        }
+    }
+
+    /// Sends what is waiting for the server, then what is waiting for the client.
+    async fn flush(&mut self, client: &mut Box<dyn Stream>) -> Result<(), Stop> {
+        if let Some(held) = &mut self.held
+            && !held.output.is_empty()
+        {
+            let stream = &mut held.conn.server.stream;
+            let sent = async {
+                stream.write_all(&held.output).await?;
+                stream.flush().await
+            };
+            if let Err(error) = sent.await {
+                return Err(Stop::ServerGone(format!("failed: {error}")));
+            }
+            self.relayed.to_server += held.output.len() as u64;
+            held.output.clear();
+        }
+        if !self.output.is_empty() {
+            let sent = async {
+                client.write_all(&self.output).await?;
+                client.flush().await
+            };
+            if sent.await.is_err() {
+                return Err(Stop::ClientGone);
+            }
+            self.relayed.to_client += self.output.len() as u64;
+            self.output.clear();
+        }
+        Ok(())
+    }
+
+    /// Handles the client's complete messages (and passes on `CopyData` as it comes), taking a
+    /// server connection for the first one that needs it.
+    async fn on_client(&mut self) -> Result<(), Stop> {
+        loop {
+            if self.copying > 0 {
+                let take = self.copying.min(self.input.len());
+                if take == 0 {
+                    return Ok(());
+                }
+                let held = self.held.as_mut().expect("a COPY holds its connection");
+                held.output.put_slice(&self.input.split_to(take));
+                self.copying -= take;
+                continue;
+            }
+            let Some((tag, len)) = header(&self.input) else {
+                return Ok(());
+            };
+            // Frontend messages after the startup (the protocol's "Message Formats").
+            if !b"BCdcfDEFHPQSX".contains(&tag) {
+                return Err(Stop::Refuse(Refusal::ClientProtocol(format!(
+                    "invalid frontend message type {tag}"
+                ))));
+            }
+            let total = match len {
+                Some(len) if len < MAX_CLIENT_MESSAGE => len,
+                _ => {
+                    return Err(Stop::Refuse(Refusal::ClientProtocol(format!(
+                        "invalid message length: the pgentra proxy takes messages of up to {MAX_CLIENT_MESSAGE} bytes in transaction pooling"
+                    ))));
+                }
+            };
+            if tag == b'X' {
+                return Err(Stop::ClientDone);
+            }
+            if self.held.is_none() {
+                self.checkout().await?;
+            }
+            let held = self.held.as_mut().expect("checked out above");
+            if tag == b'd' {
+                held.output.put_slice(&self.input.split_to(5));
+                self.copying = total - 5;
+                continue;
+            }
+            if self.input.len() < total {
+                self.input.reserve(total - self.input.len());
+                return Ok(());
+            }
+            let message = self.input.split_to(total).freeze();
+            if held.skipping && tag != b'S' {
+                held.output.put_slice(&message);
+                continue;
+            }
+            self.on_message(tag, message)?;
+        }
+    }
+
+    /// A server connection from the pool, set to the client's tracked parameters, with the
+    /// client's cancel key pointed at it.
+    async fn checkout(&mut self) -> Result<(), Stop> {
+        let session = &self.session;
+        let shared = session.shared;
+        let deadline = Instant::now() + shared.config.login_timeout;
+        let mut lease = Lease::new(shared, session.instance, deadline);
+        let conn = lease
+            .checkout(&session.pool, &session.pool.key)
+            .await
+            .map_err(stop_for)?;
+        let conn = lease
+            .set_tracked(conn, &session.pool, &self.session.tracked)
+            .await
+            .map_err(stop_for)?;
+        let to = lease.cancel_target(&conn.server);
+        shared.cancel_keys.point(&session.key, Some(to));
+        session.pool.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.held = Some(Held::new(conn));
+        Ok(())
+    }
+
+    /// Gives the connection back to the pool between transactions: at once, or once a cancel
+    /// request still on its way to it has arrived (so it cannot cancel the next client's
+    /// query).
+    fn release(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let session = &self.session;
+        session.shared.cancel_keys.point(&session.key, None);
+        let pool = &session.pool;
+        pool.stats.active.fetch_sub(1, Ordering::Relaxed);
+        let conn = *held.conn;
+        if session.shared.is_draining() {
+            pool.close(conn, CloseReason::Shutdown);
+        } else if std::time::Instant::now() >= conn.retire_at {
+            pool.close(conn, CloseReason::Lifetime);
+        } else if conn.server.cancels.none() {
+            pool.put(conn);
+        } else {
+            let pool = Arc::clone(pool);
+            tokio::spawn(async move {
+                if conn
+                    .server
+                    .cancels
+                    .settled(lease::CANCEL_SETTLE_TIMEOUT)
+                    .await
+                {
+                    pool.put(conn);
+                } else {
+                    pool.close(conn, CloseReason::ClientLeft);
+                }
+            });
+        }
+    }
+
+    /// A reported parameter the proxy does not track that no longer has the value it had at
+    /// the login (a function called `set_config`, say) is session state: it pins.
+    fn check_reported(&mut self) {
+        let Some(held) = &mut self.held else {
+            return;
+        };
+        if !std::mem::take(&mut held.reported_untracked) {
+            return;
+        }
+        let server = &held.conn.server;
+        let changed = server.params.0.iter().any(|(name, value)| {
+            crate::tracked::tracked(name).is_none() && server.defaults.get(name) != Some(value)
+        });
+        if changed {
+            self.pin(PinReason::Set);
+        }
+    }
+
+    fn pin(&mut self, reason: PinReason) {
+        if self.pinned.is_none() {
+            self.pinned = Some(reason);
+            self.session.pool.stats.pin(reason);
+            tracing::info!(
+                reason = reason.label(),
+                "session pinned to its server connection for the rest of the session"
+            );
+        }
+    }
+
+    /// One complete client message, with a server connection held.
+    fn on_message(&mut self, tag: u8, message: Bytes) -> Result<(), Stop> {
+        let limit = self.session.instance.pools.config().max_prepared_statements;
+        let Relay {
+            held,
+            statements,
+            output,
+            ..
+        } = self;
+        let held = held.as_mut().expect("held by on_client");
+        let body = message.slice(5..);
+        let malformed = |what: &str| {
+            Stop::Refuse(Refusal::ClientProtocol(format!(
+                "invalid {what} message: a name is not terminated"
+            )))
+        };
+        let mut pin = None;
+        match tag {
+            b'Q' => {
+                let sql = body.strip_suffix(b"\0").unwrap_or(&body);
+                pin = pinning::pins(&String::from_utf8_lossy(sql));
+                statements.unnamed = None;
+                held.conn.server.prepared.unnamed = None;
+                held.output.put_slice(&message);
+                held.expect.push_back(Expect::Query);
+            }
+            // A function call's answer ends with ReadyForQuery, as a query's.
+            b'F' => {
+                held.output.put_slice(&message);
+                held.expect.push_back(Expect::Query);
+            }
+            b'P' => {
+                let (name, definition) = split_name(&body).ok_or_else(|| malformed("Parse"))?;
+                if name.is_empty() {
+                    let statement = Statement::new(definition);
+                    statements.unnamed = Some(Arc::clone(&statement));
+                    held.conn.server.prepared.unnamed = Some(statement);
+                    held.output.put_slice(&message);
+                    held.expect.push_back(Expect::Parse {
+                        pass: true,
+                        undo: Undo::Unnamed,
+                        rename: None,
+                    });
+                } else if let Some(existing) = statements.get(&name).cloned() {
+                    // PostgreSQL refuses a name in use (42P05): the server says so about
+                    // the statement's name there, which the client is told as its own.
+                    let server_name = held.prepare(&existing, limit);
+                    held.output.put_slice(&existing.parse_message(&server_name));
+                    held.expect.push_back(Expect::Parse {
+                        pass: true,
+                        undo: Undo::None,
+                        rename: Some((server_name, name)),
+                    });
+                } else {
+                    let statement = Statement::new(definition);
+                    statements.insert(name.clone(), Arc::clone(&statement));
+                    if held.conn.server.prepared.get(&statement).is_some() {
+                        let undo = Undo::Defined(name, None);
+                        own(held, output, PARSE_COMPLETE, undo);
+                    } else {
+                        let (server_name, evicted) = held
+                            .conn
+                            .server
+                            .prepared
+                            .insert(Arc::clone(&statement), limit);
+                        if let Some(old) = evicted {
+                            held.output.put_slice(&close_message(b'S', &old));
+                            held.expect.push_back(Expect::Close { pass: false });
+                        }
+                        held.output
+                            .put_slice(&statement.parse_message(&server_name));
+                        held.expect.push_back(Expect::Parse {
+                            pass: true,
+                            undo: Undo::Defined(name, Some(statement)),
+                            rename: None,
+                        });
+                    }
+                }
+            }
+            b'B' => {
+                let (portal, rest) = split_name(&body).ok_or_else(|| malformed("Bind"))?;
+                let (name, rest) = split_name(&rest).ok_or_else(|| malformed("Bind"))?;
+                let statement = statements.get(&name).cloned();
+                pin = statement.as_ref().and_then(|s| s.pins);
+                let server_name = server_statement(held, &name, statement.as_ref(), limit);
+                if server_name == name {
+                    held.output.put_slice(&message);
+                } else {
+                    let mut bind = BytesMut::with_capacity(message.len() + server_name.len());
+                    bind.put_slice(&portal);
+                    bind.put_u8(0);
+                    bind.put_slice(&server_name);
+                    bind.put_u8(0);
+                    bind.put_slice(&rest);
+                    held.output.put_slice(&pgentra_wire::message(b'B', &bind));
+                }
+                held.expect.push_back(Expect::Bind);
+            }
+            b'D' if body.first() == Some(&b'S') => {
+                let (name, _) =
+                    split_name(&body.slice(1..)).ok_or_else(|| malformed("Describe"))?;
+                let statement = statements.get(&name).cloned();
+                let server_name = server_statement(held, &name, statement.as_ref(), limit);
+                held.output.put_slice(&describe_message(&server_name));
+                held.expect
+                    .push_back(Expect::DescribeStatement { parameters: false });
+            }
+            b'D' => {
+                held.output.put_slice(&message);
+                held.expect.push_back(Expect::DescribePortal);
+            }
+            // The client's statements are its own: closing one touches no server (the
+            // statement stays prepared there for others). Closing a name that does not exist
+            // "is not an error", as in PostgreSQL.
+            b'C' if body.first() == Some(&b'S') => {
+                let (name, _) = split_name(&body.slice(1..)).ok_or_else(|| malformed("Close"))?;
+                let undo = match statements.remove(&name) {
+                    Some(old) => Undo::Closed(name, old),
+                    None => Undo::None,
+                };
+                own(held, output, CLOSE_COMPLETE, undo);
+            }
+            b'C' => {
+                held.output.put_slice(&message);
+                held.expect.push_back(Expect::Close { pass: true });
+            }
+            b'E' => {
+                held.output.put_slice(&message);
+                held.expect.push_back(Expect::Execute);
+            }
+            b'S' => {
+                held.skipping = false;
+                held.output.put_slice(&message);
+                if !held.copy_in {
+                    held.expect.push_back(Expect::Sync);
+                }
+            }
+            b'c' | b'f' => {
+                held.output.put_slice(&message);
+                // With nothing owed, no COPY can be about to begin.
+                if !std::mem::take(&mut held.copy_in) && !held.expect.is_empty() {
+                    held.expect.push_back(Expect::CopyEnd);
+                }
+            }
+            // Flush: nothing is owed for it.
+            _ => held.output.put_slice(&message),
+        }
+        if let Some(reason) = pin {
+            self.pin(reason);
+        }
+        Ok(())
+    }
+
+    /// Handles the server's complete messages (and passes rows and `CopyData` as they come).
+    fn on_server(&mut self) -> Result<(), Stop> {
+        loop {
+            let held = self.held.as_mut().expect("read from a held connection");
+            if held.streaming > 0 {
+                let take = held.streaming.min(held.input.len());
+                if take == 0 {
+                    return Ok(());
+                }
+                self.output.put_slice(&held.input.split_to(take));
+                held.streaming -= take;
+                continue;
+            }
+            let Some((tag, len)) = header(&held.input) else {
+                return Ok(());
+            };
+            let Some(total) = len else {
+                return Err(Stop::ServerGone("sent a malformed message".into()));
+            };
+            if matches!(tag, b'D' | b'd') {
+                self.output.put_slice(&held.input.split_to(5));
+                held.streaming = total - 5;
+                continue;
+            }
+            if total > MAX_SERVER_MESSAGE {
+                return Err(Stop::ServerGone(format!("sent a {total}-byte message")));
+            }
+            if held.input.len() < total {
+                held.input.reserve(total - held.input.len());
+                return Ok(());
+            }
+            let message = held.input.split_to(total).freeze();
+            self.on_server_message(tag, message)?;
+        }
+    }
+
+    /// One complete server message: passed on or dropped, as the answer it is.
+    fn on_server_message(&mut self, tag: u8, message: Bytes) -> Result<(), Stop> {
+        let Relay {
+            held,
+            statements,
+            output,
+            session,
+            ..
+        } = self;
+        let held = held.as_mut().expect("read from a held connection");
+        let body = &message[5..];
+        let out_of_turn = || {
+            Stop::ServerGone(format!(
+                "answered with an unexpected message ({:?})",
+                char::from(tag)
+            ))
+        };
+        let mut pass = true;
+        let mut done = false;
+        match (tag, held.expect.front_mut()) {
+            (b'S', _) => {
+                held.conn.server.params.report(body);
+                let name = body.split(|b| *b == 0).next().unwrap_or_default();
+                let name = std::str::from_utf8(name).unwrap_or_default();
+                match crate::tracked::tracked(name) {
+                    Some(tracked) => {
+                        let value = held.conn.server.params.get(tracked).cloned();
+                        session.tracked.retain(|(n, _)| *n != tracked);
+                        session.tracked.extend(value.map(|v| (tracked, v)));
+                    }
+                    None => held.reported_untracked = true,
+                }
+            }
+            // Notices and notifications come at any time.
+            (b'N' | b'A', _) => {}
+            (b'E', None | Some(Expect::Query | Expect::Sync)) => {}
+            (b'E', Some(_)) => {
+                // "When an error is detected while processing any extended-query message,
+                // the backend issues ErrorResponse, then reads and discards messages until a
+                // Sync is reached."
+                let failed = held.expect.pop_front().expect("matched above");
+                let error = match &failed {
+                    Expect::Parse {
+                        rename: Some((server, client)),
+                        ..
+                    } => rename(&message, server, client),
+                    _ => message.clone(),
+                };
+                undo(failed, statements, held);
+                while held
+                    .expect
+                    .front()
+                    .is_some_and(|e| !matches!(e, Expect::Sync))
+                {
+                    let skipped = held.expect.pop_front().expect("checked");
+                    undo(skipped, statements, held);
+                }
+                held.skipping = held.expect.is_empty();
+                held.copy_in = false;
+                output.put_slice(&error);
+                pass = false;
+            }
+            // Copy-in mode began: the Syncs the client sent since, up to its CopyDone or
+            // CopyFail, go unanswered.
+            (b'G', Some(Expect::Execute | Expect::Query)) => {
+                let end = held
+                    .expect
+                    .iter()
+                    .position(|e| matches!(e, Expect::CopyEnd));
+                let mut at = 1;
+                while at < end.unwrap_or(held.expect.len()) {
+                    if matches!(held.expect[at], Expect::Sync) {
+                        held.expect.remove(at);
+                    } else {
+                        at += 1;
+                    }
+                }
+                match held
+                    .expect
+                    .iter()
+                    .position(|e| matches!(e, Expect::CopyEnd))
+                {
+                    Some(end) => drop(held.expect.remove(end)),
+                    None => held.copy_in = true,
+                }
+            }
+            (b'Z', Some(Expect::Sync | Expect::Query)) => {
+                held.status = body.first().copied().unwrap_or(b'E');
+                done = true;
+            }
+            (b'C', Some(front @ (Expect::Execute | Expect::Query))) => {
+                // DISCARD ALL and DEALLOCATE ALL drop every prepared statement, the client's
+                // included, as PostgreSQL would.
+                if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
+                    held.conn.server.prepared.clear();
+                    *statements = ClientStatements::default();
+                }
+                done = matches!(front, Expect::Execute);
+            }
+            (b'I' | b's', Some(front @ (Expect::Execute | Expect::Query))) => {
+                done = matches!(front, Expect::Execute);
+            }
+            (b'1', Some(Expect::Parse { pass: p, .. }))
+            | (b'3', Some(Expect::Close { pass: p })) => {
+                pass = *p;
+                done = true;
+            }
+            (b'2', Some(Expect::Bind)) => done = true,
+            (b't', Some(Expect::DescribeStatement { parameters })) if !*parameters => {
+                *parameters = true;
+            }
+            (
+                b'T' | b'n',
+                Some(Expect::DescribeStatement { parameters: true } | Expect::DescribePortal),
+            ) => {
+                done = true;
+            }
+            (b'T', Some(Expect::Query)) => {}
+            // Rows, COPY, function results: the answers of what is running.
+            (b'H' | b'W' | b'c' | b'V', Some(Expect::Execute | Expect::Query)) => {}
+            _ => return Err(out_of_turn()),
+        }
+        if pass {
+            output.put_slice(&message);
+        }
+        if done {
+            held.expect.pop_front();
+        }
+        // The proxy's own answers whose turn has come, and copy ends that began no COPY.
+        loop {
+            match held.expect.front() {
+                Some(Expect::Own { message, .. }) => output.put_slice(message),
+                Some(Expect::CopyEnd) => {}
+                _ => break,
+            }
+            held.expect.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Ends the session: the connection held, if any, goes back (reset if the session was
+    /// pinned), or is closed when it is not known to be clean.
+    async fn finish(mut self, stop: Stop) -> TransactionsEnd {
+        let session = &self.session;
+        let killed = matches!(stop, Stop::Killed);
+        let refusal = match stop {
+            Stop::Refuse(refusal) => Some(refusal),
+            Stop::ServerGone(what) => Some(Refusal::ServerLost {
+                upstream: session.instance.target.name.clone(),
+                what,
+            }),
+            _ => None,
+        };
+        if let Some(held) = self.held.take() {
+            let clean = held.expect.is_empty()
+                && held.streaming == 0
+                && !held.skipping
+                && self.copying == 0;
+            let ending = match (&refusal, clean) {
+                _ if killed => Ending::Killed,
+                (Some(Refusal::ServerLost { .. }), _) => Ending::ServerGone,
+                (_, true) => Ending::ClientDone,
+                (_, false) => Ending::ClientGone,
+            };
+            let reset = if self.pinned.is_some() {
+                Reset::Required
+            } else {
+                Reset::Skip
+            };
+            session.shared.cancel_keys.point(&session.key, None);
+            lease::give_back(
+                *held.conn,
+                &session.pool,
+                ending,
+                held.status,
+                &session.tracked,
+                reset,
+                session.instance,
+                session.shared,
+            )
+            .await;
+        }
+        if self.pinned.is_some() {
+            session.pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
+        }
+        TransactionsEnd {
+            relayed: self.relayed,
+            refusal,
+        }
+    }
+}
+
+/// Resolves when `flag` is (or turns) true.
+async fn turns_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|on| *on).await;
+}
+
+/// Reads from the held server connection; pending while none is held.
+async fn read_server(held: &mut Option<Held>) -> std::io::Result<usize> {
+    match held {
+        Some(held) => held.conn.server.stream.read_buf(&mut held.input).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues an answer of the proxy's own, sent at once when nothing is owed before it.
+fn own(held: &mut Held, output: &mut BytesMut, message: &'static [u8], undo: Undo) {
+    while matches!(held.expect.front(), Some(Expect::CopyEnd)) {
+        held.expect.pop_front();
+    }
+    if held.expect.is_empty() {
+        output.put_slice(message);
+    } else {
+        held.expect.push_back(Expect::Own { message, undo });
+    }
+}
+
+/// The server's name for the client's statement `name` (its definition `statement`, if the
+/// client has one), prepared there first when needed. A name the client does not have goes
+/// as it is, so the server's error names it.
+fn server_statement(
+    held: &mut Held,
+    name: &Bytes,
+    statement: Option<&Arc<Statement>>,
+    limit: usize,
+) -> Bytes {
+    match (statement, name.is_empty()) {
+        (Some(statement), false) => held.prepare(statement, limit),
+        (statement, true) => {
+            held.unnamed(statement);
+            Bytes::new()
+        }
+        (None, false) => name.clone(),
+    }
+}
+
+/// Takes back what a message the server did not run would have done.
+fn undo(expect: Expect, statements: &mut ClientStatements, held: &mut Held) {
+    let (Expect::Parse { undo, .. } | Expect::Own { undo, .. }) = expect else {
+        return;
+    };
+    let prepared = &mut held.conn.server.prepared;
+    match undo {
+        Undo::None => {}
+        Undo::Defined(name, statement) => {
+            statements.remove(&name);
+            if let Some(statement) = statement {
+                prepared.remove(&statement);
+            }
+        }
+        Undo::Closed(name, statement) => {
+            statements.insert(name, statement);
+        }
+        Undo::Prepared(statement) => prepared.remove(&statement),
+        Undo::Unnamed => {
+            statements.unnamed = None;
+            prepared.unnamed = None;
+        }
+    }
+}
+
+/// A message's tag and whole length (tag included), once its header is in `input`; the length
+/// is `None` when it is not one the protocol allows.
+fn header(input: &[u8]) -> Option<(u8, Option<usize>)> {
+    let head: [u8; 5] = input.get(..5)?.try_into().ok()?;
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    let total = usize::try_from(len)
+        .ok()
+        .filter(|len| *len >= 4)
+        .map(|len| len + 1);
+    Some((head[0], total))
+}
+
+/// A NUL-terminated name at the start of `body`, and what follows it.
+fn split_name(body: &Bytes) -> Option<(Bytes, Bytes)> {
+    let end = body.iter().position(|b| *b == 0)?;
+    Some((body.slice(..end), body.slice(end + 1..)))
+}
+
+fn close_message(kind: u8, name: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(kind);
+    body.extend_from_slice(name);
+    body.push(0);
+    pgentra_wire::message(b'C', &body)
+}
+
+fn describe_message(name: &[u8]) -> Bytes {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name);
+    body.push(0);
+    pgentra_wire::message(b'D', &body)
+}
+
+/// An `ErrorResponse` about the server's statement name, told about the client's.
+fn rename(error: &Bytes, server: &[u8], client: &[u8]) -> Bytes {
+    let (Ok(server), Ok(client)) = (std::str::from_utf8(server), std::str::from_utf8(client))
+    else {
+        return error.clone();
+    };
+    match pgentra_wire::ErrorFields::parse(&error[5..]) {
+        Ok(mut fields) => {
+            if let Some(text) = fields.get(b'M') {
+                let text = text.replace(&format!("\"{server}\""), &format!("\"{client}\""));
+                fields.set(b'M', text);
+            }
+            fields.to_error_response()
+        }
+        Err(_) => error.clone(),
+    }
+}
