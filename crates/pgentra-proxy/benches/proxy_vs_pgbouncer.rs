@@ -5,7 +5,11 @@
 //! against the emulator's gateway (the Azure-like login path: TLS, a token checked, a new
 //! backend) directly, through `pgentra proxy` pooled and in its relay mode (`--pool-mode none`),
 //! and through PgBouncer in session mode, with the server connections each opened and the
-//! tokens each fetched.
+//! tokens each fetched; then transaction pooling: many clients (100) on few server connections
+//! (10), `pgbench -S` through the proxy and through PgBouncer, both in transaction mode, with
+//! `-M simple` (TPS, latency and CPU per transaction of each), and through the proxy with `-M
+//! prepared`, which Debian's PgBouncer (1.18) cannot run in transaction mode: the bench runs it
+//! once and prints PgBouncer's error.
 //!
 //! Every path uses TLS to PostgreSQL, as an application does with Azure:
 //!
@@ -39,7 +43,9 @@
 //!
 //! Settings (environment): `PGENTRA_BENCH_SECONDS` per pgbench run (default 5),
 //! `PGENTRA_BENCH_ROUNDS` (5), `PGENTRA_BENCH_CLIENTS` (`1,8,32`),
-//! `PGENTRA_BENCH_CHURN_CLIENTS` (`1,4,16`; empty skips the churn rows), `PGENTRA_BENCH_WORKLOADS`
+//! `PGENTRA_BENCH_CHURN_CLIENTS` (`1,4,16`; empty skips the churn rows),
+//! `PGENTRA_BENCH_TXN_CLIENTS` and `PGENTRA_BENCH_TXN_POOL` (100 clients on 10 server
+//! connections; 0 clients skips the transaction-pooling rows), `PGENTRA_BENCH_WORKLOADS`
 //! (`select-only,tpc-b`), `PGENTRA_BENCH_SCALE` (pgbench scale, 10), `PGENTRA_BENCH_IDLE` idle
 //! sessions for the memory test (1000; 0 skips it), `PGENTRA_BENCH_PROXY_WORKERS` (the proxy's
 //! worker threads; by default what `pgentra proxy` uses, 1 on this 2-core machine), `PGENTRA_BENCH_CLIENT_SOCKET` (`tcp`,
@@ -54,7 +60,7 @@ use pgentra_emulator::ca::Ca;
 use pgentra_emulator::identity::Endpoint;
 use pgentra_emulator::issuer::{Issuer, Principal};
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
-use pgentra_proxy::{Instance, PoolMode, Proxy, ProxyConfig};
+use pgentra_proxy::{Instance, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -96,6 +102,9 @@ struct Knobs {
     clients: Vec<u32>,
     /// Client counts of the connection-churn rows.
     churn_clients: Vec<u32>,
+    /// Clients and server connections of the transaction-pooling rows.
+    txn_clients: u32,
+    txn_pool: usize,
     scale: u32,
     idle: usize,
     workloads: Vec<Workload>,
@@ -146,6 +155,8 @@ impl Knobs {
             rounds: var("PGENTRA_BENCH_ROUNDS", 5)?,
             clients,
             churn_clients,
+            txn_clients: var("PGENTRA_BENCH_TXN_CLIENTS", 100)?,
+            txn_pool: var("PGENTRA_BENCH_TXN_POOL", 10)?,
             scale: var("PGENTRA_BENCH_SCALE", 10)?,
             idle: var("PGENTRA_BENCH_IDLE", 1000)?,
             workloads,
@@ -164,6 +175,7 @@ impl Knobs {
             || knobs.rounds == 0
             || knobs.clients.contains(&0)
             || knobs.churn_clients.contains(&0)
+            || knobs.txn_pool == 0
         {
             return Err("seconds, rounds and client counts must be at least 1".into());
         }
@@ -221,11 +233,12 @@ fn run() -> Result<()> {
     );
     // Both listen on loopback TCP and on a Unix socket here.
     let sockets = cluster.scratch_dir("sockets")?;
+    let sessions = knobs.idle + biggest + 100;
     let proxy = Helper::proxy(
         &upstream,
-        knobs.idle + biggest + 100,
+        sessions,
         &sockets,
-        "session",
+        Pooling::session(sessions),
         &[],
     )?;
     let bouncer = Helper::pgbouncer(
@@ -237,10 +250,11 @@ fn run() -> Result<()> {
             password: None,
             ca: ca_file.clone(),
         },
-        knobs.idle + biggest + 100,
+        sessions,
         &sockets,
+        Pooling::session(sessions),
     )?;
-    let client_socket = knobs.unix.then_some(sockets);
+    let client_socket = knobs.unix.then_some(sockets.clone());
     let targets = [
         Target {
             name: "direct",
@@ -250,6 +264,7 @@ fn run() -> Result<()> {
             pid: None,
             login: None,
             churn: false,
+            query_mode: "simple",
         },
         Target {
             name: "proxy",
@@ -259,6 +274,7 @@ fn run() -> Result<()> {
             pid: Some(proxy.pid),
             login: None,
             churn: false,
+            query_mode: "simple",
         },
         Target {
             name: "pgbouncer",
@@ -268,6 +284,7 @@ fn run() -> Result<()> {
             pid: Some(bouncer.pid),
             login: None,
             churn: false,
+            query_mode: "simple",
         },
     ];
     println!(
@@ -381,6 +398,9 @@ fn run() -> Result<()> {
     if !knobs.churn_clients.is_empty() {
         churn(&knobs, &cluster, &files, &pgbench)?;
     }
+    if knobs.txn_clients > 0 {
+        transaction_pooling(&knobs, &cluster, &files, &pgbench, &upstream, &sockets)?;
+    }
 
     if knobs.idle > 0 {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -440,8 +460,15 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
         std::env::var("PATH").unwrap_or_default()
     );
     let az = [("PATH", path)];
-    let pooled = Helper::proxy(&upstream, biggest + 10, &sockets, "session", &az)?;
-    let relay = Helper::proxy(&upstream, biggest + 10, &sockets, "none", &az)?;
+    let sessions = biggest + 10;
+    let pooled = Helper::proxy(
+        &upstream,
+        sessions,
+        &sockets,
+        Pooling::session(sessions),
+        &az,
+    )?;
+    let relay = Helper::proxy(&upstream, sessions, &sockets, Pooling::none(), &az)?;
     // PgBouncer cannot get tokens: it logs in with one fetched here (valid for an hour).
     let bouncer = Helper::pgbouncer(
         cluster,
@@ -452,8 +479,9 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
             password: Some(token.clone()),
             ca: emulator.ca_file().to_owned(),
         },
-        biggest + 10,
+        sessions,
         &sockets,
+        Pooling::session(sessions),
     )?;
     let through = |name, port| Target {
         name,
@@ -463,6 +491,7 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
         pid: None,
         login: Some((USER.to_owned(), String::new())),
         churn: true,
+        query_mode: "simple",
     };
     let targets = [
         Target {
@@ -473,6 +502,7 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
             pid: None,
             login: Some((USER.to_owned(), token)),
             churn: true,
+            query_mode: "simple",
         },
         through("pooled", pooled.port),
         through("relay", relay.port),
@@ -579,6 +609,123 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
     Ok(())
 }
 
+/// The transaction-pooling rows: `pgbench -S` with many clients on few server connections,
+/// through the proxy and through PgBouncer, both in transaction mode, in the same rounds; and
+/// through the proxy with `-M prepared`, which PgBouncer 1.18 is shown to fail.
+fn transaction_pooling(
+    knobs: &Knobs,
+    cluster: &Cluster,
+    files: &Path,
+    pgbench: &Path,
+    upstream: &str,
+    sockets: &Path,
+) -> Result<()> {
+    let clients = knobs.txn_clients;
+    let pooling = Pooling {
+        mode: "transaction",
+        size: knobs.txn_pool,
+    };
+    let sessions = clients as usize + 10;
+    let proxy = Helper::proxy(upstream, sessions, sockets, pooling, &[])?;
+    let bouncer = Helper::pgbouncer(
+        cluster,
+        files,
+        &ServerSide {
+            port: cluster.port(),
+            user: ROLE.to_owned(),
+            password: None,
+            ca: files.join("ca.pem"),
+        },
+        sessions,
+        sockets,
+        pooling,
+    )?;
+    let target = |name, helper: &Helper, query_mode| Target {
+        name,
+        port: helper.port,
+        tls: None,
+        socket_dir: None,
+        pid: Some(helper.pid),
+        login: None,
+        churn: false,
+        query_mode,
+    };
+    let targets = [
+        target("pgentra", &proxy, "simple"),
+        target("pgbouncer", &bouncer, "simple"),
+        target("pgentra", &proxy, "prepared"),
+    ];
+    println!();
+    println!(
+        "transaction pooling: pgbench -n -S -T {} -c {clients} -j 2, {} server connections per pool, pool_mode = transaction in both, {} round(s); ratios are the median of each round's value / PgBouncer's (-M simple)",
+        knobs.seconds, knobs.txn_pool, knobs.rounds
+    );
+    for target in &targets {
+        pgbench_run(pgbench, target, Workload::SelectOnly, clients, 1)?;
+    }
+    let mut rounds: Vec<[Sample; 3]> = Vec::with_capacity(knobs.rounds);
+    for round in 0..knobs.rounds {
+        let mut samples = [Sample::default(); 3];
+        for i in 0..targets.len() {
+            let which = (i + round) % targets.len();
+            samples[which] = pgbench_run(
+                pgbench,
+                &targets[which],
+                Workload::SelectOnly,
+                clients,
+                knobs.seconds,
+            )?;
+        }
+        rounds.push(samples);
+    }
+    let m = |measure: &dyn Fn(&[Sample; 3]) -> f64| median(rounds.iter().map(measure));
+    println!(
+        "{:<9} {:<10} {:>8} {:>7} {:>9} {:>7} {:>9} {:>7}",
+        "-M", "through", "tps", "ratio", "ms", "ratio", "cpu µs", "ratio"
+    );
+    for (i, target) in targets.iter().enumerate() {
+        println!(
+            "{:<9} {:<10} {:>8.0} {:>7.3} {:>9.3} {:>7.3} {:>9.1} {:>7.3}",
+            target.query_mode,
+            target.name,
+            m(&|r| r[i].tps),
+            m(&|r| r[i].tps / r[1].tps),
+            m(&|r| r[i].latency_ms),
+            m(&|r| r[i].latency_ms / r[1].latency_ms),
+            m(&|r| r[i].cpu_us),
+            m(&|r| r[i].cpu_us / r[1].cpu_us),
+        );
+    }
+    let met = m(&|r| r[0].tps) >= m(&|r| r[1].tps) && m(&|r| r[0].cpu_us) <= m(&|r| r[1].cpu_us);
+    println!(
+        "verdict: transaction pooling, -M simple: pgentra's TPS at least PgBouncer's and its CPU per transaction at most PgBouncer's (target): {}",
+        if met { "met" } else { "MISSED" }
+    );
+    let prepared = Target {
+        query_mode: "prepared",
+        ..target("pgbouncer", &bouncer, "prepared")
+    };
+    match pgbench_run(pgbench, &prepared, Workload::SelectOnly, clients, 2) {
+        Ok(sample) => println!(
+            "PgBouncer with -M prepared in transaction mode ran: {:.0} tps",
+            sample.tps
+        ),
+        Err(error) => {
+            let error = error.to_string();
+            let first = error
+                .lines()
+                .find(|line| line.contains("ERROR") || line.contains("error:"))
+                .unwrap_or("(no error line)");
+            println!(
+                "PgBouncer with -M prepared in transaction mode fails: {}",
+                first.trim()
+            );
+        }
+    }
+    drop((proxy, bouncer));
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     SelectOnly,
@@ -607,6 +754,33 @@ struct Target {
     login: Option<(String, String)>,
     /// A new connection for every transaction (`pgbench -C`).
     churn: bool,
+    /// pgbench's `-M`: `simple`, `extended` or `prepared`.
+    query_mode: &'static str,
+}
+
+/// How a helper pools server connections: its pool mode and server connections per pool.
+#[derive(Debug, Clone, Copy)]
+struct Pooling {
+    mode: &'static str,
+    size: usize,
+}
+
+impl Pooling {
+    /// Session pooling with a server connection for each of `size` clients.
+    fn session(size: usize) -> Self {
+        Self {
+            mode: "session",
+            size,
+        }
+    }
+
+    /// The proxy's relay: a server connection of its own per client (PgBouncer has none).
+    fn none() -> Self {
+        Self {
+            mode: "none",
+            size: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -685,6 +859,7 @@ fn pgbench_run(
     if target.churn {
         command.arg("-C");
     }
+    command.args(["-M", target.query_mode]);
     // Only these settings: none from the environment (PGSERVICE, PGOPTIONS, ...).
     command
         .env_clear()
@@ -824,14 +999,14 @@ impl Helper {
         upstream: &str,
         max_connections: usize,
         socket_dir: &Path,
-        mode: &str,
+        pooling: Pooling,
         env: &[(&str, String)],
     ) -> Result<Self> {
         let credential = if env.is_empty() { "static" } else { "az" };
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--serve-proxy", upstream, &max_connections.to_string()])
             .arg(socket_dir)
-            .args([mode, credential])
+            .args([pooling.mode, &pooling.size.to_string(), credential])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -859,14 +1034,15 @@ impl Helper {
         Ok(helper)
     }
 
-    /// PgBouncer in session mode on a free loopback port, with verified TLS to the cluster,
-    /// run by the cluster's user under a shell that stops it when the lifeline closes.
+    /// PgBouncer pooling as `pooling` says on a free loopback port, with verified TLS to the
+    /// cluster, run by the cluster's user under a shell that stops it when the lifeline closes.
     fn pgbouncer(
         cluster: &Cluster,
         files: &Path,
         server: &ServerSide,
         max_connections: usize,
         socket_dir: &Path,
+        pooling: Pooling,
     ) -> Result<Self> {
         let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
@@ -876,7 +1052,7 @@ impl Helper {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let name = format!("pgbouncer-{}", server.port);
+        let name = format!("pgbouncer-{}-{}", server.port, pooling.mode);
         let userlist = files.join(format!("{name}-users.txt"));
         std::fs::write(&userlist, format!("\"{}\" \"\"\n", server.user))?;
         let config = files.join(format!("{name}.ini"));
@@ -897,9 +1073,9 @@ listen_port = {port}
 unix_socket_dir = {socket_dir}
 auth_type = trust
 auth_file = {userlist}
-pool_mode = session
+pool_mode = {mode}
 max_client_conn = {max_connections}
-default_pool_size = {max_connections}
+default_pool_size = {size}
 server_tls_sslmode = verify-full
 server_tls_ca_file = {ca}
 logfile =
@@ -913,6 +1089,8 @@ stats_period = 3600
                 userlist = userlist.display(),
                 ca = server.ca.display(),
                 socket_dir = socket_dir.display(),
+                mode = pooling.mode,
+                size = pooling.size,
             ),
         )?;
         // TERM is PgBouncer's immediate shutdown (INT waits for clients).
@@ -1143,9 +1321,18 @@ impl TokenCredential for Static {
 /// a free loopback port, which it prints as `listening on ADDR`, and on a Unix socket in
 /// `args[2]`, until its standard input closes.
 fn serve_proxy(args: &[String]) -> Result<()> {
-    let [upstream, max_connections, socket_dir, mode, credential, ..] = args else {
+    let [
+        upstream,
+        max_connections,
+        socket_dir,
+        mode,
+        size,
+        credential,
+        ..,
+    ] = args
+    else {
         return Err(
-            "usage: --serve-proxy CONNINFO MAX_CONNECTIONS SOCKET_DIR session|none static|az"
+            "usage: --serve-proxy CONNINFO MAX_CONNECTIONS SOCKET_DIR none|session|transaction POOL_SIZE static|az"
                 .into(),
         );
     };
@@ -1181,12 +1368,8 @@ fn serve_proxy(args: &[String]) -> Result<()> {
     config.instances = vec![instance];
     config.max_connections = max_connections.parse()?;
     config.drain_timeout = Duration::from_secs(2);
-    // As PgBouncer here: a server connection for every client the run has.
-    config.pool.size = config.max_connections;
-    config.pool.mode = match mode.as_str() {
-        "none" => PoolMode::None,
-        _ => PoolMode::Session,
-    };
+    config.pool.size = size.parse()?;
+    config.pool.mode = mode.parse()?;
     // The runtime `pgentra proxy` uses, unless told otherwise (for comparison).
     let workers: usize = match std::env::var("PGENTRA_BENCH_PROXY_WORKERS") {
         Ok(workers) => workers.parse()?,
