@@ -4,6 +4,8 @@
 //! certificates, and counts the passwords it is sent: a test points a redirect (a hostile
 //! `.env`, a stale `PGHOSTADDR`) at it and asserts that no token arrived.
 //!
+//! [`within`] bounds what a test waits for, and [`temp_dir`] gives it a directory of its own.
+//!
 //! ```no_run
 //! use pgentra_emulator::testing::PasswordTrap;
 //! let trap = PasswordTrap::start("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -17,7 +19,9 @@ use pgentra_wire::{
     parse_startup_packet, read_message, read_startup_packet,
 };
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -145,4 +149,40 @@ fn self_signed_tls() -> Result<tokio_rustls::TlsAcceptor, Box<dyn std::error::Er
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], key)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Fails the test (panics, naming `what`) if `future` takes longer than `limit`: a test waits
+/// for events, never for ever.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use pgentra_emulator::testing::within;
+/// use std::time::Duration;
+/// let answer = within(Duration::from_secs(5), "the answer", async { 42 }).await;
+/// assert_eq!(answer, 42);
+/// # });
+/// ```
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: no result within {limit:?}"),
+    }
+}
+
+/// A new directory under the system's temporary directory, named after `name`, this process
+/// and a random number, so that tests running at once never share one.
+///
+/// ```
+/// let dir = pgentra_emulator::testing::temp_dir("example");
+/// assert!(dir.is_dir());
+/// # std::fs::remove_dir_all(dir).unwrap();
+/// ```
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "pgentra-{name}-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
 }

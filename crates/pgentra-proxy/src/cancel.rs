@@ -84,7 +84,12 @@ pub(crate) async fn forward(keys: &CancelKeys, pid: i32, key: &[u8], connect_tim
             let _ = stream.write_all(&request).await;
             let _ = stream.flush().await;
             // The server closes the connection once it has read the request.
-            let _ = tokio::time::timeout(connect_timeout, stream.read(&mut [0; 1])).await;
+            if tokio::time::timeout(connect_timeout, stream.read(&mut [0; 1]))
+                .await
+                .is_err()
+            {
+                to.in_flight.unsure();
+            }
         }
         Err(error) => tracing::warn!(%error, "could not forward a cancel request"),
     }

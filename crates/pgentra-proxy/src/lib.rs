@@ -136,6 +136,11 @@ impl Proxy {
     /// mode). Fails if any address is taken or not loopback (unless allowed).
     pub async fn bind(config: ProxyConfig, auth: pgentra::EntraAuth) -> Result<Self, ProxyError> {
         config.validate()?;
+        statements::name_secret().map_err(|error| {
+            ProxyError::Config(format!(
+                "the operating system gave no random bytes: {error}"
+            ))
+        })?;
         let listen_error = |address: String| move |source| ProxyError::Listen { address, source };
         let mut instances = Vec::new();
         let mut listeners = Vec::new();

@@ -26,7 +26,7 @@ pub(crate) enum PinReason {
     HoldCursor,
     /// SQL-level `PREPARE` or `DEALLOCATE`.
     Prepare,
-    /// `LOAD` or `DISCARD`.
+    /// `LOAD`, `DISCARD`, or a fast-path function call (whose function is not known).
     Other,
 }
 
@@ -49,7 +49,7 @@ impl PinReason {
             Self::Temporary => "temporary",
             Self::HoldCursor => "hold_cursor",
             Self::Prepare => "prepare",
-            Self::Other => "load_or_discard",
+            Self::Other => "other",
         }
     }
 
@@ -69,139 +69,202 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
 
 /// Why `sql` pins its session, if it does. (`SET` of a parameter the proxy tracks does not:
 /// the server reports its new value, and the proxy sets it again on the next connection.)
+///
+/// The text is read once, word by word, with a few words of state per statement: the cost
+/// is linear in the text, and the memory constant, whatever a client sends.
 pub(crate) fn pins(sql: &str) -> Option<PinReason> {
-    let mut words = Vec::new();
-    tokenize(sql, 0, &mut words);
-    words.split(|w| *w == ";").find_map(statement_pins)
+    let mut reader = Reader::default();
+    tokenize(sql, 0, &mut |word| reader.word(word)).or_else(|| reader.end())
 }
 
-fn statement_pins(words: &[&str]) -> Option<PinReason> {
-    let is = |i: usize, keyword: &str| {
-        words
-            .get(i)
-            .is_some_and(|w| w.eq_ignore_ascii_case(keyword))
-    };
-    let any = |keywords: &[&str], w: &&str| keywords.iter().any(|k| w.eq_ignore_ascii_case(k));
-    let reason = if is(0, "set") {
-        let name = if is(1, "session") { 2 } else { 1 };
-        // SET TIME ZONE and SET NAMES are TimeZone and client_encoding.
-        let tracked = (is(name, "time") && is(name + 1, "zone"))
-            || is(name, "names")
-            || words
-                .get(name)
-                .is_some_and(|w| crate::tracked::tracked(w).is_some());
-        (!(is(1, "local") || is(1, "transaction") || tracked)).then_some(PinReason::Set)
-    } else if is(0, "reset") {
-        let tracked = words
-            .get(1)
-            .is_some_and(|w| crate::tracked::tracked(w).is_some());
-        (!tracked).then_some(PinReason::Set)
-    } else if is(0, "listen") {
-        Some(PinReason::Listen)
-    } else if is(0, "prepare") || is(0, "deallocate") {
-        Some(PinReason::Prepare)
-    } else if is(0, "load") || is(0, "discard") {
-        Some(PinReason::Other)
-    } else if is(0, "create") {
-        // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] {TABLE | VIEW |
-        // SEQUENCE}: the words before the object's kind.
-        words
-            .iter()
-            .skip(1)
-            .take_while(|w| !any(&["table", "view", "sequence", "("], w))
-            .any(|w| any(&["temp", "temporary"], w))
-            .then_some(PinReason::Temporary)
-    } else if is(0, "declare") {
-        words
-            .windows(2)
-            .any(|w| w[0].eq_ignore_ascii_case("with") && w[1].eq_ignore_ascii_case("hold"))
-            .then_some(PinReason::HoldCursor)
-    } else {
-        None
-    };
-    if reason.is_some() {
-        return reason;
-    }
-    // SELECT ... INTO TEMP, CREATE TABLE ... AS and the like, anywhere.
-    if words
-        .windows(2)
-        .any(|w| w[0].eq_ignore_ascii_case("into") && any(&["temp", "temporary"], &w[1]))
-    {
-        return Some(PinReason::Temporary);
-    }
-    words.windows(2).find_map(|w| {
-        let name = w[0].rsplit('.').next().unwrap_or(w[0]);
-        (w[1] == "(")
-            .then(|| {
-                SESSION_FUNCTIONS
+/// What the rules need to know of the statement being read.
+#[derive(Default)]
+struct Reader<'a> {
+    /// The statement's first words (after any `EXPLAIN` and its options).
+    lead: [&'a str; 4],
+    /// How many words of the statement were read (after any `EXPLAIN`).
+    count: usize,
+    previous: &'a str,
+    /// Inside `EXPLAIN`'s options: the depth of parentheses, plus one.
+    explain: usize,
+    /// In `CREATE ...`, before the kind of object.
+    create_prefix: bool,
+}
+
+fn is(word: &str, keyword: &str) -> bool {
+    word.eq_ignore_ascii_case(keyword)
+}
+
+impl<'a> Reader<'a> {
+    fn word(&mut self, word: &'a str) -> Option<PinReason> {
+        if word == ";" {
+            let reason = self.end();
+            *self = Self::default();
+            return reason;
+        }
+        // EXPLAIN [ANALYZE] [VERBOSE] [( options )] statement: the statement runs.
+        if self.count == 0 && self.explain == 0 && is(word, "explain") {
+            self.explain = 1;
+            return None;
+        }
+        if self.explain > 0 {
+            match word {
+                "(" => self.explain += 1,
+                ")" => self.explain = self.explain.saturating_sub(1).max(1),
+                _ if self.explain > 1 => {}
+                _ if ["analyze", "analyse", "verbose"]
                     .iter()
-                    .find(|(f, _)| f.eq_ignore_ascii_case(name))
-            })
-            .flatten()
-            .map(|(_, reason)| *reason)
-    })
+                    .any(|k| is(word, k)) => {}
+                _ => self.explain = 0,
+            }
+            if self.explain > 0 {
+                return None;
+            }
+        }
+        if let Some(lead) = self.lead.get_mut(self.count) {
+            *lead = word;
+        }
+        self.count += 1;
+        let previous = std::mem::replace(&mut self.previous, word);
+        if self.count == 1 {
+            match () {
+                () if is(word, "listen") => return Some(PinReason::Listen),
+                () if is(word, "prepare") || is(word, "deallocate") => {
+                    return Some(PinReason::Prepare);
+                }
+                () if is(word, "load") || is(word, "discard") => return Some(PinReason::Other),
+                () if is(word, "create") => self.create_prefix = true,
+                () => {}
+            }
+            return None;
+        }
+        // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] {TABLE | VIEW |
+        // SEQUENCE} ...
+        if self.create_prefix {
+            if ["table", "view", "sequence", "("]
+                .iter()
+                .any(|k| is(word, k))
+            {
+                self.create_prefix = false;
+            } else if is(word, "temp") || is(word, "temporary") {
+                return Some(PinReason::Temporary);
+            }
+        }
+        if is(self.lead[0], "declare") && is(previous, "with") && is(word, "hold") {
+            return Some(PinReason::HoldCursor);
+        }
+        // SELECT ... INTO TEMP, and any object in the session's temporary schema.
+        if (is(previous, "into") && (is(word, "temp") || is(word, "temporary")))
+            || word.get(..8).is_some_and(|schema| is(schema, "pg_temp."))
+        {
+            return Some(PinReason::Temporary);
+        }
+        if word == "(" {
+            let name = previous.rsplit('.').next().unwrap_or(previous);
+            return SESSION_FUNCTIONS
+                .iter()
+                .find(|(function, _)| is(name, function))
+                .map(|(_, reason)| *reason);
+        }
+        None
+    }
+
+    /// The rules that need the statement's first words: `SET` and `RESET`.
+    fn end(&self) -> Option<PinReason> {
+        let [first, second, third, fourth] = self.lead;
+        let setting = if is(first, "set") {
+            match second {
+                _ if is(second, "local") || is(second, "transaction") => return None,
+                _ if is(second, "session") => (third, fourth),
+                _ => (second, third),
+            }
+        } else if is(first, "reset") {
+            (second, "")
+        } else {
+            return None;
+        };
+        // SET TIME ZONE and SET NAMES are TimeZone and client_encoding.
+        let tracked = (is(setting.0, "time") && is(setting.1, "zone"))
+            || is(setting.0, "names")
+            || crate::tracked::tracked(setting.0).is_some();
+        (!tracked).then_some(PinReason::Set)
+    }
 }
 
-/// Splits SQL into words, `(` and `;` (slices of `sql`), skipping comments, string literals
-/// and quoted identifiers; the text of dollar-quoted strings is tokenized as SQL as well
-/// (function and `DO` bodies), and inside such a body so are string literals (PL/pgSQL's
-/// `EXECUTE '…'`), down to [`MAX_DEPTH`] levels. Total on any input.
-fn tokenize<'a>(sql: &'a str, depth: usize, words: &mut Vec<&'a str>) {
+/// Splits SQL into words, `(`, `)` and `;` (slices of `sql`), handing each to `on` until it
+/// answers; comments and string literals are skipped, and a quoted identifier is the word
+/// it quotes. The text of dollar-quoted strings is read as SQL as well (function and `DO`
+/// bodies), and inside such a body so are string literals (PL/pgSQL's `EXECUTE '…'`), down
+/// to [`MAX_DEPTH`] levels. Total on any input.
+fn tokenize<'a>(
+    sql: &'a str,
+    depth: usize,
+    on: &mut impl FnMut(&'a str) -> Option<PinReason>,
+) -> Option<PinReason> {
     let bytes = sql.as_bytes();
     // Every slice taken starts and ends next to an ASCII byte, so at a character boundary.
     let text = |from: usize, to: usize| sql.get(from..to).unwrap_or_default();
     let mut i = 0;
     while i < bytes.len() {
         let c = bytes[i];
-        match c {
+        let found = match c {
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
                 while i < bytes.len() && bytes[i] != b'\n' {
                     i += 1;
                 }
+                None
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
                 // Block comments nest in PostgreSQL.
-                let mut depth = 0usize;
+                let mut nesting = 0usize;
                 while i < bytes.len() {
                     if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
-                        depth += 1;
+                        nesting += 1;
                         i += 2;
                     } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
+                        nesting -= 1;
                         i += 2;
-                        if depth == 0 {
+                        if nesting == 0 {
                             break;
                         }
                     } else {
                         i += 1;
                     }
                 }
+                None
             }
             b'\'' => {
                 let end = skip_quoted(bytes, i, b'\'');
-                if depth > 0 {
-                    sql_text(text(i + 1, end.saturating_sub(1).max(i + 1)), depth, words);
-                }
+                let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
                 i = end;
+                if depth > 0 {
+                    sql_text(inner, depth, on)
+                } else {
+                    None
+                }
             }
             b'"' => {
-                // A quoted identifier is a word of its own, never a keyword.
-                i = skip_quoted(bytes, i, b'"');
-                words.push("\"");
+                let end = skip_quoted(bytes, i, b'"');
+                let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
+                i = end;
+                on(inner)
             }
             b'$' => match dollar_tag(bytes, i) {
                 Some(tag) => {
                     let body_start = i + tag.len();
                     let end = find(bytes, body_start, tag).unwrap_or(bytes.len());
-                    // The body may be a function's or a DO block's: read it as SQL.
-                    sql_text(text(body_start, end), depth, words);
                     i = (end + tag.len()).min(bytes.len());
+                    // The body may be a function's or a DO block's: read it as SQL.
+                    sql_text(text(body_start, end), depth, on)
                 }
-                None => i += 1,
+                None => {
+                    i += 1;
+                    None
+                }
             },
-            b';' | b'(' => {
-                words.push(text(i, i + 1));
+            b';' | b'(' | b')' => {
                 i += 1;
+                on(text(i - 1, i))
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
@@ -215,26 +278,39 @@ fn tokenize<'a>(sql: &'a str, depth: usize, words: &mut Vec<&'a str>) {
                 let word = text(start, i);
                 // E'...', B'...', X'...' and N'...' strings: the prefix is not a word.
                 if bytes.get(i) == Some(&b'\'') && word.len() == 1 && "eEbBxXnN".contains(word) {
-                    continue;
+                    None
+                } else {
+                    on(word)
                 }
-                words.push(word);
             }
-            _ => i += 1,
+            _ => {
+                i += 1;
+                None
+            }
+        };
+        if found.is_some() {
+            return found;
         }
     }
+    None
 }
 
 /// How deep bodies within bodies are read; deeper text is not SQL anyone writes, and the bound
 /// keeps the recursion's stack small whatever a client sends.
 const MAX_DEPTH: usize = 8;
 
-/// Tokenizes text found inside a statement as statements of their own.
-fn sql_text<'a>(text: &'a str, depth: usize, words: &mut Vec<&'a str>) {
-    if depth < MAX_DEPTH {
-        words.push(";");
-        tokenize(text, depth + 1, words);
-        words.push(";");
+/// Reads text found inside a statement as statements of their own.
+fn sql_text<'a>(
+    text: &'a str,
+    depth: usize,
+    on: &mut impl FnMut(&'a str) -> Option<PinReason>,
+) -> Option<PinReason> {
+    if depth >= MAX_DEPTH {
+        return None;
     }
+    on(";")
+        .or_else(|| tokenize(text, depth + 1, on))
+        .or_else(|| on(";"))
 }
 
 /// The index after a literal quoted with `quote` starting at `start` (doubled quotes inside;
@@ -345,6 +421,10 @@ mod tests {
             "$1 + $2",
             "do $$ '",
             &"$a$".repeat(10_000),
+            &";".repeat(100_000),
+            "explain analyze select 1",
+            "select temp from t",
+            "select * from pg_temporal",
         ] {
             assert_eq!(pins(sql), None, "{sql}");
         }

@@ -92,6 +92,11 @@ pub enum Refusal {
     },
     /// The proxy is draining, and a client between transactions is told to go.
     SessionShutdown,
+    /// A client in transaction pooling prepared more statements than the proxy keeps for one.
+    TooManyStatements {
+        /// The limit.
+        limit: usize,
+    },
     /// Something inside the proxy failed (the OS gave no random bytes, say).
     Internal(String),
 }
@@ -170,7 +175,8 @@ impl Refusal {
             Self::ProtocolVersion { .. }
             | Self::InvalidStartup(_)
             | Self::ForwardedStartupTooLong { .. }
-            | Self::ClientProtocol(_) => Reason::Protocol,
+            | Self::ClientProtocol(_)
+            | Self::TooManyStatements { .. } => Reason::Protocol,
             Self::StartupTimeout(_) | Self::TokenTimeout(_) | Self::ServerTimeout { .. } => {
                 Reason::LoginTimeout
             }
@@ -309,6 +315,13 @@ impl Refusal {
                 "terminating connection due to administrator command",
                 Some("The pgentra proxy is shutting down; connect again."),
             ),
+            Self::TooManyStatements { limit } => fatal(
+                "54000",
+                &format!(
+                    "the pgentra proxy keeps at most {limit} prepared statements per client in transaction pooling"
+                ),
+                Some("Close statements the client no longer needs, or use session pooling."),
+            ),
             Self::Internal(what) => fatal("XX000", &format!("pgentra proxy: {what}"), None),
         }
     }
@@ -357,6 +370,7 @@ mod tests {
                 what: "closed the connection".into(),
             },
             Refusal::SessionShutdown,
+            Refusal::TooManyStatements { limit: 1 },
             Refusal::Internal("x".into()),
         ];
         let mut reasons = Vec::new();

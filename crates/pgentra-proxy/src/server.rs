@@ -10,7 +10,7 @@ use pgentra::Secret;
 use pgentra_wire::{ErrorFields, MAX_STARTUP_PACKET, startup_message};
 use postgres_protocol::message::{backend, frontend};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,6 +119,9 @@ impl Params {
 pub(crate) struct CancelsInFlight {
     count: AtomicUsize,
     done: Notify,
+    /// A cancel request was sent on, but the server did not close its connection in time:
+    /// it may still act on it, so the connection is never handed on.
+    unsure: AtomicBool,
 }
 
 impl CancelsInFlight {
@@ -130,7 +133,12 @@ impl CancelsInFlight {
 
     /// Whether none is in flight now.
     pub(crate) fn none(&self) -> bool {
-        self.count.load(Ordering::SeqCst) == 0
+        self.count.load(Ordering::SeqCst) == 0 && !self.unsure.load(Ordering::SeqCst)
+    }
+
+    /// Marks the connection as one a cancel request may still reach.
+    pub(crate) fn unsure(&self) {
+        self.unsure.store(true, Ordering::SeqCst);
     }
 
     /// Resolves once none is in flight, or after `limit`; whether none is.
@@ -144,7 +152,7 @@ impl CancelsInFlight {
                 done.await;
             }
         };
-        tokio::time::timeout(limit, wait).await.is_ok()
+        tokio::time::timeout(limit, wait).await.is_ok() && !self.unsure.load(Ordering::SeqCst)
     }
 }
 
@@ -192,7 +200,7 @@ impl ServerConn {
         limit: Duration,
     ) -> Result<u8, QueryError> {
         // "A simple Query message also destroys the unnamed statement" (Extended Query).
-        self.prepared.unnamed = None;
+        self.prepared.unnamed = crate::statements::Unnamed::Empty;
         let run = async {
             let mut messages = BytesMut::new();
             for sql in sql {

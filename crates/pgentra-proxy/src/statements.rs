@@ -1,9 +1,10 @@
 //! Prepared statements under transaction pooling, as PgBouncer 1.21+ keeps them: a client's
 //! statements live in the client's own table, by its names, and are prepared on whichever
-//! server connection it gets, on demand, under names of the proxy's (`__pgentra_<n>`). A
-//! server connection keeps what it prepared, by content, so that clients parsing the same
-//! text share one server statement, up to a bound past which the least recently used is
-//! closed.
+//! server connection it gets, on demand, under names of the proxy's
+//! (`__pgentra_<random>_<n>`, the random part drawn once per process from the OS, so that no
+//! client can name another's statement). A server connection keeps what it prepared, by
+//! content, so that clients parsing the same text share one server statement, up to a bound
+//! past which the least recently used is closed.
 //!
 //! Sharing by content is safe because a prepared statement holds no session state: PostgreSQL
 //! "will force re-analysis and re-planning of the statement before using it whenever database
@@ -27,8 +28,10 @@ pub(crate) struct Statement {
 }
 
 impl Statement {
-    /// The statement of a `Parse` body after its name.
-    pub(crate) fn new(definition: Bytes) -> Arc<Self> {
+    /// The statement of a `Parse` body after its name (copied: it must not keep the message's
+    /// buffer alive).
+    pub(crate) fn new(definition: &[u8]) -> Arc<Self> {
+        let definition = Bytes::copy_from_slice(definition);
         let mut hasher = std::hash::DefaultHasher::new();
         definition.hash(&mut hasher);
         let query = definition.split(|b| *b == 0).next().unwrap_or_default();
@@ -102,6 +105,23 @@ impl ClientStatements {
             self.named.remove(name)
         }
     }
+
+    /// How many named statements the client has.
+    pub(crate) fn len(&self) -> usize {
+        self.named.len()
+    }
+}
+
+/// What a server connection's unnamed statement holds, as far as the proxy knows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) enum Unnamed {
+    /// None: a simple query destroyed it, or none was ever parsed.
+    #[default]
+    Empty,
+    /// This statement.
+    Holds(Arc<Statement>),
+    /// Not known: an error made the server skip messages that might have changed it.
+    Unknown,
 }
 
 /// What one server connection has prepared for the proxy's clients, by content, with the
@@ -114,8 +134,8 @@ pub(crate) struct Prepared {
     /// Names are never reused on a connection, so an evicted statement's `Close` cannot
     /// close a newer one.
     next_name: u64,
-    /// The client statement the server's unnamed statement holds, if the proxy knows it.
-    pub(crate) unnamed: Option<Arc<Statement>>,
+    /// What the server's unnamed statement holds.
+    pub(crate) unnamed: Unnamed,
 }
 
 impl Prepared {
@@ -130,29 +150,39 @@ impl Prepared {
     }
 
     /// Records `statement` as prepared under a new name, which it returns; at `limit`, the
-    /// least recently used statement makes room, and its name is returned to be closed.
+    /// least recently used statement makes room, and it is returned with its name, to be
+    /// closed.
     pub(crate) fn insert(
         &mut self,
         statement: Arc<Statement>,
         limit: usize,
-    ) -> (Bytes, Option<Bytes>) {
+    ) -> (Bytes, Option<(Arc<Statement>, Bytes)>) {
         let evicted = if self.names.len() >= limit {
             let oldest = self
                 .names
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(statement, _)| Arc::clone(statement));
-            oldest
-                .and_then(|statement| self.names.remove(&statement))
-                .map(|(name, _)| name)
+            oldest.and_then(|statement| {
+                let (name, _) = self.names.remove(&statement)?;
+                Some((statement, name))
+            })
         } else {
             None
         };
         self.next_name += 1;
         self.clock += 1;
-        let name = Bytes::from(format!("__pgentra_{}", self.next_name));
+        // Drawn when the proxy started (`Proxy::bind` fails without it).
+        let secret = name_secret().unwrap_or_default();
+        let name = Bytes::from(format!("__pgentra_{secret}_{}", self.next_name));
         self.names.insert(statement, (name.clone(), self.clock));
         (name, evicted)
+    }
+
+    /// Records again a statement whose eviction the server skipped: it is still prepared.
+    pub(crate) fn restore(&mut self, statement: Arc<Statement>, name: Bytes) {
+        self.clock += 1;
+        self.names.insert(statement, (name, self.clock));
     }
 
     /// Forgets `statement` (its `Parse` failed, or never ran).
@@ -160,10 +190,9 @@ impl Prepared {
         self.names.remove(statement);
     }
 
-    /// Forgets everything (`DISCARD ALL` or `DEALLOCATE ALL` ran).
+    /// Forgets every named statement (`DISCARD ALL` or `DEALLOCATE ALL` ran).
     pub(crate) fn clear(&mut self) {
         self.names.clear();
-        self.unnamed = None;
     }
 
     /// How many statements are prepared here.
@@ -173,6 +202,22 @@ impl Prepared {
     }
 }
 
+/// The random part of the proxy's statement names, drawn once per process from the OS's
+/// CSPRNG ([`Proxy::bind`](crate::Proxy::bind) fails without it).
+pub(crate) fn name_secret() -> std::io::Result<&'static str> {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(secret) = SECRET.get() {
+        return Ok(secret);
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    let _ = SECRET.set(bytes.iter().map(|b| format!("{b:02x}")).collect());
+    SECRET
+        .get()
+        .map(String::as_str)
+        .ok_or_else(|| std::io::Error::other("the statement name secret was not kept"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,7 +225,7 @@ mod tests {
     fn statement(sql: &str) -> Arc<Statement> {
         let mut definition = sql.as_bytes().to_vec();
         definition.extend_from_slice(&[0, 0, 0]);
-        Statement::new(Bytes::from(definition))
+        Statement::new(&definition)
     }
 
     #[test]
@@ -197,7 +242,7 @@ mod tests {
         // `a` used last: `b` goes.
         assert_eq!(prepared.get(&statement("select 1")), Some(name_a.clone()));
         let (name_c, evicted) = prepared.insert(Arc::clone(&c), 2);
-        assert_eq!(evicted, Some(name_b));
+        assert_eq!(evicted, Some((Arc::clone(&b), name_b)));
         assert!(prepared.get(&b).is_none());
         assert_eq!(prepared.get(&c), Some(name_c.clone()));
         // A statement prepared again gets a name never used on this connection.

@@ -24,12 +24,14 @@ use crate::refusal::Refusal;
 use crate::relay::{Ending, Relayed};
 use crate::shared::{InstanceState, Shared};
 use crate::startup::{StartupError, Stream};
-use crate::statements::{ClientStatements, Statement};
-use bytes::{BufMut, Bytes, BytesMut};
+use crate::statements::{ClientStatements, Statement, Unnamed};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -40,6 +42,14 @@ const MAX_CLIENT_MESSAGE: usize = 256 << 20;
 const MAX_SERVER_MESSAGE: usize = 64 << 20;
 /// Bytes read at a time from either side.
 const READ_SIZE: usize = 8192;
+/// Answers a client may be owed before the proxy stops reading from it (it reads on once the
+/// server has answered): pipelines are bounded in memory, as by a socket's buffer.
+const MAX_OWED: usize = 16_384;
+/// Bytes waiting for the server before the proxy stops reading from the client.
+const MAX_UNSENT: usize = 1 << 20;
+/// Prepared statements one client may hold (PostgreSQL has no limit, but the proxy holds
+/// them for every client of a pool).
+const MAX_CLIENT_STATEMENTS: usize = 10_000;
 
 const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
@@ -76,6 +86,7 @@ enum Expect {
     /// `CloseComplete`, passed on or not.
     Close {
         pass: bool,
+        undo: Undo,
     },
     /// `ParameterDescription` (once `parameters`), then `RowDescription` or `NoData`.
     DescribeStatement {
@@ -86,7 +97,9 @@ enum Expect {
     Execute,
     Sync,
     /// A simple query or a function call: everything up to `ReadyForQuery`.
-    Query,
+    Query {
+        undo: Undo,
+    },
     /// An answer the proxy gives itself, in its turn.
     Own {
         message: &'static [u8],
@@ -98,7 +111,8 @@ enum Expect {
 }
 
 /// What to take back for a message the server did not run (it failed, or an error before it
-/// made the server skip it): the client must see the statements PostgreSQL would have.
+/// made the server skip it): the client must see the statements PostgreSQL would have. (What
+/// the server's unnamed statement holds is unknown after any error.)
 enum Undo {
     None,
     /// The client's `Parse` defined this name (and the server was to prepare the statement).
@@ -107,9 +121,12 @@ enum Undo {
     Closed(Bytes, Arc<Statement>),
     /// The proxy's `Parse` of a statement on the server.
     Prepared(Arc<Statement>),
-    /// A `Parse` of the unnamed statement: PostgreSQL drops the old one first, so after a
-    /// failure there is none.
-    Unnamed,
+    /// The proxy's `Close` of a statement it evicted: still prepared if skipped.
+    Evicted(Arc<Statement>, Bytes),
+    /// The client's unnamed statement was this before a `Parse` of it, or a simple query: if
+    /// skipped, it still is; if the `Parse` failed, there is none ("PostgreSQL drops the old
+    /// one first").
+    Unnamed(Option<Arc<Statement>>),
 }
 
 /// Why the relay stopped.
@@ -154,6 +171,13 @@ struct Held {
     /// The server is in copy-in mode and has yet to read the client's `CopyDone` or
     /// `CopyFail`: "the backend ignores Flush and Sync messages received during copy-in mode".
     copy_in: bool,
+    /// Extended-query messages went to the server since its last `ReadyForQuery`: they run in
+    /// an implicit transaction that only the `Sync` ends ("we do NOT close the open transaction
+    /// command here; that only happens when the client sends Sync", `exec_parse_message`), so
+    /// a client that sent them and then `Flush` keeps the connection.
+    unsynced: bool,
+    /// Bytes written to the TLS stream and not yet flushed.
+    unflushed: bool,
 }
 
 impl Held {
@@ -168,12 +192,29 @@ impl Held {
             skipping: false,
             reported_untracked: false,
             copy_in: false,
+            unsynced: false,
+            unflushed: false,
         }
     }
 
-    /// Whether everything sent was answered and the server is idle outside a transaction.
+    /// Whether everything sent was answered and the server is idle outside a transaction, with
+    /// nothing of it left unread and nothing for it left unsent.
     fn idle(&self) -> bool {
-        self.expect.is_empty() && self.status == b'I' && self.streaming == 0 && !self.skipping
+        self.expect.is_empty()
+            && self.status == b'I'
+            && !self.unsynced
+            && self.streaming == 0
+            && !self.skipping
+            && self.input.is_empty()
+            && self.output.is_empty()
+            && !self.unflushed
+    }
+
+    /// Queues an extended-query message of the proxy's own for the server.
+    fn send_extended(&mut self, message: &[u8], expect: Expect) {
+        self.output.put_slice(message);
+        self.unsynced = true;
+        self.expect.push_back(expect);
     }
 
     /// The server's name of `statement`, prepared there first if it is not yet (the answer is
@@ -184,16 +225,21 @@ impl Held {
             return name;
         }
         let (name, evicted) = prepared.insert(Arc::clone(statement), limit);
-        if let Some(old) = evicted {
-            self.output.put_slice(&close_message(b'S', &old));
-            self.expect.push_back(Expect::Close { pass: false });
+        if let Some((old, old_name)) = evicted {
+            let close = close_message(b'S', &old_name);
+            let undo = Undo::Evicted(old, old_name);
+            self.send_extended(&close, Expect::Close { pass: false, undo });
         }
-        self.output.put_slice(&statement.parse_message(&name));
-        self.expect.push_back(Expect::Parse {
-            pass: false,
-            undo: Undo::Prepared(Arc::clone(statement)),
-            rename: None,
-        });
+        let parse = statement.parse_message(&name);
+        let undo = Undo::Prepared(Arc::clone(statement));
+        self.send_extended(
+            &parse,
+            Expect::Parse {
+                pass: false,
+                undo,
+                rename: None,
+            },
+        );
         name
     }
 
@@ -202,19 +248,23 @@ impl Held {
     fn unnamed(&mut self, wanted: Option<&Arc<Statement>>) {
         let prepared = &mut self.conn.server.prepared;
         match wanted {
-            Some(statement) if prepared.unnamed.as_ref() != Some(statement) => {
-                prepared.unnamed = Some(Arc::clone(statement));
-                self.output.put_slice(&statement.parse_message(b""));
-                self.expect.push_back(Expect::Parse {
+            Some(statement) if prepared.unnamed != Unnamed::Holds(Arc::clone(statement)) => {
+                prepared.unnamed = Unnamed::Holds(Arc::clone(statement));
+                let parse = statement.parse_message(b"");
+                let expect = Expect::Parse {
                     pass: false,
-                    undo: Undo::Unnamed,
+                    undo: Undo::None,
                     rename: None,
-                });
+                };
+                self.send_extended(&parse, expect);
             }
-            None if prepared.unnamed.is_some() => {
-                prepared.unnamed = None;
-                self.output.put_slice(&close_message(b'S', b""));
-                self.expect.push_back(Expect::Close { pass: false });
+            None if prepared.unnamed != Unnamed::Empty => {
+                prepared.unnamed = Unnamed::Empty;
+                let expect = Expect::Close {
+                    pass: false,
+                    undo: Undo::None,
+                };
+                self.send_extended(&close_message(b'S', b""), expect);
             }
             _ => {}
         }
@@ -260,8 +310,13 @@ impl Relay<'_> {
     async fn run(&mut self, client: &mut Box<dyn Stream>, mut kill: watch::Receiver<bool>) -> Stop {
         let mut draining = self.session.shared.draining();
         loop {
+            // Owed too much, or the server is not taking what it was sent: the client waits.
+            let reading = self
+                .held
+                .as_ref()
+                .is_none_or(|held| held.expect.len() < MAX_OWED && held.output.len() < MAX_UNSENT);
             tokio::select! {
-                read = client.read_buf(&mut self.input) => match read {
+                read = client.read_buf(&mut self.input), if reading => match read {
                     Ok(0) => return Stop::ClientDone,
                     Ok(_) => {
                         if let Err(stop) = self.on_client().await {
@@ -270,7 +325,7 @@ impl Relay<'_> {
                     }
                     Err(_) => return Stop::ClientGone,
                 },
-                read = read_server(&mut self.held) => match read {
+                read = exchange(&mut self.held, &mut self.relayed.to_server) => match read {
                     Ok(n) if n > 0 => {
                         if let Err(stop) = self.on_server() {
                             return stop;
@@ -286,8 +341,16 @@ impl Relay<'_> {
                     return Stop::Refuse(Refusal::SessionShutdown);
                 }
             }
-            if let Err(stop) = self.flush(client).await {
-                return stop;
+            if !self.output.is_empty() {
+                let sent = async {
+                    client.write_all(&self.output).await?;
+                    client.flush().await
+                };
+                if sent.await.is_err() {
+                    return Stop::ClientGone;
+                }
+                self.relayed.to_client += self.output.len() as u64;
+                self.output.clear();
             }
             if self.held.as_ref().is_some_and(Held::idle) && self.copying == 0 {
                 self.check_reported();
@@ -296,36 +359,6 @@ impl Relay<'_> {
                 }
             }
         }
-    }
-
-    /// Sends what is waiting for the server, then what is waiting for the client.
-    async fn flush(&mut self, client: &mut Box<dyn Stream>) -> Result<(), Stop> {
-        if let Some(held) = &mut self.held
-            && !held.output.is_empty()
-        {
-            let stream = &mut held.conn.server.stream;
-            let sent = async {
-                stream.write_all(&held.output).await?;
-                stream.flush().await
-            };
-            if let Err(error) = sent.await {
-                return Err(Stop::ServerGone(format!("failed: {error}")));
-            }
-            self.relayed.to_server += held.output.len() as u64;
-            held.output.clear();
-        }
-        if !self.output.is_empty() {
-            let sent = async {
-                client.write_all(&self.output).await?;
-                client.flush().await
-            };
-            if sent.await.is_err() {
-                return Err(Stop::ClientGone);
-            }
-            self.relayed.to_client += self.output.len() as u64;
-            self.output.clear();
-        }
-        Ok(())
     }
 
     /// Handles the client's complete messages (and passes on `CopyData` as it comes), taking a
@@ -372,7 +405,9 @@ impl Relay<'_> {
                 continue;
             }
             if self.input.len() < total {
-                self.input.reserve(total - self.input.len());
+                // Room grows with what arrives, not with what a header claims.
+                self.input
+                    .reserve((total - self.input.len()).min(READ_SIZE * 8));
                 return Ok(());
             }
             let message = self.input.split_to(total).freeze();
@@ -491,61 +526,67 @@ impl Relay<'_> {
             b'Q' => {
                 let sql = body.strip_suffix(b"\0").unwrap_or(&body);
                 pin = pinning::pins(&String::from_utf8_lossy(sql));
-                statements.unnamed = None;
-                held.conn.server.prepared.unnamed = None;
+                // "A simple Query message also destroys the unnamed statement."
+                let undo = Undo::Unnamed(statements.unnamed.take());
+                held.conn.server.prepared.unnamed = Unnamed::Empty;
                 held.output.put_slice(&message);
-                held.expect.push_back(Expect::Query);
+                held.expect.push_back(Expect::Query { undo });
             }
-            // A function call's answer ends with ReadyForQuery, as a query's.
+            // A fast-path function call: what the function does is not known, so it pins. Its
+            // answer ends with ReadyForQuery, as a query's.
             b'F' => {
+                pin = Some(PinReason::Other);
                 held.output.put_slice(&message);
-                held.expect.push_back(Expect::Query);
+                held.expect.push_back(Expect::Query { undo: Undo::None });
             }
             b'P' => {
                 let (name, definition) = split_name(&body).ok_or_else(|| malformed("Parse"))?;
                 if name.is_empty() {
-                    let statement = Statement::new(definition);
-                    statements.unnamed = Some(Arc::clone(&statement));
-                    held.conn.server.prepared.unnamed = Some(statement);
-                    held.output.put_slice(&message);
-                    held.expect.push_back(Expect::Parse {
+                    let statement = Statement::new(&definition);
+                    let before = statements.unnamed.replace(Arc::clone(&statement));
+                    held.conn.server.prepared.unnamed = Unnamed::Holds(statement);
+                    let expect = Expect::Parse {
                         pass: true,
-                        undo: Undo::Unnamed,
+                        undo: Undo::Unnamed(before),
                         rename: None,
-                    });
+                    };
+                    held.send_extended(&message, expect);
                 } else if let Some(existing) = statements.get(&name).cloned() {
                     // PostgreSQL refuses a name in use (42P05): the server says so about
                     // the statement's name there, which the client is told as its own.
                     let server_name = held.prepare(&existing, limit);
-                    held.output.put_slice(&existing.parse_message(&server_name));
-                    held.expect.push_back(Expect::Parse {
+                    let parse = existing.parse_message(&server_name);
+                    let expect = Expect::Parse {
                         pass: true,
                         undo: Undo::None,
                         rename: Some((server_name, name)),
-                    });
+                    };
+                    held.send_extended(&parse, expect);
+                } else if statements.len() >= MAX_CLIENT_STATEMENTS {
+                    return Err(Stop::Refuse(Refusal::TooManyStatements {
+                        limit: MAX_CLIENT_STATEMENTS,
+                    }));
                 } else {
-                    let statement = Statement::new(definition);
+                    let statement = Statement::new(&definition);
                     statements.insert(name.clone(), Arc::clone(&statement));
                     if held.conn.server.prepared.get(&statement).is_some() {
                         let undo = Undo::Defined(name, None);
                         own(held, output, PARSE_COMPLETE, undo);
                     } else {
-                        let (server_name, evicted) = held
-                            .conn
-                            .server
-                            .prepared
-                            .insert(Arc::clone(&statement), limit);
-                        if let Some(old) = evicted {
-                            held.output.put_slice(&close_message(b'S', &old));
-                            held.expect.push_back(Expect::Close { pass: false });
+                        let prepared = &mut held.conn.server.prepared;
+                        let (server_name, evicted) = prepared.insert(Arc::clone(&statement), limit);
+                        if let Some((old, old_name)) = evicted {
+                            let close = close_message(b'S', &old_name);
+                            let undo = Undo::Evicted(old, old_name);
+                            held.send_extended(&close, Expect::Close { pass: false, undo });
                         }
-                        held.output
-                            .put_slice(&statement.parse_message(&server_name));
-                        held.expect.push_back(Expect::Parse {
+                        let parse = statement.parse_message(&server_name);
+                        let expect = Expect::Parse {
                             pass: true,
                             undo: Undo::Defined(name, Some(statement)),
                             rename: None,
-                        });
+                        };
+                        held.send_extended(&parse, expect);
                     }
                 }
             }
@@ -556,7 +597,7 @@ impl Relay<'_> {
                 pin = statement.as_ref().and_then(|s| s.pins);
                 let server_name = server_statement(held, &name, statement.as_ref(), limit);
                 if server_name == name {
-                    held.output.put_slice(&message);
+                    held.send_extended(&message, Expect::Bind);
                 } else {
                     let mut bind = BytesMut::with_capacity(message.len() + server_name.len());
                     bind.put_slice(&portal);
@@ -564,23 +605,18 @@ impl Relay<'_> {
                     bind.put_slice(&server_name);
                     bind.put_u8(0);
                     bind.put_slice(&rest);
-                    held.output.put_slice(&pgentra_wire::message(b'B', &bind));
+                    held.send_extended(&pgentra_wire::message(b'B', &bind), Expect::Bind);
                 }
-                held.expect.push_back(Expect::Bind);
             }
             b'D' if body.first() == Some(&b'S') => {
                 let (name, _) =
                     split_name(&body.slice(1..)).ok_or_else(|| malformed("Describe"))?;
                 let statement = statements.get(&name).cloned();
                 let server_name = server_statement(held, &name, statement.as_ref(), limit);
-                held.output.put_slice(&describe_message(&server_name));
-                held.expect
-                    .push_back(Expect::DescribeStatement { parameters: false });
+                let expect = Expect::DescribeStatement { parameters: false };
+                held.send_extended(&describe_message(&server_name), expect);
             }
-            b'D' => {
-                held.output.put_slice(&message);
-                held.expect.push_back(Expect::DescribePortal);
-            }
+            b'D' => held.send_extended(&message, Expect::DescribePortal),
             // The client's statements are its own: closing one touches no server (the
             // statement stays prepared there for others). Closing a name that does not exist
             // "is not an error", as in PostgreSQL.
@@ -593,13 +629,13 @@ impl Relay<'_> {
                 own(held, output, CLOSE_COMPLETE, undo);
             }
             b'C' => {
-                held.output.put_slice(&message);
-                held.expect.push_back(Expect::Close { pass: true });
+                let expect = Expect::Close {
+                    pass: true,
+                    undo: Undo::None,
+                };
+                held.send_extended(&message, expect);
             }
-            b'E' => {
-                held.output.put_slice(&message);
-                held.expect.push_back(Expect::Execute);
-            }
+            b'E' => held.send_extended(&message, Expect::Execute),
             b'S' => {
                 held.skipping = false;
                 held.output.put_slice(&message);
@@ -651,7 +687,8 @@ impl Relay<'_> {
                 return Err(Stop::ServerGone(format!("sent a {total}-byte message")));
             }
             if held.input.len() < total {
-                held.input.reserve(total - held.input.len());
+                held.input
+                    .reserve((total - held.input.len()).min(READ_SIZE * 8));
                 return Ok(());
             }
             let message = held.input.split_to(total).freeze();
@@ -694,7 +731,7 @@ impl Relay<'_> {
             }
             // Notices and notifications come at any time.
             (b'N' | b'A', _) => {}
-            (b'E', None | Some(Expect::Query | Expect::Sync)) => {}
+            (b'E', None | Some(Expect::Query { .. } | Expect::Sync)) => held.copy_in = false,
             (b'E', Some(_)) => {
                 // "When an error is detected while processing any extended-query message,
                 // the backend issues ErrorResponse, then reads and discards messages until a
@@ -707,15 +744,20 @@ impl Relay<'_> {
                     } => rename(&message, server, client),
                     _ => message.clone(),
                 };
-                undo(failed, statements, held);
+                let mut skipped = Vec::new();
                 while held
                     .expect
                     .front()
                     .is_some_and(|e| !matches!(e, Expect::Sync))
                 {
-                    let skipped = held.expect.pop_front().expect("checked");
-                    undo(skipped, statements, held);
+                    skipped.extend(held.expect.pop_front());
                 }
+                // Latest first: each undo restores the state from before its message.
+                for expect in skipped.into_iter().rev() {
+                    undo(expect, false, statements, held);
+                }
+                undo(failed, true, statements, held);
+                held.conn.server.prepared.unnamed = Unnamed::Unknown;
                 held.skipping = held.expect.is_empty();
                 held.copy_in = false;
                 output.put_slice(&error);
@@ -723,7 +765,7 @@ impl Relay<'_> {
             }
             // Copy-in mode began: the Syncs the client sent since, up to its CopyDone or
             // CopyFail, go unanswered.
-            (b'G', Some(Expect::Execute | Expect::Query)) => {
+            (b'G', Some(Expect::Execute | Expect::Query { .. })) => {
                 let end = held
                     .expect
                     .iter()
@@ -745,11 +787,13 @@ impl Relay<'_> {
                     None => held.copy_in = true,
                 }
             }
-            (b'Z', Some(Expect::Sync | Expect::Query)) => {
+            (b'Z', Some(Expect::Sync | Expect::Query { .. })) => {
                 held.status = body.first().copied().unwrap_or(b'E');
+                held.unsynced = false;
+                held.copy_in = false;
                 done = true;
             }
-            (b'C', Some(front @ (Expect::Execute | Expect::Query))) => {
+            (b'C', Some(front @ (Expect::Execute | Expect::Query { .. }))) => {
                 // DISCARD ALL and DEALLOCATE ALL drop every prepared statement, the client's
                 // included, as PostgreSQL would.
                 if body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0") {
@@ -758,11 +802,11 @@ impl Relay<'_> {
                 }
                 done = matches!(front, Expect::Execute);
             }
-            (b'I' | b's', Some(front @ (Expect::Execute | Expect::Query))) => {
+            (b'I' | b's', Some(front @ (Expect::Execute | Expect::Query { .. }))) => {
                 done = matches!(front, Expect::Execute);
             }
             (b'1', Some(Expect::Parse { pass: p, .. }))
-            | (b'3', Some(Expect::Close { pass: p })) => {
+            | (b'3', Some(Expect::Close { pass: p, .. })) => {
                 pass = *p;
                 done = true;
             }
@@ -776,9 +820,9 @@ impl Relay<'_> {
             ) => {
                 done = true;
             }
-            (b'T', Some(Expect::Query)) => {}
+            (b'T', Some(Expect::Query { .. })) => {}
             // Rows, COPY, function results: the answers of what is running.
-            (b'H' | b'W' | b'c' | b'V', Some(Expect::Execute | Expect::Query)) => {}
+            (b'H' | b'W' | b'c' | b'V', Some(Expect::Execute | Expect::Query { .. })) => {}
             _ => return Err(out_of_turn()),
         }
         if pass {
@@ -814,6 +858,7 @@ impl Relay<'_> {
         };
         if let Some(held) = self.held.take() {
             let clean = held.expect.is_empty()
+                && !held.unsynced
                 && held.streaming == 0
                 && !held.skipping
                 && self.copying == 0;
@@ -856,12 +901,50 @@ async fn turns_true(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|on| *on).await;
 }
 
-/// Reads from the held server connection; pending while none is held.
-async fn read_server(held: &mut Option<Held>) -> std::io::Result<usize> {
-    match held {
-        Some(held) => held.conn.server.stream.read_buf(&mut held.input).await,
-        None => std::future::pending().await,
-    }
+/// Writes what is waiting for the held server connection while reading what it sends, and
+/// resolves when it has sent something (the count read; 0 when it closed). PostgreSQL stops
+/// reading while its own output is blocked, so a proxy that only wrote, behind a large result,
+/// would wait for ever. Pending while no connection is held.
+async fn exchange(held: &mut Option<Held>, sent: &mut u64) -> std::io::Result<usize> {
+    let Some(held) = held else {
+        return std::future::pending().await;
+    };
+    std::future::poll_fn(|cx| {
+        let stream = &mut held.conn.server.stream;
+        while !held.output.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &held.output) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    held.output.advance(n);
+                    held.unflushed = true;
+                    *sent += n as u64;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => break,
+            }
+        }
+        // TLS keeps written bytes in its records until flushed.
+        if held.output.is_empty() && held.unflushed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => held.unflushed = false,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+        }
+        let mut buffer = [0u8; READ_SIZE];
+        let mut read = ReadBuf::new(&mut buffer);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                held.input.put_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Queues an answer of the proxy's own, sent at once when nothing is owed before it.
@@ -895,9 +978,14 @@ fn server_statement(
     }
 }
 
-/// Takes back what a message the server did not run would have done.
-fn undo(expect: Expect, statements: &mut ClientStatements, held: &mut Held) {
-    let (Expect::Parse { undo, .. } | Expect::Own { undo, .. }) = expect else {
+/// Takes back what a message the server did not run would have done: it `failed` itself, or
+/// an error before it made the server skip it.
+fn undo(expect: Expect, failed: bool, statements: &mut ClientStatements, held: &mut Held) {
+    let (Expect::Parse { undo, .. }
+    | Expect::Own { undo, .. }
+    | Expect::Close { undo, .. }
+    | Expect::Query { undo }) = expect
+    else {
         return;
     };
     let prepared = &mut held.conn.server.prepared;
@@ -913,10 +1001,8 @@ fn undo(expect: Expect, statements: &mut ClientStatements, held: &mut Held) {
             statements.insert(name, statement);
         }
         Undo::Prepared(statement) => prepared.remove(&statement),
-        Undo::Unnamed => {
-            statements.unnamed = None;
-            prepared.unnamed = None;
-        }
+        Undo::Evicted(statement, name) => prepared.restore(statement, name),
+        Undo::Unnamed(before) => statements.unnamed = if failed { None } else { before },
     }
 }
 

@@ -8,6 +8,7 @@ pub(crate) use pgentra::credential::CredentialChain;
 pub(crate) use pgentra::{EntraAuth, Secret};
 pub(crate) use pgentra_emulator::identity::{Identities, IdentityServer};
 pub(crate) use pgentra_emulator::issuer::Principal;
+pub(crate) use pgentra_emulator::testing::{temp_dir, within};
 pub(crate) use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
 pub(crate) use pgentra_proxy::{ClientRoles, Instance, PoolMode, Proxy, ProxyConfig, ProxyError};
 pub(crate) use pgentra_wire::{
@@ -26,14 +27,6 @@ pub(crate) use tokio_postgres::error::SqlState;
 // ---------------------------------------------------------------------------------------------
 // Setup: the provider, the proxy, clients.
 // ---------------------------------------------------------------------------------------------
-
-/// Fails the test if `future` takes longer than `limit`.
-pub(crate) async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: no result within {limit:?}"),
-    }
-}
 
 pub(crate) const SHORT: Duration = Duration::from_secs(10);
 
@@ -300,17 +293,6 @@ pub(crate) fn fatal_in(received: &[u8]) -> ErrorFields {
     let fields = ErrorFields::parse(body).unwrap();
     assert_eq!(fields.get(b'S'), Some("FATAL"), "{fields:?}");
     fields
-}
-
-/// A fresh temporary directory.
-pub(crate) fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "pgentra-proxy-{name}-{}-{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A raw HTTP/1.1 request: the status code and the body.

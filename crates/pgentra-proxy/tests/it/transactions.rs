@@ -808,3 +808,280 @@ async fn psycopg_3_with_prepared_statements_on_few_server_connections() {
     assert_eq!(pool["clients_pinned"], 0, "{pool}");
     proxy.stop().await;
 }
+
+fn flush() -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    frontend::flush(&mut buf);
+    buf.to_vec()
+}
+
+/// Messages up to and including `count` messages (no `ReadyForQuery` is coming: the client
+/// flushed, it did not sync).
+async fn some_answers<S: AsyncRead + Unpin>(stream: &mut S, count: usize) -> Vec<(u8, Bytes)> {
+    within(SHORT, "the answers", async {
+        let mut messages = Vec::new();
+        while messages.len() < count {
+            messages.push(read_message(stream, 1 << 20).await.unwrap());
+        }
+        messages
+    })
+    .await
+}
+
+/// Extended-query messages ended by `Flush` run in an implicit transaction that only `Sync`
+/// ends (node-postgres cursors, asyncpg's prepare): the client keeps its connection until then,
+/// and no other client runs inside that transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_batch_keeps_its_connection_until_its_sync() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let login = [("database", "postgres"), ("user", USER)];
+    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut a, &login).await;
+    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut b, &login).await;
+    let started = [
+        parse("", "select txid_current()::text"),
+        bind("", ""),
+        execute(),
+        flush(),
+    ]
+    .concat();
+    a.write_all(&started).await.unwrap();
+    let answers_a = some_answers(&mut a, 4).await;
+    assert_eq!(tags(&answers_a), "12DC");
+    let xid = data_row(&answers_a[2].1)[0].clone().unwrap();
+    // b must wait: the only connection is inside a's transaction.
+    b.write_all(&query("select txid_current()::text"))
+        .await
+        .unwrap();
+    pool_until(&proxy, "b waiting", |p| p["clients_waiting"] == 1).await;
+    a.write_all(&sync()).await.unwrap();
+    assert_eq!(tags(&answers(&mut a, 1).await[0]), "Z");
+    let answer = answers(&mut b, 1).await;
+    assert_ne!(value(&answer[0]), xid, "b ran inside a's transaction");
+    drop((a, b));
+    proxy.stop().await;
+}
+
+/// After an error skips the rest of a batch, the proxy no longer trusts what it thought the
+/// server's unnamed statement was: a client's unnamed statement runs its own text, never the
+/// one another client left there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unnamed_statement_stays_its_clients_across_errors() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let login = [("database", "postgres"), ("user", USER)];
+    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut a, &login).await;
+    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut b, &login).await;
+    b.write_all(&[parse("", "select 'b'"), sync()].concat())
+        .await
+        .unwrap();
+    answers(&mut b, 1).await;
+    // a's unnamed statement is the server's now.
+    a.write_all(&[parse("", "select 'a'"), run("")].concat())
+        .await
+        .unwrap();
+    assert_eq!(value(&answers(&mut a, 1).await[0]), "a");
+    // b's batch fails first; the proxy's Parse of b's statement is skipped with the rest.
+    b.write_all(&[bind("", "nope"), execute(), run("")].concat())
+        .await
+        .unwrap();
+    assert_eq!(error(&answers(&mut b, 1).await[0]).0, "26000");
+    b.write_all(&run("")).await.unwrap();
+    assert_eq!(
+        value(&answers(&mut b, 1).await[0]),
+        "b",
+        "b ran a's statement"
+    );
+    drop((a, b));
+    proxy.stop().await;
+}
+
+/// A simple-protocol COPY that fails inside a transaction leaves copy-in mode behind: the
+/// client's next extended-query batch is answered as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_copy_in_a_transaction_leaves_the_session_usable() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 2).await;
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let table = format!("copy_fails_{}", std::process::id());
+    raw_query(&mut client, &format!("create table {table} (x int)"))
+        .await
+        .unwrap();
+    raw_query(&mut client, "begin").await.unwrap();
+    client
+        .write_all(&query(&format!("copy {table} from stdin")))
+        .await
+        .unwrap();
+    let (tag, _) = within(SHORT, "CopyInResponse", read_message(&mut client, 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(tag, b'G');
+    client
+        .write_all(&message(b'd', b"not a number\n"))
+        .await
+        .unwrap();
+    let failed = read_until_ready(&mut client).await;
+    assert_eq!(error(&failed).0, "22P02");
+    let rest = read_until_ready(&mut client).await;
+    assert_eq!(status(&rest), b'E');
+    // No CopyDone (the server drops copy messages now): an extended-query ROLLBACK.
+    client
+        .write_all(&[parse("", "rollback"), run("")].concat())
+        .await
+        .unwrap();
+    let all = answers(&mut client, 1).await;
+    assert_eq!((tags(&all[0]), status(&all[0])), ("12CZ".into(), b'I'));
+    raw_query(&mut client, &format!("drop table {table}"))
+        .await
+        .unwrap();
+    drop(client);
+    proxy.stop().await;
+}
+
+/// A fast-path function call (here `pg_advisory_lock(bigint)`, OID 2880) pins: what a called
+/// function does is not known.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_call_pins() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut call = 2880i32.to_be_bytes().to_vec();
+    call.extend_from_slice(&[0, 1, 0, 1]); // one argument format: binary
+    call.extend_from_slice(&[0, 1, 0, 0, 0, 8]); // one argument of 8 bytes
+    call.extend_from_slice(&4245i64.to_be_bytes());
+    call.extend_from_slice(&[0, 0]); // the result in text
+    client.write_all(&message(b'F', &call)).await.unwrap();
+    let answer = read_until_ready(&mut client).await;
+    assert_eq!(tags(&answer), "VZ");
+    let pool = pool_until(&proxy, "pinned", |p| p["clients_pinned"] == 1).await;
+    assert_eq!(pool["pins"]["other"], 1, "{pool}");
+    drop(client);
+    proxy.stop().await;
+}
+
+/// A server connection's statements stay bounded also when an error makes the server skip
+/// the `Close` of an evicted one; names the proxy gives statements cannot be guessed.
+#[tokio::test(flavor = "multi_thread")]
+async fn evictions_the_server_skipped_are_not_forgotten() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.size = 1;
+        config.pool.max_prepared_statements = 1;
+    })
+    .await;
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    client
+        .write_all(&[parse("s1", "select 1"), sync()].concat())
+        .await
+        .unwrap();
+    answers(&mut client, 1).await;
+    // The error comes first: the eviction of s1 and the Parse of s2 are skipped.
+    client
+        .write_all(&[bind("", "nope"), execute(), parse("s2", "select 2"), sync()].concat())
+        .await
+        .unwrap();
+    assert_eq!(error(&answers(&mut client, 1).await[0]).0, "26000");
+    client
+        .write_all(&[parse("s3", "select 3"), run("s3")].concat())
+        .await
+        .unwrap();
+    assert_eq!(value(&answers(&mut client, 1).await[0]), "3");
+    let row = raw_query(
+        &mut client,
+        "select count(*)::text, min(name) from pg_prepared_statements",
+    )
+    .await
+    .unwrap();
+    assert_eq!(row[0][0].as_deref(), Some("1"), "{row:?}");
+    // A name like the proxy's, guessed: the server does not know it.
+    let guessed = row[0][1].clone().unwrap();
+    let guessed = guessed
+        .rsplit_once('_')
+        .unwrap()
+        .0
+        .replace(|c: char| c.is_ascii_hexdigit(), "0");
+    client
+        .write_all(&run(&format!("{guessed}_1")))
+        .await
+        .unwrap();
+    assert_eq!(error(&answers(&mut client, 1).await[0]).0, "26000");
+    drop(client);
+    proxy.stop().await;
+}
+
+/// A client that pipelines a large query behind a large result: the proxy reads the result
+/// while it writes the query, so neither side waits for the other for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_message_behind_a_large_result_does_not_deadlock() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let login = startup_message(&[("database", "postgres"), ("user", USER)]);
+    writer.write_all(&login).await.unwrap();
+    read_until_ready(&mut reader).await;
+    let literal = "x".repeat(32 << 20);
+    let pipeline = [
+        query("select repeat('y', 1000) from generate_series(1, 40000)"),
+        query(&format!("select length('{literal}')")),
+    ]
+    .concat();
+    let sending = tokio::spawn(async move {
+        writer.write_all(&pipeline).await.unwrap();
+        writer
+    });
+    let lengths = within(Duration::from_secs(60), "both answers", async {
+        let mut rows = 0;
+        let mut last = None;
+        let mut ready = 0;
+        while ready < 2 {
+            let (tag, body) = read_message(&mut reader, 1 << 26).await.unwrap();
+            match tag {
+                b'D' => {
+                    rows += 1;
+                    last = data_row(&body)[0].clone();
+                }
+                b'E' => panic!("{:?}", ErrorFields::parse(&body)),
+                b'Z' => ready += 1,
+                _ => {}
+            }
+        }
+        (rows, last)
+    })
+    .await;
+    assert_eq!(lengths, (40_001, Some((32 << 20).to_string())));
+    drop(sending.await.unwrap());
+    proxy.stop().await;
+}
+
+/// A client cannot make the proxy keep statements without bound: past the limit it gets a
+/// `FATAL` with SQLSTATE 54000.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_with_too_many_statements_is_told_so() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut pipeline = Vec::new();
+    for n in 0..=10_000 {
+        pipeline.extend(parse(&format!("s{n}"), "select 1"));
+    }
+    pipeline.extend(sync());
+    client.write_all(&pipeline).await.unwrap();
+    let received = read_until_closed(&mut client, SHORT).await;
+    let at = received
+        .windows(6)
+        .position(|w| w == b"SFATAL")
+        .expect("a FATAL");
+    let fatal = fatal_in(&received[at - 5..]);
+    assert_eq!(fatal.get(b'C'), Some("54000"), "{fatal:?}");
+    proxy.stop().await;
+}

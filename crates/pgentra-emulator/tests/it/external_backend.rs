@@ -1,38 +1,47 @@
 //! The emulator in front of an existing PostgreSQL given by URL instead of its own cluster.
 
-use pgentra_emulator::backend::Cluster;
 use pgentra_emulator::issuer::Principal;
-use pgentra_emulator::{Emulator, EmulatorConfig, EmulatorError, USER};
+use pgentra_emulator::{Emulator, EmulatorConfig, EmulatorError};
+
+/// A user only this emulator knows: its role must be created on the external server.
+const EXTERNAL_USER: &str = "external-user@contoso.com";
 
 #[test]
 fn an_external_backend_gets_the_roles_and_serves_logins() {
-    // "External": a server the emulator did not start, reached over TCP.
-    let server = Cluster::start().expect("start a PostgreSQL to stand in for an external one");
+    // "External": a server this emulator did not start, reached over TCP (the shared
+    // emulator's cluster).
+    let server = Emulator::shared()
+        .cluster()
+        .expect("the shared emulator runs a cluster of its own");
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
-    let config = || EmulatorConfig {
-        backend_url: Some(url.clone()),
-        ..EmulatorConfig::default()
+    let config = || {
+        let mut config = EmulatorConfig {
+            backend_url: Some(url.clone()),
+            ..EmulatorConfig::default()
+        };
+        config.principals.push(Principal::user(EXTERNAL_USER));
+        config
     };
     let emulator = Emulator::start(config()).unwrap();
     assert!(emulator.cluster().is_none());
     let roles = server
         .psql(&format!(
-            "SELECT count(*) FROM pg_roles WHERE rolname = '{USER}';"
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{EXTERNAL_USER}';"
         ))
         .unwrap();
     assert_eq!(roles.trim(), "1");
 
-    let token = emulator.token_for(&Principal::user(USER)).token;
+    let token = emulator.token_for(&Principal::user(EXTERNAL_USER)).token;
     let output = std::process::Command::new("psql")
         .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
         .envs(emulator.env())
-        .env("PGUSER", USER)
+        .env("PGUSER", EXTERNAL_USER)
         .env("PGPASSWORD", &token)
         .output()
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
-        USER,
+        EXTERNAL_USER,
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );

@@ -24,7 +24,7 @@ fn picked(keep: &[&str], extra: &[(&str, &str)]) -> String {
     let emulator = Emulator::shared();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args(["--exact", "child_default_chain", "--nocapture"])
+        .args(["--exact", "chain::child_default_chain", "--nocapture"])
         .env_clear()
         .env("PGENTRA_CHAIN_CHILD", "1");
     // No IMDS unless a case asks for it: a loopback port that accepts and never answers.
