@@ -2,36 +2,21 @@
 //! printed for `eval` or handed to a command.
 
 use crate::Context;
-use crate::auth::AuthArgs;
 use crate::error::CliError;
 use crate::output::{Shell, print_vars};
+use crate::target::Target;
 use pgentra::conninfo::ConnInfo;
 use pgentra::tls::SslMode;
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
-/// Where to connect and as whom; shared by `env`, `exec` and `psql`.
-#[derive(Debug, Default, clap::Args)]
-pub(crate) struct Target {
-    #[command(flatten)]
-    auth: AuthArgs,
-    /// Connection settings (URL or `key=value`) over the `PG*` variables. The environment's
-    /// `PGHOSTADDR`, `PGPORT`, `PGSSLMODE` and `PGSSLROOTCERT` apply only if its `PGHOST` is
-    /// the host named here.
-    #[arg(long, value_name = "CONNINFO")]
-    conninfo: Option<String>,
-    /// Pin the role (default: the connection settings' user, else derived from the token).
-    #[arg(long, short = 'U')]
-    user: Option<String>,
-}
-
 /// Prints `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD` (a fresh token) and
 /// `PGSSLMODE` (and `PGSSLROOTCERT`) for `eval "$(pgentra env)"`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct EnvArgs {
     #[command(flatten)]
-    target: Target,
+    pub(crate) target: Target,
     /// The shell to print for.
     #[arg(long, value_enum, default_value_t)]
     shell: Shell,
@@ -43,8 +28,9 @@ pub(crate) struct EnvArgs {
 pub(crate) struct ExecArgs {
     #[command(flatten)]
     target: Target,
-    /// The command and its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    /// The command and its arguments, after `--` (so that CONNINFO is not taken for the
+    /// command).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
 }
 
@@ -72,50 +58,43 @@ const CONNECTION_VARS: [&str; 9] = [
     "PGAPPNAME",
 ];
 
-impl Target {
-    /// The explicit settings of `--conninfo`.
-    fn explicit(&self) -> Result<ConnInfo, CliError> {
-        Ok(match &self.conninfo {
-            Some(conninfo) => ConnInfo::parse(conninfo)?,
-            None => ConnInfo::default(),
-        })
+/// The libpq variables for `explicit` over the environment, `PGPASSWORD` holding a fresh
+/// token from `target`'s credential.
+fn vars(target: &Target, explicit: ConnInfo) -> Result<Vec<(&'static str, String)>, CliError> {
+    if std::env::var_os("PGSERVICE").is_some_and(|s| !s.is_empty()) {
+        // libpq lets a service file override the variables set here, sslmode included.
+        return Err(CliError::Usage(
+            "PGSERVICE is set, and a service file could send the token elsewhere or without TLS; unset it and name the server with CONNINFO or PGHOST".into(),
+        ));
     }
-
-    /// The libpq variables for `explicit` over the environment, `PGPASSWORD` holding a fresh
-    /// token.
-    fn vars(&self, explicit: ConnInfo) -> Result<Vec<(&'static str, String)>, CliError> {
-        if std::env::var_os("PGSERVICE").is_some_and(|s| !s.is_empty()) {
-            // libpq lets a service file override the variables set here, sslmode included.
-            return Err(CliError::Usage(
-                "PGSERVICE is set, and a service file could send the token elsewhere or without TLS; unset it and name the server with --conninfo or PGHOST".into(),
-            ));
-        }
-        let info = explicit.or(ConnInfo::from_env()?);
-        let user = self.user.as_deref().or(info.user.as_deref());
-        let creds = self.auth.provider(user)?.credentials_blocking()?;
-        let mode = info.sslmode.unwrap_or_default();
-        let root_cert = match &info.sslrootcert {
-            Some(path) => Some(path.display().to_string()),
-            None if mode != SslMode::Require => system_root_bundle(),
-            None => None,
-        };
-        let optional = [
-            ("PGHOST", info.host.clone()),
-            ("PGHOSTADDR", info.hostaddr.clone()),
-            ("PGPORT", info.port.map(|p| p.to_string())),
-            ("PGDATABASE", info.dbname.clone()),
-            ("PGAPPNAME", info.application_name.clone()),
-            ("PGSSLROOTCERT", root_cert),
-        ];
-        let mut vars: Vec<(&'static str, String)> = optional
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, value?)))
-            .collect();
-        vars.push(("PGSSLMODE", mode.as_str().to_owned()));
-        vars.push(("PGUSER", creds.user().to_owned()));
-        vars.push(("PGPASSWORD", creds.password().expose_secret().to_owned()));
-        Ok(vars)
-    }
+    let info = explicit.or(ConnInfo::from_env()?);
+    let role = target.user.role(&info);
+    let creds = target
+        .auth
+        .provider(role.as_deref())?
+        .credentials_blocking()?;
+    let mode = info.sslmode.unwrap_or_default();
+    let root_cert = match &info.sslrootcert {
+        Some(path) => Some(path.display().to_string()),
+        None if mode != SslMode::Require => system_root_bundle(),
+        None => None,
+    };
+    let optional = [
+        ("PGHOST", info.host),
+        ("PGHOSTADDR", info.hostaddr),
+        ("PGPORT", info.port.map(|p| p.to_string())),
+        ("PGDATABASE", info.dbname),
+        ("PGAPPNAME", info.application_name),
+        ("PGSSLROOTCERT", root_cert),
+    ];
+    let mut vars: Vec<(&'static str, String)> = optional
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .collect();
+    vars.push(("PGSSLMODE", mode.as_str().to_owned()));
+    vars.push(("PGUSER", creds.user().to_owned()));
+    vars.push(("PGPASSWORD", creds.password().expose_secret().to_owned()));
+    Ok(vars)
 }
 
 /// The operating system's CA bundle, for libpq before 16 (which has no `sslrootcert=system`).
@@ -133,7 +112,7 @@ fn system_root_bundle() -> Option<String> {
 }
 
 pub(crate) fn run_env(args: &EnvArgs, context: Context) -> Result<ExitCode, CliError> {
-    let vars = args.target.vars(args.target.explicit()?)?;
+    let vars = vars(&args.target, args.target.explicit()?)?;
     print_vars(vars, args.shell, context.json);
     Ok(ExitCode::SUCCESS)
 }
@@ -143,12 +122,12 @@ pub(crate) fn run_exec(args: &ExecArgs) -> Result<ExitCode, CliError> {
         .command
         .split_first()
         .ok_or_else(|| CliError::Usage("exec needs a command to run".into()))?;
-    let vars = args.target.vars(args.target.explicit()?)?;
+    let vars = vars(&args.target, args.target.explicit()?)?;
     run_with(vars, program, rest)
 }
 
 pub(crate) fn run_psql(args: &PsqlArgs) -> Result<ExitCode, CliError> {
-    let vars = Target::default().vars(psql_settings(&args.args)?)?;
+    let vars = vars(&Target::default(), psql_settings(&args.args)?)?;
     run_with(vars, &OsString::from("psql"), &args.args)
 }
 

@@ -1,24 +1,31 @@
-//! The one error type of the command, and how it ends the process.
+//! The one error type of the command, the one way an error and its causes are printed, and
+//! how an error ends the process.
 
+use std::error::Error as StdError;
 use std::process::ExitCode;
 
-/// Why a subcommand failed. Printed as one line on standard error, without the token.
+/// Why a subcommand failed. Each variant's message says only what it adds: its cause is its
+/// `source()`, which [`chain`] prints after it, so no cause is printed twice.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
     /// Getting a token, parsing settings or connecting failed.
     #[error(transparent)]
     Pgentra(#[from] pgentra::Error),
+    /// The proxy could not start (exit code 2 for a bad configuration).
+    #[error(transparent)]
+    Proxy(#[from] pgentra_proxy::ProxyError),
     /// The emulator could not start.
-    #[error("the emulator could not start: {0}")]
+    #[cfg(feature = "emulator")]
+    #[error("the emulator could not start")]
     Emulator(#[from] pgentra_emulator::EmulatorError),
     /// Bad input on the command line or standard input (exit code 2).
     #[error("{0}")]
     Usage(String),
     /// A token given to `inspect` is not a JWT pgentra can read (exit code 2).
-    #[error("not a readable token: {0}")]
+    #[error("not a readable token")]
     BadToken(#[from] pgentra::claims::TokenFormatError),
     /// Reading input, writing output or running a command failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -26,8 +33,8 @@ pub(crate) enum CliError {
         source: std::io::Error,
     },
     /// `exec` or `psql` could not start the command (exit code 127 if it was not found, as in
-    /// a shell).
-    #[error("could not run {program}: {source}")]
+    /// a shell, else 126).
+    #[error("could not run {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -49,7 +56,9 @@ impl CliError {
 
     pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
-            Self::Usage(_) | Self::BadToken(_) => ExitCode::from(2),
+            Self::Usage(_)
+            | Self::BadToken(_)
+            | Self::Proxy(pgentra_proxy::ProxyError::Config(_)) => ExitCode::from(2),
             Self::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ExitCode::from(127)
             }
@@ -58,9 +67,28 @@ impl CliError {
         }
     }
 
-    /// Prints the error as one line (pgentra's errors already carry their causes).
+    /// Prints the error and its causes as one line on standard error.
     pub(crate) fn report(&self) {
-        let line = self.to_string().replace('\n', " ");
-        eprintln!("pgentra: {line}");
+        eprintln!("pgentra: {}", chain(self));
+    }
+}
+
+/// An error and its causes on one line (the library's [`pgentra::ErrorChain`], with any line
+/// breaks a server's message carries folded): for this command's errors, the steps of `check`
+/// and the workers of `demo`.
+pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
+    pgentra::ErrorChain(error).to_string().replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_follow_the_error_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = CliError::io("reading x.toml")(io);
+        assert_eq!(chain(&error), "reading x.toml: no such file");
+        assert_eq!(chain(&CliError::Usage("two\nlines".into())), "two lines");
     }
 }

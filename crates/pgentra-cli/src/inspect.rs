@@ -2,14 +2,15 @@
 
 use crate::Context;
 use crate::error::CliError;
+use crate::output::outln;
 use crate::output::{print_json, relative, timestamp};
-use base64::Engine as _;
 use pgentra::Cloud;
-use pgentra::claims::{Claims, PrincipalKind};
+use pgentra::claims::Claims;
+use pgentra::clock::from_unix_seconds;
 use serde_json::{Value, json};
 use std::io::{IsTerminal as _, Read as _};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Longest input read from standard input; Entra tokens are a few kilobytes.
 const MAX_INPUT: u64 = 1 << 20;
@@ -32,11 +33,15 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     let claims = Claims::decode(&token)?;
     let header = decode_header(&token);
     let role = claims.role_name();
-    let kind = principal_kind(&claims);
-    let audience = database_cloud(&claims);
+    let kind = claims.principal_kind().describe();
+    let audience = claims
+        .audiences()
+        .iter()
+        .find_map(|audience| Cloud::from_audience(audience))
+        .and_then(|cloud| cloud.name());
     let expired = claims
         .exp()
-        .is_some_and(|exp| time_of(exp) <= SystemTime::now());
+        .is_some_and(|exp| from_unix_seconds(exp) <= SystemTime::now());
 
     if context.json {
         let (role, source, role_error) = match &role {
@@ -58,7 +63,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     }
 
     let style = context.style;
-    let row = |name: &str, value: &str| println!("{}  {value}", style.dim(&format!("{name:<10}")));
+    let row = |name: &str, value: &str| outln!("{}  {value}", style.dim(&format!("{name:<10}")));
     row(
         "signature",
         "not verified (decoded offline; the server checks it)",
@@ -98,7 +103,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         ("expires", claims.exp()),
     ] {
         if let Some(seconds) = value {
-            let time = time_of(seconds);
+            let time = from_unix_seconds(seconds);
             let text = format!("{} ({})", timestamp(time), relative(time));
             let expired_now = name == "expires" && expired;
             row(
@@ -111,9 +116,9 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
             );
         }
     }
-    println!("{}", style.dim("claims"));
+    outln!("{}", style.dim("claims"));
     for (name, value) in claims.as_map() {
-        println!(
+        outln!(
             "  {:<20} {}",
             printable(name),
             printable(&value.to_string())
@@ -141,18 +146,6 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         })
         .collect::<String>()
         .into()
-}
-
-/// A short name for the kind of principal, as `whoami` and `inspect` print it.
-pub(crate) fn principal_kind(claims: &Claims) -> &'static str {
-    match claims.principal_kind() {
-        PrincipalKind::User => "user",
-        PrincipalKind::GuestUser => "guest user",
-        PrincipalKind::ServicePrincipal => "service principal",
-        PrincipalKind::UserAssignedManagedIdentity => "user-assigned managed identity",
-        PrincipalKind::SystemAssignedManagedIdentity => "system-assigned managed identity",
-        _ => "unknown",
-    }
 }
 
 fn read_stdin() -> Result<String, CliError> {
@@ -206,35 +199,7 @@ fn extract_token(input: &str) -> Result<String, CliError> {
 
 /// The JOSE header, if it is readable JSON (it is informational only).
 fn decode_header(token: &str) -> Option<Value> {
-    let segment = token.split('.').next()?.trim_end_matches('=');
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(segment)
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// Which cloud's database audience the token is for, if any.
-fn database_cloud(claims: &Claims) -> Option<&'static str> {
-    let audiences = claims.audiences();
-    [
-        (Cloud::Public, "public"),
-        (Cloud::UsGovernment, "US Government"),
-        (Cloud::China, "China"),
-    ]
-    .into_iter()
-    .find(|(cloud, _)| {
-        audiences
-            .iter()
-            .any(|aud| aud.trim_end_matches('/') == cloud.audience())
-    })
-    .map(|(_, name)| name)
-}
-
-/// A claim's time, clamped to 1970..=9999 so that any value can be printed.
-fn time_of(seconds: i64) -> SystemTime {
-    const YEAR_9999_END: u64 = 253_402_300_799;
-    let seconds = u64::try_from(seconds).unwrap_or(0).min(YEAR_9999_END);
-    UNIX_EPOCH + Duration::from_secs(seconds)
+    serde_json::from_slice(&pgentra::claims::decode_segment(token.split('.').next()?)?).ok()
 }
 
 #[cfg(test)]
@@ -267,7 +232,10 @@ mod tests {
 
     #[test]
     fn times_outside_the_range_do_not_panic() {
-        assert_eq!(time_of(-5), UNIX_EPOCH);
-        assert_eq!(timestamp(time_of(i64::MAX)), "9999-12-31T23:59:59Z");
+        assert_eq!(from_unix_seconds(-5), std::time::UNIX_EPOCH);
+        assert_eq!(
+            timestamp(from_unix_seconds(i64::MAX)),
+            "9999-12-31T23:59:59Z"
+        );
     }
 }

@@ -9,11 +9,19 @@
 //! ```
 //!
 //! Data goes to standard output (`--json` where it is data); logs, progress and errors go to
-//! standard error. Exit codes: 0 success, 1 failure, 2 bad usage or input.
+//! standard error. Exit codes: 0 success, 1 failure, 2 bad usage or input (and a subcommand
+//! this build leaves out); `exec` and `psql` exit with their command's code, or 126 if it
+//! could not be run and 127 if it was not found, as a shell does; 141 when the reader of
+//! standard output went away (`pgentra check | head -1`), as for a process `SIGPIPE` ends.
+//!
+//! `emulator` and `demo` need the default `emulator` feature; a build without it (a
+//! production sidecar's) still knows them, and says so.
 
 mod auth;
 mod check;
+#[cfg(feature = "emulator")]
 mod demo;
+#[cfg(feature = "emulator")]
 mod emulator;
 mod env;
 mod error;
@@ -21,8 +29,14 @@ mod inspect;
 mod output;
 mod proxy;
 mod settings;
+mod target;
 mod token;
+#[cfg(not(feature = "emulator"))]
+mod unbuilt;
 mod whoami;
+
+#[cfg(not(feature = "emulator"))]
+use unbuilt::{demo, emulator};
 
 use clap::{ArgAction, Parser, Subcommand};
 use std::ffi::OsString;

@@ -1,7 +1,7 @@
 //! Output helpers: logging, colour, shell quoting and time formatting.
 
-use std::io::{IsTerminal as _, Write as _};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::io::{IsTerminal, Write as _};
+use std::time::{Duration, SystemTime};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
@@ -46,7 +46,7 @@ pub(crate) fn init_logging(verbose: u8, format: LogFormat) {
     }
 }
 
-/// Colour for standard output: only on a terminal, and never with `NO_COLOR` set.
+/// Colour for a stream: only on a terminal, and never with `NO_COLOR` set.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Style {
     colour: bool,
@@ -54,34 +54,38 @@ pub(crate) struct Style {
 
 impl Style {
     pub(crate) fn for_stdout() -> Self {
+        Self::for_stream(&std::io::stdout())
+    }
+
+    pub(crate) fn for_stream(stream: &impl IsTerminal) -> Self {
         Self {
-            colour: std::io::stdout().is_terminal()
+            colour: stream.is_terminal()
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         }
     }
 
-    fn paint(self, code: &str, text: &str) -> String {
+    fn paint(self, style: anstyle::Style, text: &str) -> String {
         if self.colour {
-            format!("\x1b[{code}m{text}\x1b[0m")
+            format!("{style}{text}{style:#}")
         } else {
             text.to_owned()
         }
     }
 
     pub(crate) fn good(self, text: &str) -> String {
-        self.paint("32", text)
+        self.paint(anstyle::AnsiColor::Green.on_default(), text)
     }
 
     pub(crate) fn bad(self, text: &str) -> String {
-        self.paint("31", text)
+        self.paint(anstyle::AnsiColor::Red.on_default(), text)
     }
 
     pub(crate) fn dim(self, text: &str) -> String {
-        self.paint("2", text)
+        self.paint(anstyle::Style::new().dimmed(), text)
     }
 
     pub(crate) fn bold(self, text: &str) -> String {
-        self.paint("1", text)
+        self.paint(anstyle::Style::new().bold(), text)
     }
 }
 
@@ -155,13 +159,6 @@ pub(crate) fn shutdown_signal() -> impl Future<Output = ()> {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub(crate) fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 /// An RFC 3339 time, seconds precision.
 pub(crate) fn timestamp(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
@@ -179,8 +176,37 @@ pub(crate) fn relative(time: SystemTime) -> String {
 
 /// Prints a JSON value on one line.
 pub(crate) fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+    outln!("{value}");
 }
+
+/// What a process killed by `SIGPIPE` exits with in a shell (128 + 13).
+const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// Writes a line to standard output. A reader that went away (`pgentra check | head -1`) ends
+/// the command quietly, as `SIGPIPE` ends `cat` (Rust ignores the signal, so a `println!`
+/// would panic); any other failure to write (a full disk) is reported and exits 1.
+pub(crate) fn write_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(BROKEN_PIPE_EXIT);
+        }
+        eprintln!("pgentra: writing to standard output: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for standard output, through [`write_line`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
 
 #[cfg(test)]
 mod tests {

@@ -69,7 +69,7 @@ settings! {
         no_tcp: bool,
         /// Log every session in as this role, whatever the client asks for [default: the
         /// token's role].
-        #[arg(long, short = 'U', value_name = "ROLE", env = "PGENTRA_PROXY_USER")]
+        #[arg(short = 'U', long, value_name = "ROLE", env = "PGENTRA_PROXY_USER")]
         user: String,
         /// Roles a client may pick with its user name (comma-separated, or `*` for any name);
         /// other names get the token's role [default: none].
@@ -200,13 +200,13 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
     let threads = settings
         .threads
         .unwrap_or_else(pgentra_proxy::default_threads);
-    let runtime = pgentra_proxy::runtime(threads).map_err(proxy_error)?;
+    let runtime = pgentra_proxy::runtime(threads)?;
     let check = settings.check.unwrap_or(false);
     runtime.block_on(async {
         let shutdown = shutdown_signal();
-        let proxy = Proxy::bind(config, auth).await.map_err(proxy_error)?;
+        let proxy = Proxy::bind(config, auth).await?;
         if check {
-            proxy.check().await.map_err(proxy_error)?;
+            proxy.check().await?;
         }
         for addr in proxy.local_addrs() {
             tracing::info!(%addr, "listening; SIGTERM or Ctrl-C drains and stops");
@@ -215,13 +215,6 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         Ok::<_, CliError>(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn proxy_error(error: pgentra_proxy::ProxyError) -> CliError {
-    match error {
-        pgentra_proxy::ProxyError::Config(message) => CliError::Usage(message),
-        other => CliError::Failed(other.to_string()),
-    }
 }
 
 fn read_file(path: &Path) -> Result<File, CliError> {

@@ -44,6 +44,24 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(
         .transpose()
 }
 
+/// A cloud in a file, by the names `--cloud` takes ([`pgentra::Cloud`]'s `FromStr`).
+pub(crate) fn cloud<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<pgentra::Cloud>, D::Error> {
+    Option::<String>::deserialize(deserializer)?
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// The parser of `--cloud`: the names of the known clouds, offered as clap's possible values.
+pub(crate) fn cloud_parser() -> impl clap::builder::TypedValueParser<Value = pgentra::Cloud> {
+    use clap::builder::TypedValueParser as _;
+    let names = pgentra::Cloud::KNOWN
+        .iter()
+        .filter_map(pgentra::Cloud::name);
+    clap::builder::PossibleValuesParser::new(names).try_map(|name| name.parse::<pgentra::Cloud>())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;

@@ -1,9 +1,11 @@
 //! `pgentra token`: a database access token on standard output.
 
 use crate::Context;
-use crate::auth::AuthArgs;
+use crate::auth::TokenArgs;
 use crate::error::CliError;
-use crate::output::{print_json, unix_seconds};
+use crate::output::outln;
+use crate::output::print_json;
+use pgentra::clock::unix_seconds;
 use std::process::ExitCode;
 
 /// Prints a token for the database scope (and nothing else), so that
@@ -11,17 +13,11 @@ use std::process::ExitCode;
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    auth: AuthArgs,
-    /// The role to report in `--json` (default: `PGUSER`, else derived from the token).
-    #[arg(long, short = 'U', env = "PGUSER", hide_env_values = true)]
-    user: Option<String>,
+    token: TokenArgs,
 }
 
 pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
-    let creds = args
-        .auth
-        .provider(args.user.as_deref())?
-        .credentials_blocking()?;
+    let creds = args.token.provider()?.credentials_blocking()?;
     let token = creds.password().expose_secret();
     if context.json {
         print_json(&serde_json::json!({
@@ -30,7 +26,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
             "user": creds.user(),
         }));
     } else {
-        println!("{token}");
+        outln!("{token}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,24 +1,23 @@
 //! `pgentra whoami`: which identity logs in, as which role, until when. Never the token.
 
 use crate::Context;
-use crate::auth::AuthArgs;
+use crate::auth::TokenArgs;
 use crate::error::CliError;
-use crate::output::{print_json, relative, timestamp, unix_seconds};
+use crate::output::outln;
+use crate::output::{print_json, relative, timestamp};
 use pgentra::claims::Claims;
+use pgentra::clock::unix_seconds;
 use std::process::ExitCode;
 
 /// Gets a token the way a connection would and describes it.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    auth: AuthArgs,
-    /// Pin the role instead of deriving it from the token (default: `PGUSER`).
-    #[arg(long, short = 'U', env = "PGUSER", hide_env_values = true)]
-    user: Option<String>,
+    token: TokenArgs,
 }
 
 pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
-    let auth = args.auth.provider(args.user.as_deref())?;
+    let auth = args.token.provider()?;
     let creds = auth.credentials_blocking()?;
     // The provider has already decoded this token once; decoding again cannot fail.
     let claims = Claims::decode(creds.password().expose_secret()).map_err(|source| {
@@ -27,7 +26,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
             source,
         }
     })?;
-    let kind = crate::inspect::principal_kind(&claims);
+    let kind = claims.principal_kind().describe();
     if context.json {
         print_json(&serde_json::json!({
             "credential": creds.credential(),
@@ -43,7 +42,7 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let style = context.style;
-    let row = |name: &str, value: &str| println!("{}  {value}", style.dim(&format!("{name:<10}")));
+    let row = |name: &str, value: &str| outln!("{}  {value}", style.dim(&format!("{name:<10}")));
     row("credential", creds.credential());
     row("principal", kind);
     row("object id", claims.oid().unwrap_or("-"));

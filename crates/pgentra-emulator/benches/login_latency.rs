@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("login_latency: {error}");
+            eprintln!("login_latency: {}", pgentra::ErrorChain(&*error));
             ExitCode::FAILURE
         }
     }

@@ -2,7 +2,6 @@
 //! any one test's runtime, and a stop signal that ends it when the server is dropped.
 
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
@@ -46,12 +45,4 @@ where
             drop(runtime);
         })?;
     Ok((stop, thread))
-}
-
-/// Locks a mutex whose data (counters, maps of keys, fault settings) stays usable even if a
-/// holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

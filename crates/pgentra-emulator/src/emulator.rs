@@ -19,7 +19,7 @@ pub enum EmulatorError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// A listener or file could not be set up.
-    #[error("{what}: {source}")]
+    #[error("{what} failed")]
     Io {
         /// What was being set up.
         what: &'static str,
@@ -282,7 +282,10 @@ impl Emulator {
         static SHARED: OnceLock<Emulator> = OnceLock::new();
         SHARED.get_or_init(|| match Self::start(EmulatorConfig::default()) {
             Ok(emulator) => emulator,
-            Err(error) => panic!("the pgentra emulator could not start: {error}"),
+            Err(error) => panic!(
+                "the pgentra emulator could not start: {}",
+                pgentra::ErrorChain(&error)
+            ),
         })
     }
 

@@ -25,10 +25,10 @@
 //!
 //! The token is checked at login only, so an open session outlives its token, as on Azure.
 
-use crate::background::lock;
 use crate::directory::Directory;
 use crate::issuer::{Issuer, TokenRejection};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
 use pgentra_wire::{
     ErrorFields, MAX_STARTUP_PACKET, StartupPacket, WireError, backend_key_data, cancel_request,
     cleartext_password_request, message, negotiation, parse_password, parse_startup_packet,
@@ -37,8 +37,8 @@ use pgentra_wire::{
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -236,7 +236,7 @@ impl Gateway {
     /// from async code, call it through `spawn_blocking` or `block_in_place`. If the port cannot
     /// be bound again the error is returned, the gateway stays down, and a later call retries.
     pub fn restart(&self) -> std::io::Result<()> {
-        let mut running = lock(&self.running);
+        let mut running = self.running.lock();
         if let Some(Running { stop, thread }) = running.take() {
             drop(stop);
             // The thread only ends after dropping its runtime, which closes every socket.
@@ -245,7 +245,7 @@ impl Gateway {
                 .map_err(|_| std::io::Error::other("the gateway's thread panicked"))?;
         }
         // Keys of sessions that no longer exist.
-        lock(&self.state.cancel_keys).clear();
+        self.state.cancel_keys.lock().clear();
         let listener = listen(self.addr.port())?;
         *running = Some(serve(listener, Arc::clone(&self.state))?);
         Ok(())
@@ -477,7 +477,10 @@ async fn check(state: &State, token: &str, role: &str) -> Result<(), (&'static s
     let mapping = state.catalog.mapping(role).await.map_err(|error| {
         (
             "08006",
-            format!("the emulator could not read the role mapping: {error}"),
+            format!(
+                "the emulator could not read the role mapping: {}",
+                pgentra::ErrorChain(&error)
+            ),
         )
     })?;
     let Some(mapping) = mapping else {
@@ -535,7 +538,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 // From the OS's CSPRNG, as PostgreSQL's own keys: no client may guess another's.
                 let ours = loop {
                     let key = pgentra_wire::random_cancel_key()?;
-                    let mut keys = lock(&state.cancel_keys);
+                    let mut keys = state.cancel_keys.lock();
                     if let std::collections::hash_map::Entry::Vacant(entry) = keys.entry(key) {
                         entry.insert(real);
                         break key;
@@ -572,7 +575,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     state.counters.logins.fetch_add(1, Ordering::Relaxed);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
     if let Some(key) = issued_key {
-        lock(&state.cancel_keys).remove(&key);
+        state.cancel_keys.lock().remove(&key);
     }
     Ok(())
 }
@@ -582,7 +585,7 @@ async fn cancel(state: &State, pid: i32, key: &[u8]) {
     let Ok(key) = <[u8; 4]>::try_from(key) else {
         return;
     };
-    let Some((pid, key)) = lock(&state.cancel_keys).get(&(pid, key)).copied() else {
+    let Some((pid, key)) = state.cancel_keys.lock().get(&(pid, key)).copied() else {
         return;
     };
     if let Ok(mut backend) = state.config.backend.connect().await {

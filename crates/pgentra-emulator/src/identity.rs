@@ -23,18 +23,18 @@
 //! once) with 429s, so a thundering herd is visible. Faults can be injected into every token
 //! endpoint (managed identity, OAuth2, the CLI shims), and every endpoint counts its requests.
 
-use crate::background::lock;
 use crate::issuer::{Issuer, Principal, PrincipalKind};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -239,25 +239,25 @@ impl IdentityServer {
     /// token endpoint: managed identity, OAuth2 and the CLI shims (which then fail like the real
     /// tool, with the error body on stderr). The error description names the status.
     pub fn fail_next(&self, count: u32, status: u16) {
-        let mut faults = lock(&self.state.faults);
+        let mut faults = self.state.faults.lock();
         faults.fail_next = count;
         faults.fail_status = status;
     }
 
     /// Delays every token response by `latency`.
     pub fn set_latency(&self, latency: Duration) {
-        lock(&self.state.faults).latency = latency;
+        self.state.faults.lock().latency = latency;
     }
 
     /// Stops answering token requests (they hang) until called with `false`. Requests already
     /// hanging stay unanswered.
     pub fn set_hang(&self, hang: bool) {
-        lock(&self.state.faults).hang = hang;
+        self.state.faults.lock().hang = hang;
     }
 
     /// Removes every injected fault: pending failures, latency and hanging.
     pub fn clear_faults(&self) {
-        *lock(&self.state.faults) = Faults::default();
+        *self.state.faults.lock() = Faults::default();
     }
 
     /// Requests received by `endpoint` so far (including refused ones).
@@ -471,7 +471,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
 /// send (counting it down); `None` when the request should be answered normally.
 async fn injected_fault(state: &State) -> Option<Response<Full<Bytes>>> {
     let faults = {
-        let mut faults = lock(&state.faults);
+        let mut faults = state.faults.lock();
         let snapshot = faults.clone();
         faults.fail_next = faults.fail_next.saturating_sub(1);
         snapshot
@@ -638,7 +638,7 @@ fn throttle(state: &State) -> Response<Full<Bytes>> {
 /// Sliding one-second window of accepted token requests.
 fn within_rate(state: &State) -> bool {
     let now = Instant::now();
-    let mut recent = lock(&state.recent);
+    let mut recent = state.recent.lock();
     while recent
         .front()
         .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))

@@ -12,10 +12,11 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use pgentra::clock::unix_seconds;
 use serde_json::{Value, json};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// The kind of an emulated principal, which decides the claims of its tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,13 +297,6 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 impl Issuer {
     /// An issuer for `tenant` with a fresh 2048-bit key, issuing tokens valid for `lifetime`.
     pub fn new(tenant: &str, lifetime: Duration) -> Self {
@@ -355,7 +349,7 @@ impl Issuer {
     /// Issues a token for `principal` with audience `audience` (a resource URI such as
     /// `https://ossrdbms-aad.database.windows.net`; a trailing `/.default` is removed).
     pub fn issue(&self, principal: &Principal, audience: &str) -> IssuedToken {
-        self.issue_at(principal, audience, unix_now())
+        self.issue_at(principal, audience, unix_seconds(SystemTime::now()))
     }
 
     /// As [`issue`](Self::issue), as if issued at `now` (seconds since the epoch), for tests of
@@ -478,7 +472,7 @@ impl Issuer {
                 expected: audience.to_owned(),
             });
         }
-        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        let now = i64::try_from(unix_seconds(SystemTime::now())).unwrap_or(i64::MAX);
         let skew = i64::try_from(skew.as_secs()).unwrap_or(i64::MAX);
         let exp = claims
             .seconds("exp")
@@ -592,7 +586,7 @@ mod tests {
     fn rejections() {
         let issuer = issuer();
         let alice = Principal::user("alice@contoso.com");
-        let now = unix_now();
+        let now = unix_seconds(SystemTime::now());
         let expired = issuer.issue_at(&alice, AUD, now - 7200);
         assert_eq!(
             issuer.verify(&expired.token, AUD, SKEW),
@@ -671,7 +665,7 @@ mod tests {
     #[test]
     fn the_oracle_reads_tokens_with_its_own_code() {
         let issuer = issuer();
-        let now = unix_now();
+        let now = unix_seconds(SystemTime::now());
         // Claims pgentra's decoder and the server see alike, signed but broken.
         for (payload, expected) in [
             (
@@ -709,7 +703,7 @@ mod tests {
             Duration::from_secs(6 * 3600),
         ] {
             issuer.set_lifetime(lifetime);
-            let now = unix_now();
+            let now = unix_seconds(SystemTime::now());
             let issued = issuer.issue_at(&Principal::user("a@b"), AUD, now);
             assert_eq!(issued.expires_on - now, lifetime.as_secs());
         }

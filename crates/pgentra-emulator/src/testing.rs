@@ -4,6 +4,9 @@
 //! certificates, and counts the passwords it is sent: a test points a redirect (a hostile
 //! `.env`, a stale `PGHOSTADDR`) at it and asserts that no token arrived.
 //!
+//! [`TestCredential`] is an `azure_core` token credential that answers as a test says (a token
+//! it mints, or another credential's answer), fails while told to, and counts its calls.
+//!
 //! [`within`] bounds what a test waits for, and [`temp_dir`] gives it a directory of its own.
 //!
 //! ```no_run
@@ -14,6 +17,7 @@
 //! ```
 
 use crate::background;
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use pgentra_wire::{
     ErrorFields, MAX_STARTUP_PACKET, StartupPacket, cleartext_password_request,
     parse_startup_packet, read_message, read_startup_packet,
@@ -21,8 +25,9 @@ use pgentra_wire::{
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -185,4 +190,94 @@ pub fn temp_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");
     dir
+}
+
+/// An `azure_core` token credential for tests: its answers come from a function (a token the
+/// test mints) or from another credential (which it then counts); while [`fail`](Self::fail)
+/// says so it returns a credential error instead. `Debug` shows the counts, never a token.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use azure_core::credentials::{AccessToken, TokenCredential};
+/// use pgentra_emulator::testing::TestCredential;
+///
+/// let expires = azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1);
+/// let credential = TestCredential::minting(move || AccessToken::new("a.b.c", expires));
+/// assert!(credential.get_token(&["scope"], None).await.is_ok());
+/// credential.fail(true);
+/// assert!(credential.get_token(&["scope"], None).await.is_err());
+/// assert_eq!(credential.calls(), 2);
+/// # });
+/// ```
+pub struct TestCredential {
+    answer: Answer,
+    failing: AtomicBool,
+    calls: AtomicUsize,
+}
+
+type Mint = Box<dyn Fn() -> AccessToken + Send + Sync>;
+
+enum Answer {
+    Mint(Mint),
+    Inner(Arc<dyn TokenCredential>),
+}
+
+impl std::fmt::Debug for TestCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCredential")
+            .field("calls", &self.calls())
+            .field("failing", &self.failing.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestCredential {
+    /// Answers with what `mint` returns, at every call.
+    pub fn minting(mint: impl Fn() -> AccessToken + Send + Sync + 'static) -> Arc<Self> {
+        Self::new(Answer::Mint(Box::new(mint)))
+    }
+
+    /// Answers as `inner` does, counting the calls.
+    pub fn counting(inner: Arc<dyn TokenCredential>) -> Arc<Self> {
+        Self::new(Answer::Inner(inner))
+    }
+
+    fn new(answer: Answer) -> Arc<Self> {
+        Arc::new(Self {
+            answer,
+            failing: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    /// From now on, fails every call (`true`) or answers again (`false`).
+    pub fn fail(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Calls so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for TestCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                "the test credential was told to fail: endpoint returned 503",
+            ));
+        }
+        match &self.answer {
+            Answer::Mint(mint) => Ok(mint()),
+            Answer::Inner(inner) => inner.get_token(scopes, options).await,
+        }
+    }
 }

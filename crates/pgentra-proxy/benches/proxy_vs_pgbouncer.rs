@@ -51,7 +51,7 @@
 //! worker threads; by default what `pgentra proxy` uses, 1 on this 2-core machine), `PGENTRA_BENCH_CLIENT_SOCKET` (`tcp`,
 //! or `unix`: pgbench reaches the proxy and PgBouncer over their Unix sockets).
 
-use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::credentials::AccessToken;
 use azure_core::time::OffsetDateTime;
 use pgentra::EntraAuth;
 use pgentra::conninfo::ConnInfo;
@@ -59,6 +59,7 @@ use pgentra_emulator::backend::Cluster;
 use pgentra_emulator::ca::Ca;
 use pgentra_emulator::identity::Endpoint;
 use pgentra_emulator::issuer::{Issuer, Principal};
+use pgentra_emulator::testing::TestCredential;
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
 use pgentra_proxy::{Instance, Proxy, ProxyConfig};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("proxy_vs_pgbouncer: {error}");
+            eprintln!("proxy_vs_pgbouncer: {}", pgentra::ErrorChain(&*error));
             ExitCode::FAILURE
         }
     }
@@ -1298,25 +1299,6 @@ async fn open_idle(port: u16, count: usize) -> Result<Vec<Session>> {
     Ok(sessions)
 }
 
-/// A token credential returning one token from the emulator's issuer, as a credential chain
-/// would with a cached token.
-#[derive(Debug)]
-struct Static {
-    token: String,
-    expires_on: OffsetDateTime,
-}
-
-#[async_trait::async_trait]
-impl TokenCredential for Static {
-    async fn get_token(
-        &self,
-        _: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        Ok(AccessToken::new(self.token.clone(), self.expires_on))
-    }
-}
-
 /// The proxy helper: serves `args[0]` (the upstream conninfo) with up to `args[1]` sessions on
 /// a free loopback port, which it prints as `listening on ADDR`, and on a Unix socket in
 /// `args[2]`, until its standard input closes.
@@ -1352,13 +1334,11 @@ fn serve_proxy(args: &[String]) -> Result<()> {
         let issued = issuer.issue(&Principal::user(USER), pgentra::Cloud::Public.audience());
         let expires_on = OffsetDateTime::from_unix_timestamp(i64::try_from(issued.expires_on)?)?;
         instance.user = Some(ROLE.to_owned());
+        let token = AccessToken::new(issued.token, expires_on);
         EntraAuth::builder()
             .credential_named(
                 "emulator issuer",
-                Arc::new(Static {
-                    token: issued.token,
-                    expires_on,
-                }),
+                TestCredential::minting(move || token.clone()),
             )
             .username(ROLE)
             .build()?

@@ -6,10 +6,11 @@
 
 use crate::server::{self, CancelGuard, CancelsInFlight, Target};
 use bytes::BytesMut;
+use parking_lot::Mutex;
 use postgres_protocol::message::frontend;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -37,7 +38,7 @@ impl CancelKeys {
     pub(crate) fn issue(&self, to: Option<CancelTarget>) -> std::io::Result<Key> {
         loop {
             let ours = pgentra_wire::random_cancel_key()?;
-            if let Entry::Vacant(entry) = crate::sync::lock(&self.keys).entry(ours) {
+            if let Entry::Vacant(entry) = self.keys.lock().entry(ours) {
                 entry.insert(to);
                 return Ok(ours);
             }
@@ -45,14 +46,14 @@ impl CancelKeys {
     }
 
     pub(crate) fn forget(&self, key: &Key) {
-        crate::sync::lock(&self.keys).remove(key);
+        self.keys.lock().remove(key);
     }
 
     /// Points a session's key at the server connection it now holds, or at none. Once it
     /// points away, no new cancel request reaches the old connection; those already on their
     /// way are counted in its [`CancelsInFlight`].
     pub(crate) fn point(&self, key: &Key, to: Option<CancelTarget>) {
-        if let Some(target) = crate::sync::lock(&self.keys).get_mut(key) {
+        if let Some(target) = self.keys.lock().get_mut(key) {
             *target = to;
         }
     }
@@ -60,7 +61,7 @@ impl CancelKeys {
     /// Where a cancel request with `key` goes, counted in flight from here (under the same lock
     /// as [`point`](Self::point), so a connection is never handed on with one uncounted).
     fn start(&self, key: &Key) -> Option<(CancelTarget, CancelGuard)> {
-        let keys = crate::sync::lock(&self.keys);
+        let keys = self.keys.lock();
         let to = keys.get(key)?.clone()?;
         let guard = to.in_flight.start();
         Some((to, guard))

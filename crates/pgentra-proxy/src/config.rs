@@ -17,7 +17,7 @@ pub enum ProxyError {
     #[error("invalid proxy configuration: {0}")]
     Config(String),
     /// A listener could not be opened.
-    #[error("listening on {address}: {source}")]
+    #[error("could not listen on {address}")]
     Listen {
         /// The address or socket path.
         address: String,

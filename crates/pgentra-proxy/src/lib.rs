@@ -65,7 +65,6 @@ mod session;
 mod shared;
 pub mod startup;
 mod statements;
-mod sync;
 mod tracked;
 mod transaction;
 

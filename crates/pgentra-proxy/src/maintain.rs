@@ -56,7 +56,10 @@ async fn own_pool(instance: &InstanceState, shared: &Shared) -> Option<PoolKey> 
         None => match shared.auth.credentials().await {
             Ok(creds) => creds.user().to_owned(),
             Err(error) => {
-                tracing::warn!(%error, "no token to open server connections ahead with");
+                tracing::warn!(
+                    error = %pgentra::ErrorChain(&error),
+                    "no token to open server connections ahead with"
+                );
                 return None;
             }
         },
@@ -80,7 +83,8 @@ async fn warm(instance: &InstanceState, pool: &Arc<Pool>, shared: &Shared) {
         return;
     };
     let opened = async {
-        let creds = shared.auth.credentials().await.map_err(|e| e.to_string())?;
+        let creds =
+            (shared.auth.credentials().await).map_err(|e| pgentra::ErrorChain(&e).to_string())?;
         let server = server::login(
             &instance.target,
             shared.config.connect_timeout,

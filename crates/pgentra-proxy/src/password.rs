@@ -3,9 +3,9 @@
 
 use crate::refusal::Refusal;
 use crate::startup::{StartupError, Stream};
+use parking_lot::Mutex;
 use pgentra::Secret;
 use pgentra_wire::{cleartext_password_request, parse_password, read_message};
-use std::sync::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Duration, Instant};
 
@@ -68,7 +68,7 @@ impl PasswordGate {
 
     /// Takes a token, going into debt if none is left; returns when its check may run.
     fn take(&self) -> Instant {
-        let mut budget = crate::sync::lock(&self.budget);
+        let mut budget = self.budget.lock();
         let now = Instant::now();
         let refill = now.duration_since(budget.at).as_secs_f64() * FAILURES_PER_SECOND;
         budget.tokens = (budget.tokens + refill).min(FAILURE_BURST) - 1.0;
@@ -81,7 +81,7 @@ impl PasswordGate {
     }
 
     fn give_back(&self) {
-        let mut budget = crate::sync::lock(&self.budget);
+        let mut budget = self.budget.lock();
         budget.tokens = (budget.tokens + 1.0).min(FAILURE_BURST);
     }
 }

@@ -12,9 +12,10 @@ use crate::config::PoolConfig;
 use crate::pinning::PinReason;
 use crate::server::ServerConn;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -184,7 +185,7 @@ impl Pools {
 
     /// The pool for `key`, made on first use.
     pub(crate) fn pool(&self, key: &PoolKey) -> Arc<Pool> {
-        let mut pools = crate::sync::lock(&self.pools);
+        let mut pools = self.pools.lock();
         Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
             Arc::new(Pool {
                 key: key.clone(),
@@ -198,7 +199,7 @@ impl Pools {
 
     /// Every pool.
     pub(crate) fn all(&self) -> Vec<Arc<Pool>> {
-        crate::sync::lock(&self.pools).values().cloned().collect()
+        self.pools.lock().values().cloned().collect()
     }
 
     /// Every pool's state, ordered by role and database.
@@ -343,7 +344,7 @@ impl Pools {
         let now = Instant::now();
         for pool in self.all() {
             let expired: Vec<(Pooled, CloseReason)> = {
-                let mut idle = crate::sync::lock(&pool.idle);
+                let mut idle = pool.idle.lock();
                 let mut kept = Vec::with_capacity(idle.len());
                 let mut out = Vec::new();
                 let total = idle.len();
@@ -369,14 +370,14 @@ impl Pools {
 
     /// How many more idle connections `pool` should have to reach its minimum.
     pub(crate) fn missing_idle(&self, pool: &Pool) -> usize {
-        let idle = crate::sync::lock(&pool.idle).len();
+        let idle = pool.idle.lock().len();
         self.config.min_idle.saturating_sub(idle)
     }
 
     /// Closes every idle connection (the proxy is stopping).
     pub(crate) fn close_all(&self) {
         for pool in self.all() {
-            let idle: Vec<Pooled> = crate::sync::lock(&pool.idle).drain(..).collect();
+            let idle: Vec<Pooled> = pool.idle.lock().drain(..).collect();
             for conn in idle {
                 pool.close(conn, CloseReason::Shutdown);
             }
@@ -396,23 +397,23 @@ pub(crate) struct Pool {
 
 impl Pool {
     fn take_idle(&self) -> Option<Box<Pooled>> {
-        crate::sync::lock(&self.idle).pop().map(Box::new)
+        self.idle.lock().pop().map(Box::new)
     }
 
     fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
-        let mut idle = crate::sync::lock(&self.idle);
+        let mut idle = self.idle.lock();
         (!idle.is_empty()).then(|| Box::new(idle.remove(0)))
     }
 
     /// Idle connections now.
     pub(crate) fn idle_count(&self) -> usize {
-        crate::sync::lock(&self.idle).len()
+        self.idle.lock().len()
     }
 
     /// Puts a reset connection back, for the next client.
     pub(crate) fn put(&self, mut conn: Pooled) {
         conn.idle_since = Instant::now();
-        crate::sync::lock(&self.idle).push(conn);
+        self.idle.lock().push(conn);
         self.available.notify_one();
     }
 

@@ -258,7 +258,10 @@ impl Refusal {
             ),
             Self::Token(error) => fatal(
                 "08001",
-                &format!("the pgentra proxy could not get an Entra ID token: {error}"),
+                &format!(
+                    "the pgentra proxy could not get an Entra ID token: {}",
+                    pgentra::ErrorChain(error)
+                ),
                 Some("Run `pgentra whoami` where the proxy runs to see which credential fails."),
             ),
             Self::ServerUnreachable { upstream, error } => fatal(

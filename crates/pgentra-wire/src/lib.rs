@@ -2,10 +2,13 @@
 //! packets a client sends before it is logged in, and the few messages a proxy or a gateway
 //! sends back on its own.
 //!
-//! [postgres-protocol](https://docs.rs/postgres-protocol) covers the client's side; this crate covers what a server that
-//! terminates logins (the pgentra proxy, the emulator's gateway) must parse and build. Every
-//! parser is total: any input gives a value or a [`WireError`], never a panic, and reads are
-//! bounded in size.
+//! [postgres-protocol](https://docs.rs/postgres-protocol) parses the server's messages and
+//! builds the client's after the login; this crate covers what a server that terminates logins
+//! (the pgentra proxy, the emulator's gateway) must parse and build, and the few startup
+//! packets the proxy sends upstream itself, where postgres-protocol's builders fall short
+//! ([`startup_message`] takes values as bytes, since a client's may be in any encoding).
+//! Every parser is total: any input gives a value or a [`WireError`], never a panic, and reads
+//! are bounded in size.
 //!
 //! ```
 //! use pgentra_wire::{StartupPacket, parse_startup_packet, startup_message};
@@ -64,7 +67,7 @@ pub enum WireError {
         minor: u16,
     },
     /// Reading from the peer failed (or it closed the connection).
-    #[error("reading from the peer: {0}")]
+    #[error("reading from the peer failed")]
     Io(#[from] std::io::Error),
 }
 

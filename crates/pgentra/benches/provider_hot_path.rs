@@ -4,11 +4,12 @@
 //!
 //! Run with `cargo bench -p pgentra --bench provider_hot_path`.
 
-use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::credentials::AccessToken;
 use azure_core::time::OffsetDateTime;
 use base64::Engine as _;
 use criterion::{BenchmarkId, Criterion};
 use pgentra::EntraAuth;
+use pgentra_emulator::testing::TestCredential;
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
@@ -23,21 +24,6 @@ fn token_text() -> String {
         "x".repeat(1000)
     ));
     format!("eyJhbGciOiJSUzI1NiJ9.{payload}.{}", "s".repeat(342))
-}
-
-#[derive(Debug)]
-struct Static(String);
-
-#[async_trait::async_trait]
-impl TokenCredential for Static {
-    async fn get_token(
-        &self,
-        _: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        let expires = OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1);
-        Ok(AccessToken::new(self.0.clone(), expires))
-    }
 }
 
 /// The obvious design: a lock around an optional token, cloned out on every read.
@@ -90,8 +76,12 @@ fn contended(threads: usize, iters: u64, call: Call) -> Duration {
 
 fn main() {
     let token = token_text();
+    let minted = token.clone();
     let auth = EntraAuth::builder()
-        .credential(Arc::new(Static(token.clone())))
+        .credential(TestCredential::minting(move || {
+            let expires = OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1);
+            AccessToken::new(minted.clone(), expires)
+        }))
         .build()
         .unwrap();
     auth.credentials_blocking().unwrap();

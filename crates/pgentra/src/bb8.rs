@@ -22,12 +22,14 @@
 //!     .await?;
 //! let client = match pool.get().await {
 //!     Ok(client) => client,
-//!     Err(timeout) => return Err(errors.last_error().map_or(timeout.to_string(), |e| e.to_string()).into()),
+//!     // The sink's error says why (the credential's failure, or the server's refusal).
+//!     Err(timeout) => return Err(errors.last_error().map_or_else(|| timeout.into(), Into::into)),
 //! };
 //! # let _ = client; Ok(()) }
 //! ```
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
+use crate::sync::lock;
 use crate::tokio_postgres::EntraConnector;
 use std::sync::{Arc, Mutex};
 
@@ -80,14 +82,14 @@ pub struct LastErrorSink {
 impl LastErrorSink {
     /// The most recent connect failure, if any.
     pub fn last_error(&self) -> Option<Error> {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.last).clone()
     }
 }
 
 impl bb8::ErrorSink<Error> for LastErrorSink {
     fn sink(&self, error: Error) {
-        tracing::warn!(%error, "bb8 could not open a connection");
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        tracing::warn!(error = %ErrorChain(&error), "bb8 could not open a connection");
+        *lock(&self.last) = Some(error);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {

@@ -111,12 +111,24 @@ impl fmt::Debug for Claims {
     }
 }
 
-fn base64url() -> GeneralPurpose {
-    // Entra tokens are unpadded, but some tools re-encode with padding: accept both.
-    GeneralPurpose::new(
+/// Decodes one dot-separated segment of a JWT (header, payload or signature) from base64url,
+/// padded or not (Entra tokens are unpadded, but some tools re-encode with padding). `None` if
+/// it is not base64url.
+///
+/// ```
+/// let token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.e30.c2ln";
+/// let header = token.split('.').next().unwrap();
+/// let header = pgentra::claims::decode_segment(header).unwrap();
+/// assert_eq!(header, br#"{"alg":"RS256","kid":"k1"}"#);
+/// assert_eq!(pgentra::claims::decode_segment("e30="), Some(b"{}".to_vec()));
+/// assert_eq!(pgentra::claims::decode_segment("not base64!"), None);
+/// ```
+pub fn decode_segment(segment: &str) -> Option<Vec<u8>> {
+    const BASE64URL: GeneralPurpose = GeneralPurpose::new(
         &base64::alphabet::URL_SAFE,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    )
+    );
+    BASE64URL.decode(segment).ok()
 }
 
 impl Claims {
@@ -133,9 +145,7 @@ impl Claims {
                 found: segments.len(),
             });
         }
-        let bytes = base64url()
-            .decode(segments[1])
-            .map_err(|_| TokenFormatError::Base64)?;
+        let bytes = decode_segment(segments[1]).ok_or(TokenFormatError::Base64)?;
         let text = String::from_utf8(bytes).map_err(|_| TokenFormatError::NotUtf8)?;
         let value: Value = serde_json::from_str(&text).map_err(|e| TokenFormatError::Json {
             message: format!(
@@ -379,6 +389,31 @@ pub enum PrincipalKind {
     UserAssignedManagedIdentity,
     /// A system-assigned managed identity.
     SystemAssignedManagedIdentity,
+}
+
+impl PrincipalKind {
+    /// A short description of the kind, for diagnostics.
+    ///
+    /// ```
+    /// use pgentra::claims::PrincipalKind;
+    /// assert_eq!(PrincipalKind::GuestUser.describe(), "guest user");
+    /// assert_eq!(PrincipalKind::UserAssignedManagedIdentity.to_string(), "user-assigned managed identity");
+    /// ```
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::GuestUser => "guest user",
+            Self::ServicePrincipal => "service principal",
+            Self::UserAssignedManagedIdentity => "user-assigned managed identity",
+            Self::SystemAssignedManagedIdentity => "system-assigned managed identity",
+        }
+    }
+}
+
+impl fmt::Display for PrincipalKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
 }
 
 /// Why no role name could be derived from a token.

@@ -1,12 +1,14 @@
-//! The provider's sense of time, injectable so that expiry logic can be tested without sleeping.
+//! The provider's sense of time, injectable so that expiry logic can be tested without sleeping,
+//! and conversions to and from the Unix seconds that token claims count in.
 
+use crate::sync::lock;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 /// A boxed, sendable future, as returned by [`Clock::sleep_until`].
@@ -46,6 +48,40 @@ impl Clock for SystemClock {
             }
         })
     }
+}
+
+/// Whole seconds since the Unix epoch, the unit of the `exp`, `nbf` and `iat` claims; 0 for
+/// earlier times.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// let time = UNIX_EPOCH + Duration::from_millis(1_900_000_000_999);
+/// assert_eq!(pgentra::clock::unix_seconds(time), 1_900_000_000);
+/// assert_eq!(pgentra::clock::unix_seconds(UNIX_EPOCH - Duration::from_secs(5)), 0);
+/// ```
+pub fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The last second of the year 9999, the latest time RFC 3339 can write.
+const YEAR_9999_END: u64 = 253_402_300_799;
+
+/// The time `seconds` after the Unix epoch, as a claim such as `exp` gives it, clamped to
+/// 1970-01-01T00:00:00Z..=9999-12-31T23:59:59Z so that no claim value can panic (a
+/// [`SystemTime`] cannot hold every `i64`) or fail to print.
+///
+/// ```
+/// use pgentra::clock::from_unix_seconds;
+/// use std::time::{Duration, UNIX_EPOCH};
+/// assert_eq!(from_unix_seconds(1_900_000_000), UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+/// assert_eq!(from_unix_seconds(-5), UNIX_EPOCH);
+/// assert_eq!(from_unix_seconds(i64::MAX), UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+/// ```
+pub fn from_unix_seconds(seconds: i64) -> SystemTime {
+    let seconds = u64::try_from(seconds).unwrap_or(0).min(YEAR_9999_END);
+    UNIX_EPOCH + Duration::from_secs(seconds)
 }
 
 /// A clock that only moves when told to, for tests. Clones share the same time.
@@ -124,12 +160,8 @@ impl ManualClock {
             .collect()
     }
 
-    fn sleepers(&self) -> std::sync::MutexGuard<'_, BTreeSet<(SystemTime, u64)>> {
-        // A panic while holding this lock cannot leave the set inconsistent.
-        self.0
-            .sleepers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn sleepers(&self) -> MutexGuard<'_, BTreeSet<(SystemTime, u64)>> {
+        lock(&self.0.sleepers)
     }
 
     fn set_sleeper(&self, key: (SystemTime, u64), present: bool) {

@@ -27,7 +27,7 @@
 //! # let _ = user; Ok(()) }
 //! ```
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
 use crate::tokio_postgres::EntraConnector;
 use diesel::ConnectionError;
 use diesel_async::AsyncPgConnection;
@@ -82,11 +82,14 @@ pub async fn bb8(
         .map_err(Error::connect)
 }
 
-/// pgentra's error as a diesel `ConnectionError`: the server's or driver's refusal as text,
-/// anything else as a typed source.
+/// pgentra's error as a diesel `ConnectionError`: the server's or driver's refusal as text (the
+/// driver's error and its causes, which hold the server's message), anything else as a typed
+/// source.
 fn connection_error(error: Error) -> ConnectionError {
     match error {
-        Error::Connect { .. } => ConnectionError::BadConnection(error.to_string()),
+        Error::Connect { source } => {
+            ConnectionError::BadConnection(ErrorChain(&*source).to_string())
+        }
         other => crate::diesel_errors::typed(other),
     }
 }

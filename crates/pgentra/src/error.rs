@@ -8,8 +8,10 @@ use std::time::Duration;
 
 /// Everything that can go wrong while turning an Entra ID credential into database credentials.
 ///
-/// Each variant's message says what to do next. No variant ever contains token text, in
-/// `Display` or in `Debug`. Errors are cheap to clone, so one failed token request can be
+/// Each variant's message says what to do next. `Display` prints the error itself; a cause
+/// (an I/O error, the driver's error, what is wrong with a token) is its `source()`, which
+/// [`ErrorChain`] prints with it. No variant ever contains token text, in `Display`, in
+/// `Debug` or in a source. Errors are cheap to clone, so one failed token request can be
 /// reported to every caller that waited for it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -41,8 +43,11 @@ pub enum Error {
         /// The limit that was reached.
         timeout: Duration,
     },
-    /// The credential returned something that is not a readable JWT.
-    #[error("the token from {credential} is malformed: {source}")]
+    /// The credential returned something that is not a readable JWT, so the role name could
+    /// not be derived from it; the source says what is wrong with it.
+    #[error(
+        "the token from {credential} is not a readable JWT, so the PostgreSQL role name cannot be derived from it; set the user explicitly (PGUSER, the connection string's user, or EntraAuthBuilder::username)"
+    )]
     TokenFormat {
         /// Which credential returned it.
         credential: String,
@@ -79,8 +84,8 @@ pub enum Error {
         /// What is wrong, and how to fix it.
         message: String,
     },
-    /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    /// A file could not be read; the source is the I/O error.
+    #[error("cannot read {}; check that it exists and that this user may read it", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -94,8 +99,11 @@ pub enum Error {
         message: String,
     },
     /// The database driver failed to connect or the server refused the login. The driver's own
-    /// error is the source (for example a `tokio_postgres::Error` with the server's message).
-    #[error("connecting to the database failed: {}", Chain(&**source))]
+    /// error is the source (for example a `tokio_postgres::Error` with the server's message);
+    /// [`ErrorChain`] prints both.
+    #[error(
+        "connecting to the database failed; check the server's address and that an Entra administrator created this role (pgaadauth_create_principal)"
+    )]
     Connect {
         /// The driver's error.
         source: Arc<dyn std::error::Error + Send + Sync + 'static>,
@@ -179,19 +187,27 @@ pub struct CredentialAttempt {
     pub reason: String,
 }
 
-/// An error and its sources, as one line: drivers keep the server's message in a source
-/// (tokio-postgres says only "db error"), and some pools keep nothing but the text.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+/// An error and its sources on one line, `error: cause: cause`.
+///
+/// Each error's `Display` prints only itself and `source()` returns its cause (as
+/// tokio-postgres does: it says "db error" and keeps the server's message in the source), so a
+/// log line or a message that must tell the whole story prints the chain.
+///
+/// ```
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let error = pgentra::Error::connect(refused);
+/// let line = pgentra::ErrorChain(&error).to_string();
+/// assert!(line.starts_with("connecting to the database failed; "), "{line}");
+/// assert!(line.ends_with(": connection refused"), "{line}");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
-impl fmt::Display for Chain<'_> {
+impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for error in std::iter::successors(Some(self.0), |e| e.source()) {
-            if !first {
-                f.write_str(": ")?;
-            }
-            first = false;
-            write!(f, "{error}")?;
+        write!(f, "{}", self.0)?;
+        for cause in std::iter::successors(self.0.source(), |e| e.source()) {
+            write!(f, ": {cause}")?;
         }
         Ok(())
     }
@@ -213,3 +229,6 @@ impl fmt::Display for Attempts<'_> {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;

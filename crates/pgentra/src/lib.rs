@@ -38,7 +38,7 @@
 //! - [`cloud`]: scopes for the public, US Government and China clouds.
 //! - [`conninfo`]: libpq URLs, `key=value` strings and `PG*` variables.
 //! - [`tls`]: rustls configurations with libpq `sslmode` semantics.
-//! - [`clock`]: the injectable clock used for expiry.
+//! - [`clock`]: the injectable clock used for expiry, and Unix-seconds conversions.
 //!
 //! # Drivers
 //!
@@ -107,13 +107,14 @@ mod secret;
 #[cfg(feature = "sqlx-0_9")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx-0_9")))]
 pub mod sqlx;
+mod sync;
 pub mod tls;
 #[cfg(feature = "tokio-postgres-0_7")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio-postgres-0_7")))]
 pub mod tokio_postgres;
 
 pub use cloud::Cloud;
-pub use error::{CredentialAttempt, Error, Result};
+pub use error::{CredentialAttempt, Error, ErrorChain, Result};
 pub use provider::{DbCredentials, EntraAuth, EntraAuthBuilder, Stats};
 pub use secret::Secret;
 

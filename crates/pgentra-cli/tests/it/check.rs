@@ -2,9 +2,7 @@
 //! known failure (role missing, expired token, untrusted certificate, nothing listening),
 //! with exit codes, and never a token in the output.
 
-mod common;
-
-use common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
+use super::common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
 use pgentra_emulator::issuer::Principal;
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
 use serde_json::Value;

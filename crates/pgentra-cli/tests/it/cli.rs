@@ -1,14 +1,12 @@
 //! `pgentra token`, `whoami`, `inspect`, `env`, `exec`, `psql` and `emulator`, run as a user
 //! runs them, against the emulator with the real `azure_identity` credentials.
 
-mod common;
-
+use super::common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
 use base64::Engine as _;
-use common::{assert_output_has_no_token, bare, emulator_env, stderr, stdout};
 use pgentra_emulator::issuer::Principal;
 use pgentra_emulator::{Emulator, MANAGED_IDENTITY, USER};
 use serde_json::Value;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -364,6 +362,7 @@ fn exec_and_psql_pass_the_token_and_the_exit_code() {
     assert!(stderr(&output).contains("division by zero"));
 }
 
+#[cfg(feature = "emulator")]
 /// `pgentra emulator ARGS` running in the background: the process, the variables it printed
 /// before `# ready`, and the rest of its standard output.
 fn start_emulator(
@@ -371,8 +370,9 @@ fn start_emulator(
 ) -> (
     std::process::Child,
     Vec<(String, String)>,
-    std::io::Lines<BufReader<std::process::ChildStdout>>,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
 ) {
+    use std::io::BufRead as _;
     let mut child = bare()
         .arg("emulator")
         .args(args)
@@ -381,7 +381,7 @@ fn start_emulator(
         .spawn()
         .unwrap();
     let mut env = Vec::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line == "# ready" {
@@ -396,6 +396,17 @@ fn start_emulator(
     (child, env, lines)
 }
 
+#[cfg(feature = "emulator")]
+/// The shared emulator's cluster as a `--backend` URL: a `pgentra emulator` that borrows it
+/// starts no cluster of its own.
+fn shared_backend() -> String {
+    Emulator::shared()
+        .cluster()
+        .expect("the shared emulator runs a cluster")
+        .url()
+}
+
+#[cfg(feature = "emulator")]
 #[test]
 fn emulator_prints_its_environment_serves_logins_and_stops_cleanly() {
     let (mut child, env, lines) = start_emulator(&["--token-lifetime", "30s"]);
@@ -560,21 +571,31 @@ fn environment_settings_for_another_host_are_not_applied_to_the_named_server() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(stdout(&output).trim(), USER);
 
-    let output = run(pgentra(emulator).envs(stale).args([
-        "exec",
-        "--conninfo",
-        &url,
-        "--",
-        "sh",
-        "-c",
-        "echo ${PGHOSTADDR:-none} $PGSSLMODE",
-    ]));
-    assert_eq!(
-        stdout(&output).trim(),
-        "none verify-full",
+    // The server named positionally, as `check` takes it (and by the older `--conninfo`).
+    for named in [&[url.as_str()][..], &["--conninfo", url.as_str()]] {
+        let output = run(pgentra(emulator).envs(stale).arg("exec").args(named).args([
+            "--",
+            "sh",
+            "-c",
+            "echo ${PGHOSTADDR:-none} $PGSSLMODE",
+        ]));
+        assert_eq!(
+            stdout(&output).trim(),
+            "none verify-full",
+            "{named:?}: {}",
+            stderr(&output)
+        );
+    }
+    let output = run(pgentra(emulator).envs(stale).args(["env", &url]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        !stdout(&output).contains("PGHOSTADDR"),
         "{}",
-        stderr(&output)
+        stdout(&output)
     );
+    // Both forms at once are a usage error.
+    let output = run(pgentra(emulator).args(["check", &url, "--conninfo", &url]));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 
     assert_eq!(
         (trap.connections(), trap.passwords()),
@@ -614,6 +635,7 @@ fn inspect_escapes_what_could_drive_the_terminal() {
     assert!(out.contains("\\u{1b}[2J"), "{out}");
 }
 
+#[cfg(feature = "emulator")]
 /// The setup script of a new managed identity, as a user runs it against `pgentra emulator`:
 /// the Entra administrator (the signed-in user) creates the identity's role with
 /// `pgaadauth_create_principal`; the identity logs in with its own token through `pgentra psql`
@@ -621,6 +643,8 @@ fn inspect_escapes_what_could_drive_the_terminal() {
 /// the identity's token is refused.
 #[test]
 fn a_provisioning_script_runs_against_the_emulator() {
+    // A cluster of its own: an emulator's directory replaces the one of any emulator before it
+    // on the same cluster.
     let (mut child, env, _) = start_emulator(&[
         "--no-role",
         "managed-identity:billing",
@@ -750,11 +774,13 @@ fn a_provisioning_script_runs_against_the_emulator() {
     assert!(child.wait().unwrap().success());
 }
 
+#[cfg(feature = "emulator")]
 /// Tokens of 8 KB (a user in 150 groups), which broke middleboxes with small password limits,
 /// log in through `pgentra psql`, `pgentra check` and `pgentra proxy`.
 #[test]
 fn an_8_kb_token_logs_in_through_psql_check_and_the_proxy() {
-    let (mut child, env, _) = start_emulator(&["--token-groups", "150"]);
+    let backend = shared_backend();
+    let (mut child, env, _) = start_emulator(&["--token-groups", "150", "--backend", &backend]);
     let pgentra = || {
         let mut command = bare();
         command
@@ -778,7 +804,7 @@ fn an_8_kb_token_logs_in_through_psql_check_and_the_proxy() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut log = BufReader::new(proxy.stderr.take().unwrap()).lines();
+    let mut log = std::io::BufRead::lines(std::io::BufReader::new(proxy.stderr.take().unwrap()));
     let port = log
         .by_ref()
         .find_map(|line| {
@@ -814,4 +840,46 @@ fn an_8_kb_token_logs_in_through_psql_check_and_the_proxy() {
     }
     assert!(proxy.wait().unwrap().success());
     assert!(child.wait().unwrap().success());
+}
+
+/// Built without the `emulator` feature (a production sidecar), `demo` and `emulator` say they
+/// are not in this build: exit code 2, one line, nothing on standard output.
+#[cfg(not(feature = "emulator"))]
+#[test]
+fn demo_and_emulator_say_they_are_not_in_this_build() {
+    for args in [&["demo", "--duration", "1s"][..], &["emulator"]] {
+        let output = bare().args(args).output().unwrap();
+        let stderr = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("is not in this build") && stderr.contains("`emulator` feature"),
+            "{args:?}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// A reader of standard output that went away (`pgentra inspect … | head -1`) ends the command
+/// quietly with 141, as `SIGPIPE` ends a C program: no panic, nothing on standard error.
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly() {
+    let b64 = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let token = format!(
+        "{}.{}.sig",
+        b64(r#"{"alg":"RS256"}"#),
+        b64(
+            r#"{"aud":"https://ossrdbms-aad.database.windows.net","oid":"o","tid":"t","upn":"alice@contoso.com"}"#
+        )
+    );
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = bare()
+        .args(["inspect", &token])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(141), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "");
 }

@@ -1,4 +1,4 @@
-//! Helpers shared by the CLI's test binaries (each uses a different subset).
+//! Fixtures shared by the test modules.
 #![allow(dead_code)]
 
 use pgentra_emulator::Emulator;

@@ -1,9 +1,7 @@
 //! `pgentra demo`, run as a user runs it: its own emulator, the real `ManagedIdentityCredential`,
 //! a pool across several short token lifetimes. Needs the PostgreSQL server binaries.
 
-mod common;
-
-use common::{assert_output_has_no_token, bare, stderr, stdout};
+use super::common::{assert_output_has_no_token, bare, stderr, stdout};
 use serde_json::Value;
 use std::process::Output;
 
@@ -102,6 +100,7 @@ fn json_summary_with_debug_logs() {
             .unwrap_or_else(|| panic!("{key}: {summary}"))
     };
     assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["problems"], serde_json::json!([]), "{summary}");
     assert_eq!(number("failed_logins"), 0, "{summary}");
     assert_eq!(number("gateway_refused"), 0, "{summary}");
     assert_eq!(number("query_failures"), 0, "{summary}");

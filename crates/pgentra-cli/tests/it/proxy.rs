@@ -1,12 +1,10 @@
 //! `pgentra proxy` as a user runs it, against the emulator: the startup check, psql through
 //! it, graceful drain on SIGTERM, the TOML file, JSON logs, and never a token in the logs.
 
-mod common;
-
-use common::assert_no_token;
+use super::common::assert_no_token;
+use pgentra_emulator::testing::{temp_dir, within};
 use pgentra_emulator::{Emulator, USER};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,14 +13,6 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 const SHORT: Duration = Duration::from_secs(15);
-
-/// Fails the test if `future` takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: no result within {limit:?}"),
-    }
-}
 
 /// `pgentra proxy` with only the emulator's environment (its `az` the only credential, so
 /// nothing reaches a real identity endpoint), plus `env`.
@@ -194,19 +184,6 @@ fn upstream(emulator: &Emulator) -> String {
         emulator.gateway().port(),
         emulator.ca_file().display()
     )
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "pgentra-cli-proxy-{name}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// `--check` logs in once before serving (the upstream from the `PG*` variables), then psql

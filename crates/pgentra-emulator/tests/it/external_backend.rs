@@ -13,7 +13,7 @@ fn an_external_backend_gets_the_roles_and_serves_logins() {
     let server = Emulator::shared()
         .cluster()
         .expect("the shared emulator runs a cluster of its own");
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port());
+    let url = server.url();
     let config = || {
         let mut config = EmulatorConfig {
             backend_url: Some(url.clone()),

@@ -113,7 +113,11 @@ async fn child_app_service_credential() {
 fn app_service_protocol_serves_the_unchanged_managed_identity_credential() {
     let (server, _, issuer) = server(Duration::from_secs(600));
     let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "identity::child_app_service_credential", "--nocapture"])
+        .args([
+            "--exact",
+            "identity::child_app_service_credential",
+            "--nocapture",
+        ])
         .env("PGENTRA_APP_SERVICE_CHILD", "1")
         .env("IDENTITY_ENDPOINT", server.identity_endpoint())
         .env("IDENTITY_HEADER", server.identity_header())
@@ -456,7 +460,11 @@ fn oauth_over_https_serves_the_unchanged_client_secret_credential() {
     let sp = Principal::service_principal("reporting-app");
     let run = |secret: &str| {
         let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "identity::child_client_secret_credential", "--nocapture"])
+            .args([
+                "--exact",
+                "identity::child_client_secret_credential",
+                "--nocapture",
+            ])
             .env("PGENTRA_OAUTH_CHILD", "1")
             .env("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential")
             .env("AZURE_TENANT_ID", TENANT)

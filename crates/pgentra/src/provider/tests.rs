@@ -1,12 +1,17 @@
 //! Provider behaviour with a controllable clock and a scripted credential.
 
+use super::refresh::Status;
 use super::*;
-use crate::clock::ManualClock;
-use azure_core::credentials::TokenRequestOptions;
+use crate::claims::{MissingRole, UsernameSource};
+use crate::clock::{Clock, ManualClock};
+use crate::cloud::MANAGEMENT_SCOPE;
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::time::OffsetDateTime;
 use base64::Engine as _;
 use serde_json::{Value, json};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::UNIX_EPOCH;
 
 const START: Duration = Duration::from_secs(1_800_000_000);
 
@@ -575,8 +580,11 @@ fn invalid_settings_are_refused() {
 #[test]
 fn credential_names_come_from_the_type() {
     let clock = clock();
-    let credential: Arc<dyn TokenCredential> = Scripted::new(&clock, Duration::from_secs(1));
-    assert_eq!(type_name_of(&*credential), "Scripted");
+    let credential = Scripted::new(&clock, Duration::from_secs(1));
+    let auth = EntraAuth::builder().credential(credential).build().unwrap();
+    assert_eq!(auth.credential_name(), "Scripted");
+    // Without the path or the generic arguments.
+    assert_eq!(credentials::name_of::<Vec<Scripted>>(), "Vec");
 }
 
 #[tokio::test]

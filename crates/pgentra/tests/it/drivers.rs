@@ -1,28 +1,16 @@
 //! The drivers against the emulator: one scenario table, run over tokio-postgres, postgres,
 //! deadpool-postgres, bb8, r2d2, sqlx, SeaORM, diesel-async and diesel; directly against the
 //! gateway, and through `pgentra-proxy` in transaction pooling.
-#![cfg(all(
-    feature = "tokio-postgres-0_7",
-    feature = "postgres-0_19",
-    feature = "deadpool-postgres-0_14",
-    feature = "bb8-0_9",
-    feature = "r2d2-0_8",
-    feature = "sqlx-0_9",
-    feature = "sea-orm-2",
-    feature = "diesel-async-0_9",
-    feature = "diesel-2"
-))]
 
-use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use pgentra::conninfo::ConnInfo;
 use pgentra::credential::CredentialChain;
 use pgentra::tokio_postgres::EntraConnector;
 use pgentra::{EntraAuth, Error};
 use pgentra_emulator::issuer::Principal;
+use pgentra_emulator::testing::TestCredential;
 use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -381,34 +369,9 @@ async fn blocking(
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-/// Counts calls into a real credential.
-#[derive(Debug)]
-struct Counting {
-    inner: Arc<dyn TokenCredential>,
-    calls: AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl TokenCredential for Counting {
-    async fn get_token(
-        &self,
-        scopes: &[&str],
-        options: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_token(scopes, options).await
-    }
-}
-
-impl Counting {
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
 /// The real managed-identity credential over IMDS, redirected to `emulator`, answering as
 /// `identity` (by client ID) or as the emulator's default identity.
-fn managed_identity(emulator: &Emulator, identity: Option<&Principal>) -> Arc<Counting> {
+fn managed_identity(emulator: &Emulator, identity: Option<&Principal>) -> Arc<TestCredential> {
     let mut vars = vec![
         (
             "AZURE_TOKEN_CREDENTIALS".to_owned(),
@@ -422,26 +385,20 @@ fn managed_identity(emulator: &Emulator, identity: Option<&Principal>) -> Arc<Co
     if let Some(identity) = identity {
         vars.push(("AZURE_CLIENT_ID".to_owned(), identity.client_id.clone()));
     }
-    Arc::new(Counting {
-        inner: Arc::new(CredentialChain::from_vars(vars).unwrap()),
-        calls: AtomicUsize::new(0),
-    })
+    TestCredential::counting(Arc::new(CredentialChain::from_vars(vars).unwrap()))
 }
 
 /// The real Azure CLI credential, running the emulator's `az`.
-fn azure_cli(emulator: &Emulator) -> Arc<Counting> {
+fn azure_cli(emulator: &Emulator) -> Arc<TestCredential> {
     let chain = CredentialChain::from_vars([
         ("PATH", emulator.bin_dir().to_str().unwrap()),
         ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
     ])
     .unwrap();
-    Arc::new(Counting {
-        inner: Arc::new(chain),
-        calls: AtomicUsize::new(0),
-    })
+    TestCredential::counting(Arc::new(chain))
 }
 
-fn auth(credential: &Arc<Counting>) -> EntraAuth {
+fn auth(credential: &Arc<TestCredential>) -> EntraAuth {
     EntraAuth::builder()
         .credential_named("counted", credential.clone())
         .build()

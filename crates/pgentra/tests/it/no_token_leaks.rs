@@ -2,14 +2,14 @@
 //! TRACE level (ours and azure_identity's) during full acquisitions, refreshes and failures,
 //! format every public type involved, and look for the token text.
 
-use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::credentials::AccessToken;
 use azure_core::time::OffsetDateTime;
 use base64::Engine as _;
 use pgentra::EntraAuth;
 use pgentra::clock::{Clock, ManualClock};
 use pgentra::credential::CredentialChain;
+use pgentra_emulator::testing::TestCredential;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -35,43 +35,12 @@ impl std::io::Write for Capture {
     }
 }
 
-#[derive(Debug)]
-struct Flaky {
-    clock: ManualClock,
-    failing: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl TokenCredential for Flaky {
-    async fn get_token(
-        &self,
-        _: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                "endpoint returned 503",
-            ));
-        }
-        let expires = self
-            .clock
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 3600;
-        Ok(AccessToken::new(
-            token(expires),
-            OffsetDateTime::from_unix_timestamp(expires as i64).unwrap(),
-        ))
-    }
-}
-
 #[tokio::test]
 async fn no_token_in_logs_debug_or_display() {
     let capture = Capture::default();
     let writer = capture.clone();
+    // The process's subscriber (the provider logs from a thread of its own): it also hears the
+    // other tests of this binary, whose logs must not hold a token either.
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
@@ -81,9 +50,13 @@ async fn no_token_in_logs_debug_or_display() {
 
     // 1. The provider: acquisition, refresh, failed refresh (warning), expiry with failure.
     let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-    let credential = Arc::new(Flaky {
-        clock: clock.clone(),
-        failing: AtomicBool::new(false),
+    let minted = clock.clone();
+    let credential = TestCredential::minting(move || {
+        let expires = minted.now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+        AccessToken::new(
+            token(expires),
+            OffsetDateTime::from_unix_timestamp(expires as i64).unwrap(),
+        )
     });
     let builder = EntraAuth::builder()
         .credential(credential.clone())
@@ -112,7 +85,7 @@ async fn no_token_in_logs_debug_or_display() {
         .await
         .unwrap();
     printed.push(format!("{:?}", *tokens.borrow()));
-    credential.failing.store(true, Ordering::SeqCst);
+    credential.fail(true);
     clock.set(clock.next_deadline().await);
     // Wait for the failed refresh: the worker then sleeps 1 s until its retry.
     while clock.next_deadline().await != clock.now() + Duration::from_secs(1) {

@@ -1,11 +1,5 @@
 //! The driver samples run unchanged against the emulator: only the environment points them at
 //! it (`PG*`, `PGSSLROOTCERT`, and the App Service managed-identity variables).
-#![cfg(all(
-    feature = "postgres-0_19",
-    feature = "deadpool-postgres-0_14",
-    feature = "bb8-0_9",
-    feature = "r2d2-0_8"
-))]
 
 use pgentra_emulator::{Emulator, MANAGED_IDENTITY};
 use std::path::PathBuf;
