@@ -42,6 +42,11 @@ async fn clients_may_use_tls() {
     assert!(stdout.starts_with(&format!("{USER}\n")), "{stdout}");
     assert!(stdout.contains("SSL connection"), "{stdout}");
 
+    // psql's session ends as it exits; its connection goes back to the pool for the next.
+    pool_until(&proxy, "the connection back in the pool", |p| {
+        p["server_idle"] == 1
+    })
+    .await;
     // Direct TLS: a ClientHello first, with ALPN postgresql.
     let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),

@@ -67,9 +67,7 @@ async fn a_second_client_reuses_the_server_connection() {
 async fn one_clients_session_state_is_gone_for_the_next() {
     let emulator = Emulator::shared();
     let (proxy, _) = pooled(emulator, |_| {}).await;
-    let login = [("database", "postgres"), ("user", USER)];
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
+    let mut a = logged_in(&proxy).await;
     let pid = raw_value(&mut a, "select pg_backend_pid()").await;
     raw_query(
         &mut a,
@@ -97,8 +95,7 @@ async fn one_clients_session_state_is_gone_for_the_next() {
     })
     .await;
 
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let mut b = logged_in(&proxy).await;
     assert_eq!(
         raw_value(&mut b, "select pg_backend_pid()").await,
         pid,
@@ -144,8 +141,7 @@ async fn a_transaction_left_open_is_not_handed_on() {
     })
     .await;
 
-    let mut raw = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut raw, &[("database", "postgres"), ("user", USER)]).await;
+    let mut raw = logged_in(&proxy).await;
     assert_eq!(
         raw_value(&mut raw, "select pg_backend_pid()").await,
         pid.to_string()
@@ -434,17 +430,7 @@ async fn cancel_requests_reach_the_pooled_connection() {
 /// in with a new one, and the old ones retire at the first token's expiry.
 #[tokio::test(flavor = "multi_thread")]
 async fn new_server_connections_after_the_first_token_expired() {
-    let emulator = tokio::task::spawn_blocking(|| {
-        Emulator::shared()
-            .beside(EmulatorConfig {
-                token_lifetime: Duration::from_secs(3),
-                skew: Duration::ZERO,
-                ..EmulatorConfig::default()
-            })
-            .expect("an emulator of its own")
-    })
-    .await
-    .unwrap();
+    let emulator = short_lived_emulator().await;
     let (proxy, auth) = pooled(&emulator, |_| {}).await;
     let long = connect(proxy.addr(), USER, |_| {}).await.unwrap();
     let first_expiry = auth.stats().expires_at.expect("a cached token");

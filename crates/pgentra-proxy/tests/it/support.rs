@@ -371,6 +371,32 @@ pub(crate) async fn raw_login<S: AsyncRead + AsyncWrite + Unpin>(
     messages
 }
 
+/// The startup parameters of a plain client of the shared emulator's `postgres` database.
+pub(crate) const LOGIN: [(&str, &str); 2] = [("database", "postgres"), ("user", USER)];
+
+/// A raw client of `proxy`, logged in with [`LOGIN`].
+pub(crate) async fn logged_in(proxy: &Running) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    raw_login(&mut stream, &LOGIN).await;
+    stream
+}
+
+/// An emulator of its own on the shared cluster, whose tokens live 3 seconds (and are not
+/// accepted a moment past that): for tokens that expire under a pool.
+pub(crate) async fn short_lived_emulator() -> Emulator {
+    tokio::task::spawn_blocking(|| {
+        Emulator::shared()
+            .beside(EmulatorConfig {
+                token_lifetime: Duration::from_secs(3),
+                skew: Duration::ZERO,
+                ..EmulatorConfig::default()
+            })
+            .expect("an emulator of its own")
+    })
+    .await
+    .unwrap()
+}
+
 /// `AuthenticationOk` first (after any NegotiateProtocolVersion), `ReadyForQuery` last.
 pub(crate) fn assert_logged_in(messages: &[(u8, Bytes)]) {
     let tags = tags(messages);

@@ -205,8 +205,7 @@ fn status(messages: &[(u8, Bytes)]) -> u8 {
 async fn pipelined_batches_keep_the_clients_statement_names_and_errors() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 2).await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     let pipeline = [
         [parse("s1", "select 21 * 2"), run("s1")].concat(),
         [parse("s1", "select 1"), run("s1")].concat(),
@@ -274,11 +273,8 @@ async fn pipelined_batches_keep_the_clients_statement_names_and_errors() {
 async fn statements_follow_the_client_to_another_server_connection() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 2).await;
-    let login = [("database", "postgres"), ("user", USER)];
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
     let pipeline = [
         parse("named", "select pg_backend_pid()"),
         parse("", "select pg_backend_pid() + 0"),
@@ -327,8 +323,7 @@ async fn the_prepared_statements_of_a_server_connection_are_bounded() {
         config.pool.max_prepared_statements = 2;
     })
     .await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     for round in 0..2 {
         for n in 0..5 {
             let name = format!("s{n}");
@@ -395,12 +390,11 @@ const SESSION_STATE: [(&str, &str, &str); 7] = [
 async fn session_state_pins_its_client_and_never_reaches_another() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let login = [("database", "postgres"), ("user", USER)];
     for (n, (leave, absent, reason)) in SESSION_STATE.iter().enumerate() {
         let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-        raw_login(&mut a, &login).await;
+        raw_login(&mut a, &LOGIN).await;
         let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-        raw_login(&mut b, &login).await;
+        raw_login(&mut b, &LOGIN).await;
         let pid = raw_value(&mut a, "select pg_backend_pid()").await;
         raw_query(&mut a, leave).await.unwrap();
         let pool = pool_until(&proxy, "a pinned", |p| p["clients_pinned"] == 1).await;
@@ -456,9 +450,7 @@ async fn session_state_pins_its_client_and_never_reaches_another() {
 async fn a_tracked_set_follows_its_client_without_pinning() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 2).await;
-    let login = [("database", "postgres"), ("user", USER)];
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
+    let mut a = logged_in(&proxy).await;
     let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
     raw_login(
         &mut b,
@@ -500,13 +492,12 @@ const SLEEP_TWO_SECONDS: &str = "do $$ begin raise notice 'started'; perform pg_
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_requests_reach_only_the_query_they_were_meant_for() {
     let emulator = Emulator::shared();
-    let login = [("database", "postgres"), ("user", USER)];
     {
         let (proxy, _) = transactional(emulator, 3).await;
         let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-        let a_key = backend_key(&raw_login(&mut a, &login).await);
+        let a_key = backend_key(&raw_login(&mut a, &LOGIN).await);
         let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-        let b_key = backend_key(&raw_login(&mut b, &login).await);
+        let b_key = backend_key(&raw_login(&mut b, &LOGIN).await);
         start_sleeping(&mut a).await;
         // b's query ends by itself, unless a cancel reaches it.
         b.write_all(&query(SLEEP_TWO_SECONDS)).await.unwrap();
@@ -529,9 +520,8 @@ async fn cancel_requests_reach_only_the_query_they_were_meant_for() {
     // reach it.
     let (proxy, _) = transactional(emulator, 1).await;
     let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    let a_key = backend_key(&raw_login(&mut a, &login).await);
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let a_key = backend_key(&raw_login(&mut a, &LOGIN).await);
+    let mut b = logged_in(&proxy).await;
     let a_pid = raw_value(&mut a, "select pg_backend_pid()").await;
     b.write_all(&query(SLEEP_TWO_SECONDS)).await.unwrap();
     let (tag, _) = within(SHORT, "b's notice", read_message(&mut b, 1 << 20))
@@ -553,10 +543,8 @@ async fn cancel_requests_reach_only_the_query_they_were_meant_for() {
 async fn a_client_leaving_mid_transaction_or_mid_query_hands_on_nothing() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let login = [("database", "postgres"), ("user", USER)];
     let table = format!("left_mid_{}", std::process::id());
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
+    let mut a = logged_in(&proxy).await;
     raw_query(&mut a, &format!("create table {table} (x int)"))
         .await
         .unwrap();
@@ -568,8 +556,7 @@ async fn a_client_leaving_mid_transaction_or_mid_query_hands_on_nothing() {
     .await
     .unwrap();
     drop(a);
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let mut b = logged_in(&proxy).await;
     let row = raw_query(&mut b, &format!("select pg_backend_pid()::text, (select count(*) from {table})::text, (now() = statement_timestamp())::text")).await.unwrap();
     assert_eq!(
         row[0],
@@ -580,7 +567,7 @@ async fn a_client_leaving_mid_transaction_or_mid_query_hands_on_nothing() {
     drop(b);
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     let started = Instant::now();
-    raw_login(&mut c, &login).await;
+    raw_login(&mut c, &LOGIN).await;
     assert_ne!(raw_value(&mut c, "select pg_backend_pid()").await, pid);
     assert!(started.elapsed() < Duration::from_secs(20));
     raw_query(&mut c, &format!("drop table {table}"))
@@ -597,17 +584,7 @@ async fn a_client_leaving_mid_transaction_or_mid_query_hands_on_nothing() {
 /// tokens, and no transaction fails.
 #[tokio::test(flavor = "multi_thread")]
 async fn transactions_go_on_while_tokens_expire_under_the_pool() {
-    let emulator = tokio::task::spawn_blocking(|| {
-        Emulator::shared()
-            .beside(EmulatorConfig {
-                token_lifetime: Duration::from_secs(3),
-                skew: Duration::ZERO,
-                ..EmulatorConfig::default()
-            })
-            .expect("an emulator of its own")
-    })
-    .await
-    .unwrap();
+    let emulator = short_lived_emulator().await;
     let (proxy, auth) = transactional(&emulator, 2).await;
     let clients = connect_all((0..6).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
     let first_expiry = auth.stats().expires_at.expect("a cached token");
@@ -835,11 +812,8 @@ async fn some_answers<S: AsyncRead + Unpin>(stream: &mut S, count: usize) -> Vec
 async fn a_flushed_batch_keeps_its_connection_until_its_sync() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let login = [("database", "postgres"), ("user", USER)];
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
     let started = [
         parse("", "select txid_current()::text"),
         bind("", ""),
@@ -871,11 +845,8 @@ async fn a_flushed_batch_keeps_its_connection_until_its_sync() {
 async fn the_unnamed_statement_stays_its_clients_across_errors() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let login = [("database", "postgres"), ("user", USER)];
-    let mut a = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut a, &login).await;
-    let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut b, &login).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
     b.write_all(&[parse("", "select 'b'"), sync()].concat())
         .await
         .unwrap();
@@ -906,8 +877,7 @@ async fn the_unnamed_statement_stays_its_clients_across_errors() {
 async fn a_failed_copy_in_a_transaction_leaves_the_session_usable() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 2).await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     let table = format!("copy_fails_{}", std::process::id());
     raw_query(&mut client, &format!("create table {table} (x int)"))
         .await
@@ -949,8 +919,7 @@ async fn a_failed_copy_in_a_transaction_leaves_the_session_usable() {
 async fn a_function_call_pins() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     let mut call = 2880i32.to_be_bytes().to_vec();
     call.extend_from_slice(&[0, 1, 0, 1]); // one argument format: binary
     call.extend_from_slice(&[0, 1, 0, 0, 0, 8]); // one argument of 8 bytes
@@ -976,8 +945,7 @@ async fn evictions_the_server_skipped_are_not_forgotten() {
         config.pool.max_prepared_statements = 1;
     })
     .await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     client
         .write_all(&[parse("s1", "select 1"), sync()].concat())
         .await
@@ -1025,8 +993,7 @@ async fn a_large_message_behind_a_large_result_does_not_deadlock() {
     let (proxy, _) = transactional(emulator, 1).await;
     let stream = TcpStream::connect(proxy.addr()).await.unwrap();
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let login = startup_message(&[("database", "postgres"), ("user", USER)]);
-    writer.write_all(&login).await.unwrap();
+    writer.write_all(&startup_message(&LOGIN)).await.unwrap();
     read_until_ready(&mut reader).await;
     let literal = "x".repeat(32 << 20);
     let pipeline = [
@@ -1068,8 +1035,7 @@ async fn a_large_message_behind_a_large_result_does_not_deadlock() {
 async fn a_client_with_too_many_statements_is_told_so() {
     let emulator = Emulator::shared();
     let (proxy, _) = transactional(emulator, 1).await;
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    raw_login(&mut client, &[("database", "postgres"), ("user", USER)]).await;
+    let mut client = logged_in(&proxy).await;
     let mut pipeline = Vec::new();
     for n in 0..=10_000 {
         pipeline.extend(parse(&format!("s{n}"), "select 1"));
