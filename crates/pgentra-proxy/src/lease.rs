@@ -291,6 +291,7 @@ pub(crate) async fn give_back(
     instance: &InstanceState,
     shared: &Shared,
 ) {
+    let _returning = pool.returning();
     pool.stats.active.fetch_sub(1, Ordering::Relaxed);
     let config = instance.pools.config();
     match ending {

@@ -72,9 +72,31 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
 ///
 /// The text is read once, word by word, with a few words of state per statement: the cost
 /// is linear in the text, and the memory constant, whatever a client sends.
+///
+/// Whether a backslash escapes in a string literal depends on the session's
+/// `standard_conforming_strings` (and a client could change it): the text is read both ways,
+/// and pins if either reading does.
 pub(crate) fn pins(sql: &str) -> Option<PinReason> {
-    let mut reader = Reader::default();
-    tokenize(sql, 0, &mut |word| reader.word(word)).or_else(|| reader.end())
+    [false, true].into_iter().find_map(|backslashes| {
+        let mut reader = Reader::default();
+        let strings = Strings { backslashes };
+        tokenize(sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end())
+    })
+}
+
+/// How string literals are read.
+#[derive(Debug, Clone, Copy)]
+struct Strings {
+    /// A backslash escapes the next character in every literal (`standard_conforming_strings
+    /// = off`), not only in `E'…'`.
+    backslashes: bool,
+}
+
+/// Whether `name` is the session's temporary schema (`pg_temp`, or its real name `pg_temp_N`).
+fn is_temp_schema(name: &str) -> bool {
+    is(name, "pg_temp")
+        || (name.get(..8).is_some_and(|prefix| is(prefix, "pg_temp_"))
+            && name[8..].bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What the rules need to know of the statement being read.
@@ -153,9 +175,12 @@ impl<'a> Reader<'a> {
         if is(self.lead[0], "declare") && is(previous, "with") && is(word, "hold") {
             return Some(PinReason::HoldCursor);
         }
-        // SELECT ... INTO TEMP, and any object in the session's temporary schema.
+        // SELECT ... INTO TEMP, and any object in the session's temporary schema (`pg_temp.t`,
+        // `"pg_temp".t`, `pg_temp . t`).
+        let schema = word.split_once('.').map(|(schema, _)| schema);
         if (is(previous, "into") && (is(word, "temp") || is(word, "temporary")))
-            || word.get(..8).is_some_and(|schema| is(schema, "pg_temp."))
+            || schema.is_some_and(is_temp_schema)
+            || (word == "." && is_temp_schema(previous))
         {
             return Some(PinReason::Temporary);
         }
@@ -199,12 +224,15 @@ impl<'a> Reader<'a> {
 fn tokenize<'a>(
     sql: &'a str,
     depth: usize,
+    strings: Strings,
     on: &mut impl FnMut(&'a str) -> Option<PinReason>,
 ) -> Option<PinReason> {
     let bytes = sql.as_bytes();
     // Every slice taken starts and ends next to an ASCII byte, so at a character boundary.
     let text = |from: usize, to: usize| sql.get(from..to).unwrap_or_default();
     let mut i = 0;
+    // The literal that follows is an `E'…'` one.
+    let mut escaped = false;
     while i < bytes.len() {
         let c = bytes[i];
         let found = match c {
@@ -234,17 +262,18 @@ fn tokenize<'a>(
                 None
             }
             b'\'' => {
-                let end = skip_quoted(bytes, i, b'\'');
+                let backslashes = strings.backslashes || std::mem::take(&mut escaped);
+                let end = skip_quoted(bytes, i, b'\'', backslashes);
                 let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
                 i = end;
                 if depth > 0 {
-                    sql_text(inner, depth, on)
+                    sql_text(inner, depth, strings, on)
                 } else {
                     None
                 }
             }
             b'"' => {
-                let end = skip_quoted(bytes, i, b'"');
+                let end = skip_quoted(bytes, i, b'"', false);
                 let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
                 i = end;
                 on(inner)
@@ -255,14 +284,14 @@ fn tokenize<'a>(
                     let end = find(bytes, body_start, tag).unwrap_or(bytes.len());
                     i = (end + tag.len()).min(bytes.len());
                     // The body may be a function's or a DO block's: read it as SQL.
-                    sql_text(text(body_start, end), depth, on)
+                    sql_text(text(body_start, end), depth, strings, on)
                 }
                 None => {
                     i += 1;
                     None
                 }
             },
-            b';' | b'(' | b')' => {
+            b';' | b'(' | b')' | b'.' => {
                 i += 1;
                 on(text(i - 1, i))
             }
@@ -278,6 +307,7 @@ fn tokenize<'a>(
                 let word = text(start, i);
                 // E'...', B'...', X'...' and N'...' strings: the prefix is not a word.
                 if bytes.get(i) == Some(&b'\'') && word.len() == 1 && "eEbBxXnN".contains(word) {
+                    escaped = word.eq_ignore_ascii_case("e");
                     None
                 } else {
                     on(word)
@@ -303,22 +333,23 @@ const MAX_DEPTH: usize = 8;
 fn sql_text<'a>(
     text: &'a str,
     depth: usize,
+    strings: Strings,
     on: &mut impl FnMut(&'a str) -> Option<PinReason>,
 ) -> Option<PinReason> {
     if depth >= MAX_DEPTH {
         return None;
     }
     on(";")
-        .or_else(|| tokenize(text, depth + 1, on))
+        .or_else(|| tokenize(text, depth + 1, strings, on))
         .or_else(|| on(";"))
 }
 
-/// The index after a literal quoted with `quote` starting at `start` (doubled quotes inside;
-/// backslashes escape in `E'...'` strings, harmless to honour everywhere for skipping).
-fn skip_quoted(bytes: &[u8], start: usize, quote: u8) -> usize {
+/// The index after a literal quoted with `quote` starting at `start`: a doubled quote stands
+/// for one, and with `backslashes` a backslash escapes the next character.
+fn skip_quoted(bytes: &[u8], start: usize, quote: u8, backslashes: bool) -> usize {
     let mut i = start + 1;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && quote == b'\'' {
+        if bytes[i] == b'\\' && backslashes {
             i += 2;
         } else if bytes[i] == quote {
             if bytes.get(i + 1) == Some(&quote) {
@@ -394,6 +425,36 @@ mod tests {
                 "do $$ begin execute 'listen '' || x'; end $$",
                 PinReason::Listen,
             ),
+            ("set session", PinReason::Set),
+            ("create table pg_temp.t (x int)", PinReason::Temporary),
+            ("select 1 into pg_temp.t", PinReason::Temporary),
+            ("create table \"pg_temp\".t (x int)", PinReason::Temporary),
+            ("create table pg_temp . t (x int)", PinReason::Temporary),
+            ("create table pg_temp_3.t (x int)", PinReason::Temporary),
+            (
+                "explain analyze create temp table t as select 1",
+                PinReason::Temporary,
+            ),
+            (
+                "explain (analyze, buffers) select pg_advisory_lock(1)",
+                PinReason::AdvisoryLock,
+            ),
+            ("select \"pg_advisory_lock\"(1)", PinReason::AdvisoryLock),
+            (
+                "select pg_catalog.\"set_config\"('a.b', '1', false)",
+                PinReason::Set,
+            ),
+            (
+                "select pg_catalog . set_config('a.b', '1', false)",
+                PinReason::Set,
+            ),
+            // A backslash ends nothing in a standard string, escapes in E'...'.
+            ("select 'C:\\'; set search_path = evil", PinReason::Set),
+            (
+                "update f set p = replace(p, '\\', '/'); set search_path = x",
+                PinReason::Set,
+            ),
+            ("select e'it\\'s'; listen x", PinReason::Listen),
         ];
         for (sql, reason) in pinning {
             assert_eq!(pins(sql), Some(reason), "{sql}");

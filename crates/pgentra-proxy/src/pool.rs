@@ -90,6 +90,9 @@ pub(crate) struct PoolStats {
     pub(crate) clients: AtomicU64,
     /// Sessions pinned to their server connection now (transaction pooling).
     pub(crate) pinned: AtomicU64,
+    /// Connections on their way back (their reset running) and the clients waiting for them.
+    returning: AtomicU64,
+    awaiting: AtomicU64,
     pins: [AtomicU64; PinReason::ALL.len()],
     closed: [AtomicU64; CloseReason::ALL.len()],
 }
@@ -250,11 +253,17 @@ impl Pools {
     ) -> Option<Checkout> {
         let started = Instant::now();
         let mut counted = false;
-        let waited = |counted: bool| {
+        // Waiting for a connection on its way back instead of logging in another.
+        let mut claimed = false;
+        let stats = &pool.stats;
+        let waited = |counted: bool, claimed: bool| {
+            if claimed {
+                stats.awaiting.fetch_sub(1, Ordering::SeqCst);
+            }
             if counted {
-                pool.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                pool.stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
+                stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
             }
         };
         loop {
@@ -265,11 +274,22 @@ impl Pools {
             available.as_mut().enable();
             freed.as_mut().enable();
             if let Some(idle) = pool.take_idle() {
-                waited(counted);
+                waited(counted, claimed);
                 return Some(Checkout::Idle(idle));
             }
-            if let Some(slots) = self.try_slots(pool) {
-                waited(counted);
+            // A reset takes a round trip, a login far longer (a TLS handshake, Entra's token
+            // check, a new backend): a connection being reset is worth waiting for, one per
+            // waiting client.
+            let returning = stats.returning.load(Ordering::SeqCst);
+            if claimed && returning < stats.awaiting.load(Ordering::SeqCst) {
+                claimed = false;
+                stats.awaiting.fetch_sub(1, Ordering::SeqCst);
+            } else if !claimed && returning > stats.awaiting.load(Ordering::SeqCst) {
+                claimed = true;
+                stats.awaiting.fetch_add(1, Ordering::SeqCst);
+            }
+            if !claimed && let Some(slots) = self.try_slots(pool) {
+                waited(counted, claimed);
                 return Some(Checkout::Open(slots));
             }
             if !counted {
@@ -281,7 +301,7 @@ impl Pools {
                 () = &mut available => {}
                 () = &mut freed => {}
                 () = tokio::time::sleep_until(until) => {
-                    waited(counted);
+                    waited(counted, claimed);
                     return None;
                 }
             }
@@ -410,6 +430,13 @@ impl Pool {
         self.idle.lock().len()
     }
 
+    /// Marks a connection as on its way back until the guard is dropped (after it was put back
+    /// or closed): clients wait for it rather than log in another.
+    pub(crate) fn returning(&self) -> Returning<'_> {
+        self.stats.returning.fetch_add(1, Ordering::SeqCst);
+        Returning(self)
+    }
+
     /// Puts a reset connection back, for the next client.
     pub(crate) fn put(&self, mut conn: Pooled) {
         conn.idle_since = Instant::now();
@@ -426,6 +453,17 @@ impl Pool {
 
     fn count_close(&self, reason: CloseReason) {
         self.stats.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection on its way back to its pool; see [`Pool::returning`].
+pub(crate) struct Returning<'a>(&'a Pool);
+
+impl Drop for Returning<'_> {
+    fn drop(&mut self) {
+        self.0.stats.returning.fetch_sub(1, Ordering::SeqCst);
+        // Whoever waited for it looks again: it is idle now, or closed and room for a login.
+        self.0.available.notify_waiters();
     }
 }
 

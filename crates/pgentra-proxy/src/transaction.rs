@@ -47,6 +47,8 @@ const READ_SIZE: usize = 8192;
 const MAX_OWED: usize = 16_384;
 /// Bytes waiting for the server before the proxy stops reading from the client.
 const MAX_UNSENT: usize = 1 << 20;
+/// Names an error may need translating, per connection held (the latest kept).
+const MAX_RENAMES: usize = 64;
 /// Prepared statements one client may hold (PostgreSQL has no limit, but the proxy holds
 /// them for every client of a pool).
 const MAX_CLIENT_STATEMENTS: usize = 10_000;
@@ -75,12 +77,10 @@ pub(crate) struct TransactionsEnd {
 /// An answer the client is owed, in order.
 enum Expect {
     /// `ParseComplete`: passed on for the client's `Parse`, dropped for the proxy's. If the
-    /// server does not run it, `undo` takes back what it would have defined; `rename` is the
-    /// server's name and the client's, for the error of a duplicate name.
+    /// server does not run it, `undo` takes back what it would have defined.
     Parse {
         pass: bool,
         undo: Undo,
-        rename: Option<(Bytes, Bytes)>,
     },
     Bind,
     /// `CloseComplete`, passed on or not.
@@ -178,6 +178,9 @@ struct Held {
     unsynced: bool,
     /// Bytes written to the TLS stream and not yet flushed.
     unflushed: bool,
+    /// Statement names the server may put in an error, and the client's names for them: the
+    /// client is told about its own statements, never the proxy's.
+    renames: Vec<(Bytes, Bytes)>,
 }
 
 impl Held {
@@ -194,6 +197,7 @@ impl Held {
             copy_in: false,
             unsynced: false,
             unflushed: false,
+            renames: Vec::new(),
         }
     }
 
@@ -208,6 +212,14 @@ impl Held {
             && self.input.is_empty()
             && self.output.is_empty()
             && !self.unflushed
+    }
+
+    /// Tells the client `client` where the server's errors say `server`.
+    fn rename(&mut self, server: Bytes, client: Bytes) {
+        if self.renames.len() >= MAX_RENAMES {
+            self.renames.remove(0);
+        }
+        self.renames.push((server, client));
     }
 
     /// Queues an extended-query message of the proxy's own for the server.
@@ -232,14 +244,7 @@ impl Held {
         }
         let parse = statement.parse_message(&name);
         let undo = Undo::Prepared(Arc::clone(statement));
-        self.send_extended(
-            &parse,
-            Expect::Parse {
-                pass: false,
-                undo,
-                rename: None,
-            },
-        );
+        self.send_extended(&parse, Expect::Parse { pass: false, undo });
         name
     }
 
@@ -254,7 +259,6 @@ impl Held {
                 let expect = Expect::Parse {
                     pass: false,
                     undo: Undo::None,
-                    rename: None,
                 };
                 self.send_extended(&parse, expect);
             }
@@ -277,6 +281,8 @@ struct Relay<'a> {
     input: BytesMut,
     /// Body bytes of a client's `CopyData` still to pass to the server.
     copying: usize,
+    /// Body bytes of a client's message still to drop (owed nothing, no server held).
+    discarding: usize,
     statements: ClientStatements,
     held: Option<Held>,
     pinned: Option<PinReason>,
@@ -296,6 +302,7 @@ pub(crate) async fn relay(
         session,
         input: BytesMut::with_capacity(READ_SIZE),
         copying: 0,
+        discarding: 0,
         statements: ClientStatements::default(),
         held: None,
         pinned: None,
@@ -365,6 +372,15 @@ impl Relay<'_> {
     /// server connection for the first one that needs it.
     async fn on_client(&mut self) -> Result<(), Stop> {
         loop {
+            if self.discarding > 0 {
+                let take = self.discarding.min(self.input.len());
+                if take == 0 {
+                    return Ok(());
+                }
+                self.input.advance(take);
+                self.discarding -= take;
+                continue;
+            }
             if self.copying > 0 {
                 let take = self.copying.min(self.input.len());
                 if take == 0 {
@@ -394,6 +410,15 @@ impl Relay<'_> {
             };
             if tag == b'X' {
                 return Err(Stop::ClientDone);
+            }
+            // Flush and copy messages outside a COPY are owed nothing, and PostgreSQL ignores
+            // the latter ("we probably got here because a COPY failed, and the frontend is
+            // still sending data"): with no connection held they need none.
+            if self.held.is_none() && matches!(tag, b'H' | b'd' | b'c' | b'f') {
+                let take = total.min(self.input.len());
+                self.input.advance(take);
+                self.discarding = total - take;
+                continue;
             }
             if self.held.is_none() {
                 self.checkout().await?;
@@ -530,6 +555,7 @@ impl Relay<'_> {
                 let undo = Undo::Unnamed(statements.unnamed.take());
                 held.conn.server.prepared.unnamed = Unnamed::Empty;
                 held.output.put_slice(&message);
+                held.unsynced = false;
                 held.expect.push_back(Expect::Query { undo });
             }
             // A fast-path function call: what the function does is not known, so it pins. Its
@@ -537,6 +563,7 @@ impl Relay<'_> {
             b'F' => {
                 pin = Some(PinReason::Other);
                 held.output.put_slice(&message);
+                held.unsynced = false;
                 held.expect.push_back(Expect::Query { undo: Undo::None });
             }
             b'P' => {
@@ -548,7 +575,6 @@ impl Relay<'_> {
                     let expect = Expect::Parse {
                         pass: true,
                         undo: Undo::Unnamed(before),
-                        rename: None,
                     };
                     held.send_extended(&message, expect);
                 } else if let Some(existing) = statements.get(&name).cloned() {
@@ -556,10 +582,10 @@ impl Relay<'_> {
                     // the statement's name there, which the client is told as its own.
                     let server_name = held.prepare(&existing, limit);
                     let parse = existing.parse_message(&server_name);
+                    held.rename(server_name, name);
                     let expect = Expect::Parse {
                         pass: true,
                         undo: Undo::None,
-                        rename: Some((server_name, name)),
                     };
                     held.send_extended(&parse, expect);
                 } else if statements.len() >= MAX_CLIENT_STATEMENTS {
@@ -584,7 +610,6 @@ impl Relay<'_> {
                         let expect = Expect::Parse {
                             pass: true,
                             undo: Undo::Defined(name, Some(statement)),
-                            rename: None,
                         };
                         held.send_extended(&parse, expect);
                     }
@@ -640,6 +665,13 @@ impl Relay<'_> {
                 held.skipping = false;
                 held.output.put_slice(&message);
                 if !held.copy_in {
+                    // What follows is translated before the server has answered what precedes:
+                    // if that fails, the server skips the rest of it, the unnamed statement
+                    // included, so the next batch must not count on it.
+                    if !held.expect.is_empty() {
+                        held.conn.server.prepared.unnamed = Unnamed::Unknown;
+                    }
+                    held.unsynced = false;
                     held.expect.push_back(Expect::Sync);
                 }
             }
@@ -737,13 +769,6 @@ impl Relay<'_> {
                 // the backend issues ErrorResponse, then reads and discards messages until a
                 // Sync is reached."
                 let failed = held.expect.pop_front().expect("matched above");
-                let error = match &failed {
-                    Expect::Parse {
-                        rename: Some((server, client)),
-                        ..
-                    } => rename(&message, server, client),
-                    _ => message.clone(),
-                };
                 let mut skipped = Vec::new();
                 while held
                     .expect
@@ -760,36 +785,28 @@ impl Relay<'_> {
                 held.conn.server.prepared.unnamed = Unnamed::Unknown;
                 held.skipping = held.expect.is_empty();
                 held.copy_in = false;
-                output.put_slice(&error);
-                pass = false;
             }
             // Copy-in mode began: the Syncs the client sent since, up to its CopyDone or
             // CopyFail, go unanswered.
-            (b'G', Some(Expect::Execute | Expect::Query { .. })) => {
-                let end = held
-                    .expect
-                    .iter()
-                    .position(|e| matches!(e, Expect::CopyEnd));
+            (b'G', Some(front @ (Expect::Execute | Expect::Query { .. }))) => {
+                // In the extended protocol the implicit transaction goes on until a Sync after
+                // the copy.
+                held.unsynced |= matches!(front, Expect::Execute);
                 let mut at = 1;
-                while at < end.unwrap_or(held.expect.len()) {
-                    if matches!(held.expect[at], Expect::Sync) {
-                        held.expect.remove(at);
-                    } else {
-                        at += 1;
+                while let Some(next) = held.expect.get(at) {
+                    match next {
+                        Expect::CopyEnd => break,
+                        Expect::Sync => drop(held.expect.remove(at)),
+                        _ => at += 1,
                     }
                 }
-                match held
-                    .expect
-                    .iter()
-                    .position(|e| matches!(e, Expect::CopyEnd))
-                {
-                    Some(end) => drop(held.expect.remove(end)),
-                    None => held.copy_in = true,
+                match held.expect.get(at) {
+                    Some(Expect::CopyEnd) => drop(held.expect.remove(at)),
+                    _ => held.copy_in = true,
                 }
             }
             (b'Z', Some(Expect::Sync | Expect::Query { .. })) => {
                 held.status = body.first().copied().unwrap_or(b'E');
-                held.unsynced = false;
                 held.copy_in = false;
                 done = true;
             }
@@ -825,7 +842,9 @@ impl Relay<'_> {
             (b'H' | b'W' | b'c' | b'V', Some(Expect::Execute | Expect::Query { .. })) => {}
             _ => return Err(out_of_turn()),
         }
-        if pass {
+        if pass && tag == b'E' && !held.renames.is_empty() {
+            output.put_slice(&rename(&message, &held.renames));
+        } else if pass {
             output.put_slice(&message);
         }
         if done {
@@ -974,6 +993,14 @@ fn server_statement(
             held.unnamed(statement);
             Bytes::new()
         }
+        // The proxy's own names are not the client's to use: a name that is not the
+        // client's goes to the server as one it cannot have, so the client is told its name
+        // does not exist.
+        (None, false) if name.starts_with(b"__pgentra_") => {
+            let absent = Bytes::from_static(b"__pgentra_not_prepared");
+            held.rename(absent.clone(), name.clone());
+            absent
+        }
         (None, false) => name.clone(),
     }
 }
@@ -994,7 +1021,11 @@ fn undo(expect: Expect, failed: bool, statements: &mut ClientStatements, held: &
         Undo::Defined(name, statement) => {
             statements.remove(&name);
             if let Some(statement) = statement {
-                prepared.remove(&statement);
+                // Later batches may already name it: their errors must say the client's name.
+                if let Some(server_name) = prepared.get(&statement) {
+                    held.rename(server_name, name);
+                }
+                held.conn.server.prepared.remove(&statement);
             }
         }
         Undo::Closed(name, statement) => {
@@ -1040,20 +1071,20 @@ fn describe_message(name: &[u8]) -> Bytes {
     pgentra_wire::message(b'D', &body)
 }
 
-/// An `ErrorResponse` about the server's statement name, told about the client's.
-fn rename(error: &Bytes, server: &[u8], client: &[u8]) -> Bytes {
-    let (Ok(server), Ok(client)) = (std::str::from_utf8(server), std::str::from_utf8(client))
-    else {
+/// An `ErrorResponse` that names the server's statements, told about the client's.
+fn rename(error: &Bytes, renames: &[(Bytes, Bytes)]) -> Bytes {
+    let Ok(mut fields) = pgentra_wire::ErrorFields::parse(&error[5..]) else {
         return error.clone();
     };
-    match pgentra_wire::ErrorFields::parse(&error[5..]) {
-        Ok(mut fields) => {
-            if let Some(text) = fields.get(b'M') {
-                let text = text.replace(&format!("\"{server}\""), &format!("\"{client}\""));
-                fields.set(b'M', text);
-            }
-            fields.to_error_response()
+    let Some(mut text) = fields.get(b'M').map(str::to_owned) else {
+        return error.clone();
+    };
+    for (server, client) in renames {
+        if let (Ok(server), Ok(client)) = (std::str::from_utf8(server), std::str::from_utf8(client))
+        {
+            text = text.replace(&format!("\"{server}\""), &format!("\"{client}\""));
         }
-        Err(_) => error.clone(),
     }
+    fields.set(b'M', text);
+    fields.to_error_response()
 }

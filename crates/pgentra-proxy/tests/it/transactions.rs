@@ -935,7 +935,7 @@ async fn a_function_call_pins() {
 }
 
 /// A server connection's statements stay bounded also when an error makes the server skip
-/// the `Close` of an evicted one; names the proxy gives statements cannot be guessed.
+/// the `Close` of an evicted one; the proxy's names for statements are not the client's to use.
 #[tokio::test(flavor = "multi_thread")]
 async fn evictions_the_server_skipped_are_not_forgotten() {
     let emulator = Emulator::shared();
@@ -969,18 +969,16 @@ async fn evictions_the_server_skipped_are_not_forgotten() {
     .await
     .unwrap();
     assert_eq!(row[0][0].as_deref(), Some("1"), "{row:?}");
-    // A name like the proxy's, guessed: the server does not know it.
-    let guessed = row[0][1].clone().unwrap();
-    let guessed = guessed
-        .rsplit_once('_')
-        .unwrap()
-        .0
-        .replace(|c: char| c.is_ascii_hexdigit(), "0");
-    client
-        .write_all(&run(&format!("{guessed}_1")))
-        .await
-        .unwrap();
-    assert_eq!(error(&answers(&mut client, 1).await[0]).0, "26000");
+    // The proxy's own name, read from the server: not the client's to run.
+    let theirs = row[0][1].clone().unwrap();
+    client.write_all(&run(&theirs)).await.unwrap();
+    assert_eq!(
+        error(&answers(&mut client, 1).await[0]),
+        (
+            "26000".into(),
+            format!("prepared statement \"{theirs}\" does not exist")
+        )
+    );
     drop(client);
     proxy.stop().await;
 }
@@ -1049,5 +1047,131 @@ async fn a_client_with_too_many_statements_is_told_so() {
         .expect("a FATAL");
     let fatal = fatal_in(&received[at - 5..]);
     assert_eq!(fatal.get(b'C'), Some("54000"), "{fatal:?}");
+    proxy.stop().await;
+}
+
+/// A batch ended by `Flush` keeps its connection also when a query answered before it frees
+/// the connection's last transaction (the `ReadyForQuery` of the query is not the batch's).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_batch_after_a_query_keeps_its_connection() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
+    let pipeline = [
+        query("select 1"),
+        parse("", "select txid_current()::text"),
+        bind("", ""),
+        execute(),
+        flush(),
+    ]
+    .concat();
+    a.write_all(&pipeline).await.unwrap();
+    let answered = some_answers(&mut a, 8).await;
+    assert_eq!(tags(&answered), "TDCZ12DC");
+    let xid = data_row(&answered[6].1)[0].clone().unwrap();
+    b.write_all(&query("select txid_current()::text"))
+        .await
+        .unwrap();
+    pool_until(&proxy, "b waiting", |p| p["clients_waiting"] == 1).await;
+    a.write_all(&sync()).await.unwrap();
+    answers(&mut a, 1).await;
+    assert_ne!(
+        value(&answers(&mut b, 1).await[0]),
+        xid,
+        "b ran inside a's transaction"
+    );
+    drop((a, b));
+    proxy.stop().await;
+}
+
+/// A batch translated while the one before it is unanswered does not count on that one's
+/// unnamed statement: if the earlier batch fails (and the server skips its Parse), the later
+/// one still runs the client's own statement, never the one another client left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_batch_never_runs_another_clients_unnamed_statement() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
+    b.write_all(&[parse("", "select 'b'"), sync()].concat())
+        .await
+        .unwrap();
+    answers(&mut b, 1).await;
+    let pipeline = [
+        bind("", "nope"),
+        execute(),
+        parse("", "select 'a'"),
+        sync(),
+        run(""),
+    ]
+    .concat();
+    a.write_all(&pipeline).await.unwrap();
+    let all = answers(&mut a, 2).await;
+    assert_eq!(error(&all[0]).0, "26000");
+    // PostgreSQL would say the unnamed statement does not exist (its Parse was skipped); the
+    // proxy prepared the client's own text again. Never b's.
+    assert_eq!(value(&all[1]), "a", "{}", tags(&all[1]));
+    drop((a, b));
+    proxy.stop().await;
+}
+
+/// Syncs a client sends before the server's CopyInResponse are read in copy-in mode and
+/// ignored: the proxy owes nothing for them (and does not trip over them).
+#[tokio::test(flavor = "multi_thread")]
+async fn syncs_sent_ahead_of_a_copy_are_owed_nothing() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut client = logged_in(&proxy).await;
+    let table = format!("copy_ahead_{}", std::process::id());
+    raw_query(&mut client, &format!("create table {table} (x int)"))
+        .await
+        .unwrap();
+    let pipeline = [
+        query(&format!("copy {table} from stdin")),
+        sync(),
+        sync(),
+        message(b'd', b"7\n").to_vec(),
+        message(b'c', b"").to_vec(),
+    ]
+    .concat();
+    client.write_all(&pipeline).await.unwrap();
+    let all = answers(&mut client, 1).await;
+    assert_eq!(tags(&all[0]), "GCZ");
+    assert_eq!(
+        raw_value(&mut client, &format!("select sum(x) from {table}")).await,
+        "7"
+    );
+    raw_query(&mut client, &format!("drop table {table}"))
+        .await
+        .unwrap();
+    drop(client);
+    proxy.stop().await;
+}
+
+/// A message owed nothing (a lone Flush, copy data left over from a failed COPY) takes no
+/// server connection from the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_flush_takes_no_connection() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = transactional(emulator, 1).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
+    a.write_all(
+        &[
+            flush(),
+            message(b'd', b"leftover\n").to_vec(),
+            message(b'c', b"").to_vec(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    // b runs at once: a holds nothing.
+    assert_eq!(raw_value(&mut b, "select 1").await, "1");
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["server_active"], 0, "{pool}");
+    assert_eq!(raw_value(&mut a, "select 2").await, "2");
+    drop((a, b));
     proxy.stop().await;
 }
