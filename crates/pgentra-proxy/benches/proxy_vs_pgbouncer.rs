@@ -410,8 +410,9 @@ fn run() -> Result<()> {
             .build()?;
         let baseline = client_backends(&cluster)?;
         let proxy_kib = idle_memory(&runtime, &cluster, "proxy", &proxy, knobs.idle)?;
-        // The proxy's upstream sessions end as its clients go; wait for them (bounded) so
-        // that PgBouncer's find room.
+        // The proxy keeps the server connections its clients leave (it pools them): stop it
+        // and wait (bounded) for them to end, so that PgBouncer's find room.
+        drop(proxy);
         let deadline = Instant::now() + Duration::from_secs(30);
         while client_backends(&cluster)? > baseline + 5 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
@@ -425,9 +426,10 @@ fn run() -> Result<()> {
                 "MISSED"
             }
         );
+    } else {
+        drop(proxy);
     }
     drop(bouncer);
-    drop(proxy);
     drop(cluster);
     println!(
         "proxy_vs_pgbouncer: done in {:.0} s",

@@ -13,11 +13,11 @@ use crate::pinning::PinReason;
 use crate::server::ServerConn;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// What tells one pool from another on the same upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -90,9 +90,8 @@ pub(crate) struct PoolStats {
     pub(crate) clients: AtomicU64,
     /// Sessions pinned to their server connection now (transaction pooling).
     pub(crate) pinned: AtomicU64,
-    /// Connections on their way back (their reset running) and the clients waiting for them.
+    /// Connections on their way back (their reset running).
     returning: AtomicU64,
-    awaiting: AtomicU64,
     pins: [AtomicU64; PinReason::ALL.len()],
     closed: [AtomicU64; CloseReason::ALL.len()],
 }
@@ -193,8 +192,8 @@ impl Pools {
             Arc::new(Pool {
                 key: key.clone(),
                 slots: Arc::new(Semaphore::new(self.config.size)),
-                idle: Mutex::new(Vec::new()),
-                available: Notify::new(),
+                shelf: Mutex::new(Shelf::default()),
+                changed: Notify::new(),
                 stats: PoolStats::default(),
             })
         }))
@@ -246,6 +245,11 @@ impl Pools {
 
     /// An idle connection, or room for a new one, waiting in `pool`'s queue until `until`.
     /// `None` when none came in time.
+    ///
+    /// Waiting clients are served in order: a connection put back goes to the first of them
+    /// (PgBouncer's queue). A client waits rather than log in a new connection while more
+    /// connections are on their way back (being reset) than clients wait: a reset takes a
+    /// round trip, a login far longer (a TLS handshake, Entra's token check, a new backend).
     pub(crate) async fn checkout(
         &self,
         pool: &Pool,
@@ -253,13 +257,8 @@ impl Pools {
     ) -> Option<Checkout> {
         let started = Instant::now();
         let mut counted = false;
-        // Waiting for a connection on its way back instead of logging in another.
-        let mut claimed = false;
         let stats = &pool.stats;
-        let waited = |counted: bool, claimed: bool| {
-            if claimed {
-                stats.awaiting.fetch_sub(1, Ordering::SeqCst);
-            }
+        let done = |counted: bool| {
             if counted {
                 stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -267,43 +266,62 @@ impl Pools {
             }
         };
         loop {
-            // Registered before looking, so a connection returned meanwhile is not missed.
-            let available = pool.available.notified();
+            // Registered before looking, so that nothing that happens meanwhile is missed.
+            let changed = pool.changed.notified();
             let freed = self.freed.notified();
-            tokio::pin!(available, freed);
-            available.as_mut().enable();
+            tokio::pin!(changed, freed);
+            changed.as_mut().enable();
             freed.as_mut().enable();
-            if let Some(idle) = pool.take_idle() {
-                waited(counted, claimed);
-                return Some(Checkout::Idle(idle));
-            }
-            // A reset takes a round trip, a login far longer (a TLS handshake, Entra's token
-            // check, a new backend): a connection being reset is worth waiting for, one per
-            // waiting client.
-            let returning = stats.returning.load(Ordering::SeqCst);
-            if claimed && returning < stats.awaiting.load(Ordering::SeqCst) {
-                claimed = false;
-                stats.awaiting.fetch_sub(1, Ordering::SeqCst);
-            } else if !claimed && returning > stats.awaiting.load(Ordering::SeqCst) {
-                claimed = true;
-                stats.awaiting.fetch_add(1, Ordering::SeqCst);
-            }
-            if !claimed && let Some(slots) = self.try_slots(pool) {
-                waited(counted, claimed);
+            let may_open = {
+                let mut shelf = pool.shelf.lock();
+                if let Some(idle) = shelf.idle.pop() {
+                    done(counted);
+                    return Some(Checkout::Idle(Box::new(idle)));
+                }
+                shelf.waiters.retain(|waiter| !waiter.is_closed());
+                stats.returning.load(Ordering::SeqCst) <= shelf.waiters.len() as u64
+            };
+            if may_open && let Some(slots) = self.try_slots(pool) {
+                done(counted);
                 return Some(Checkout::Open(slots));
             }
+            let mut handed = {
+                let mut shelf = pool.shelf.lock();
+                if let Some(idle) = shelf.idle.pop() {
+                    done(counted);
+                    return Some(Checkout::Idle(Box::new(idle)));
+                }
+                let (sender, receiver) = oneshot::channel();
+                shelf.waiters.push_back(sender);
+                receiver
+            };
             if !counted {
                 counted = true;
-                pool.stats.waits.fetch_add(1, Ordering::Relaxed);
-                pool.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                stats.waits.fetch_add(1, Ordering::Relaxed);
+                stats.waiting.fetch_add(1, Ordering::Relaxed);
             }
-            tokio::select! {
-                () = &mut available => {}
-                () = &mut freed => {}
-                () = tokio::time::sleep_until(until) => {
-                    waited(counted, claimed);
-                    return None;
-                }
+            let timed_out = tokio::select! {
+                biased;
+                conn = &mut handed => match conn {
+                    Ok(conn) => {
+                        done(counted);
+                        return Some(Checkout::Idle(Box::new(conn)));
+                    }
+                    Err(_) => false,
+                },
+                () = &mut changed => false,
+                () = &mut freed => false,
+                () = tokio::time::sleep_until(until) => true,
+            };
+            // Leaving the queue: a connection handed over just now is taken, not dropped.
+            handed.close();
+            if let Ok(conn) = handed.try_recv() {
+                done(counted);
+                return Some(Checkout::Idle(Box::new(conn)));
+            }
+            if timed_out {
+                done(counted);
+                return None;
             }
         }
     }
@@ -364,7 +382,8 @@ impl Pools {
         let now = Instant::now();
         for pool in self.all() {
             let expired: Vec<(Pooled, CloseReason)> = {
-                let mut idle = pool.idle.lock();
+                let mut shelf = pool.shelf.lock();
+                let idle = &mut shelf.idle;
                 let mut kept = Vec::with_capacity(idle.len());
                 let mut out = Vec::new();
                 let total = idle.len();
@@ -390,14 +409,13 @@ impl Pools {
 
     /// How many more idle connections `pool` should have to reach its minimum.
     pub(crate) fn missing_idle(&self, pool: &Pool) -> usize {
-        let idle = pool.idle.lock().len();
-        self.config.min_idle.saturating_sub(idle)
+        self.config.min_idle.saturating_sub(pool.idle_count())
     }
 
     /// Closes every idle connection (the proxy is stopping).
     pub(crate) fn close_all(&self) {
         for pool in self.all() {
-            let idle: Vec<Pooled> = pool.idle.lock().drain(..).collect();
+            let idle: Vec<Pooled> = pool.shelf.lock().idle.drain(..).collect();
             for conn in idle {
                 pool.close(conn, CloseReason::Shutdown);
             }
@@ -409,25 +427,32 @@ impl Pools {
 pub(crate) struct Pool {
     pub(crate) key: PoolKey,
     slots: Arc<Semaphore>,
-    /// Most recently returned last (handed out first: its caches are warm).
-    idle: Mutex<Vec<Pooled>>,
-    available: Notify,
+    shelf: Mutex<Shelf>,
+    /// Woken when waiting clients should look again (a connection on its way back arrived,
+    /// or was closed).
+    changed: Notify,
     pub(crate) stats: PoolStats,
 }
 
-impl Pool {
-    fn take_idle(&self) -> Option<Box<Pooled>> {
-        self.idle.lock().pop().map(Box::new)
-    }
+/// A pool's idle connections and the clients waiting for one, under one lock, so that a
+/// connection put back never misses a client that has just started to wait.
+#[derive(Default)]
+struct Shelf {
+    /// Most recently returned last (handed out first: its caches are warm).
+    idle: Vec<Pooled>,
+    /// In the order they came.
+    waiters: VecDeque<oneshot::Sender<Pooled>>,
+}
 
+impl Pool {
     fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
-        let mut idle = self.idle.lock();
-        (!idle.is_empty()).then(|| Box::new(idle.remove(0)))
+        let mut shelf = self.shelf.lock();
+        (!shelf.idle.is_empty()).then(|| Box::new(shelf.idle.remove(0)))
     }
 
     /// Idle connections now.
     pub(crate) fn idle_count(&self) -> usize {
-        self.idle.lock().len()
+        self.shelf.lock().idle.len()
     }
 
     /// Marks a connection as on its way back until the guard is dropped (after it was put back
@@ -437,11 +462,18 @@ impl Pool {
         Returning(self)
     }
 
-    /// Puts a reset connection back, for the next client.
+    /// Puts a reset connection back: to the first client waiting, or on the shelf.
     pub(crate) fn put(&self, mut conn: Pooled) {
         conn.idle_since = Instant::now();
-        self.idle.lock().push(conn);
-        self.available.notify_one();
+        let mut shelf = self.shelf.lock();
+        while let Some(waiter) = shelf.waiters.pop_front() {
+            // A client that stopped waiting gives it back.
+            match waiter.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
+        shelf.idle.push(conn);
     }
 
     /// Closes a connection for `reason`: its slots free at once, the server is told in the
@@ -462,8 +494,9 @@ pub(crate) struct Returning<'a>(&'a Pool);
 impl Drop for Returning<'_> {
     fn drop(&mut self) {
         self.0.stats.returning.fetch_sub(1, Ordering::SeqCst);
-        // Whoever waited for it looks again: it is idle now, or closed and room for a login.
-        self.0.available.notify_waiters();
+        // Whoever waited for it looks again: it was handed over, or closed and room is left
+        // for a login.
+        self.0.changed.notify_waiters();
     }
 }
 

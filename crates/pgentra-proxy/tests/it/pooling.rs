@@ -486,3 +486,29 @@ async fn the_minimum_of_idle_connections_is_opened_ahead() {
     drop(clients);
     proxy.stop().await;
 }
+
+/// A client that comes while a connection is being reset waits for it rather than logging in
+/// another: a reset is one round trip, a login a TLS handshake, a token check and a backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_waits_for_a_connection_being_reset() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.reset_query = "select pg_sleep(0.5)".into();
+    })
+    .await;
+    let watcher = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let a = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pid = backend_pid(&a).await;
+    drop(a);
+    wait_until_running(&watcher, "pg_sleep(0.5)").await;
+    let logins = emulator.gateway().logins();
+    let b = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_eq!(
+        backend_pid(&b).await,
+        pid,
+        "b logged in a connection of its own"
+    );
+    assert_eq!(emulator.gateway().logins(), logins);
+    drop((watcher, b));
+    proxy.stop().await;
+}
