@@ -258,7 +258,7 @@ impl Gateway {
 
     /// Successful logins so far.
     pub fn logins(&self) -> u64 {
-        self.state.counters.logins.load(Ordering::Relaxed)
+        self.state.counters.logins.load(Ordering::SeqCst)
     }
 
     /// Refused logins so far (token or role rejected, or no TLS).
@@ -570,9 +570,10 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    // Counted before the client hears of it: whoever saw the login succeed sees it counted.
+    state.counters.logins.fetch_add(1, Ordering::SeqCst);
     client.write_all(&answers).await?;
     client.flush().await?;
-    state.counters.logins.fetch_add(1, Ordering::Relaxed);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
     if let Some(key) = issued_key {
         state.cancel_keys.lock().remove(&key);
