@@ -6,7 +6,7 @@ use super::support::*;
 /// The second client gets the first one's backend: no new upstream login, no token fetch.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_client_reuses_the_server_connection() {
-    let emulator = Emulator::shared();
+    let emulator = &own_emulator().await;
     let (proxy, auth) = pooled(emulator, |_| {}).await;
     let first = connect(proxy.addr(), USER, |_| {}).await.unwrap();
     let pid = backend_pid(&first).await;
@@ -381,13 +381,7 @@ async fn server_lifetime_and_idle_timeout_retire_connections() {
 /// next clients get fresh ones, not errors.
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_never_get_a_connection_the_server_closed() {
-    let emulator = tokio::task::spawn_blocking(|| {
-        Emulator::shared()
-            .beside(EmulatorConfig::default())
-            .expect("an emulator of its own")
-    })
-    .await
-    .unwrap();
+    let emulator = own_emulator().await;
     let (proxy, _) = pooled(&emulator, |_| {}).await;
     let clients: Vec<_> = connect_all((0..3).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
     drop(clients);
@@ -491,7 +485,7 @@ async fn the_minimum_of_idle_connections_is_opened_ahead() {
 /// another: a reset is one round trip, a login a TLS handshake, a token check and a backend.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_waits_for_a_connection_being_reset() {
-    let emulator = Emulator::shared();
+    let emulator = &own_emulator().await;
     let (proxy, _) = pooled(emulator, |config| {
         config.pool.reset_query = "select pg_sleep(0.5)".into();
     })

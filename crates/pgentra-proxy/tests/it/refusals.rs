@@ -356,7 +356,7 @@ async fn psql_sees_why_when_the_token_endpoint_hangs() {
 /// asked.
 #[tokio::test(flavor = "multi_thread")]
 async fn protocol_violations_get_a_fatal_with_postgresql_s_sqlstate() {
-    let emulator = Emulator::shared();
+    let emulator = &own_emulator().await;
     let proxy = Running::start(config(emulator), auth(emulator)).await;
     let logins = emulator.gateway().logins();
     for (major, minor) in [(2, 0), (4, 0), (1, 0)] {

@@ -152,16 +152,7 @@ async fn psql_as_another_os_user(addr: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_survive_token_refreshes() {
     // 3-second tokens, checked to the second.
-    let emulator = tokio::task::spawn_blocking(|| {
-        Emulator::start(EmulatorConfig {
-            token_lifetime: Duration::from_secs(3),
-            skew: Duration::ZERO,
-            ..EmulatorConfig::default()
-        })
-        .expect("start an emulator")
-    })
-    .await
-    .unwrap();
+    let emulator = short_lived_emulator().await;
     let auth = auth(&emulator);
     // Each session its own server connection: every new session is a login with the token of
     // that moment.

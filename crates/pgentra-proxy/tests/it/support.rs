@@ -381,16 +381,27 @@ pub(crate) async fn logged_in(proxy: &Running) -> TcpStream {
     stream
 }
 
+/// An emulator of its own on the shared cluster: for tests that count the gateway's logins,
+/// which other tests' logins on the shared one would disturb.
+pub(crate) async fn own_emulator() -> Emulator {
+    beside(EmulatorConfig::default()).await
+}
+
 /// An emulator of its own on the shared cluster, whose tokens live 3 seconds (and are not
 /// accepted a moment past that): for tokens that expire under a pool.
 pub(crate) async fn short_lived_emulator() -> Emulator {
+    beside(EmulatorConfig {
+        token_lifetime: Duration::from_secs(3),
+        skew: Duration::ZERO,
+        ..EmulatorConfig::default()
+    })
+    .await
+}
+
+async fn beside(config: EmulatorConfig) -> Emulator {
     tokio::task::spawn_blocking(|| {
         Emulator::shared()
-            .beside(EmulatorConfig {
-                token_lifetime: Duration::from_secs(3),
-                skew: Duration::ZERO,
-                ..EmulatorConfig::default()
-            })
+            .beside(config)
             .expect("an emulator of its own")
     })
     .await
