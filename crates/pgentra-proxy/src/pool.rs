@@ -7,6 +7,11 @@
 //! reset and put back, or closed. Connections retire after their lifetime (never later than the
 //! token they logged in with expires, so a revoked identity loses access) and after being idle
 //! too long; a background task does that and keeps each pool's minimum of idle connections.
+//!
+//! Like PgBouncer, a client is welcomed from what the pool already knows (the parameters its
+//! connections report for the client's tracked values) and takes a connection only with its
+//! first message: a client that leaves without a query never takes one, and a client that
+//! reconnects at once finds its old connection back in the pool.
 
 use crate::config::PoolConfig;
 use crate::pinning::PinReason;
@@ -195,6 +200,7 @@ impl Pools {
                 shelf: Mutex::new(Shelf::default()),
                 changed: Notify::new(),
                 stats: PoolStats::default(),
+                welcomes: Mutex::new(VecDeque::new()),
             })
         }))
     }
@@ -432,7 +438,20 @@ pub(crate) struct Pool {
     /// or was closed).
     changed: Notify,
     pub(crate) stats: PoolStats,
+    /// The `ParameterStatus` messages its connections sent for clients' values of the tracked
+    /// parameters: values a server accepted, most recent last.
+    welcomes: Mutex<VecDeque<Welcome>>,
 }
+
+/// Clients' values of the tracked parameters, and what the server reported once set to them.
+struct Welcome {
+    tracked: Vec<(&'static str, Bytes)>,
+    params: Bytes,
+}
+
+/// How many sets of tracked values a pool remembers the welcome of: the applications of one
+/// role and database (each its `application_name`) are few.
+const WELCOMES: usize = 16;
 
 /// A pool's idle connections and the clients waiting for one, under one lock, so that a
 /// connection put back never misses a client that has just started to wait.
@@ -448,6 +467,33 @@ impl Pool {
     fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
         let mut shelf = self.shelf.lock();
         (!shelf.idle.is_empty()).then(|| Box::new(shelf.idle.remove(0)))
+    }
+
+    /// The `ParameterStatus` messages for a client with `tracked` values, if a connection of
+    /// this pool has taken them (so the server accepts them, as at a login).
+    pub(crate) fn welcome(&self, tracked: &[(&'static str, Bytes)]) -> Option<Bytes> {
+        let welcomes = self.welcomes.lock();
+        let found = welcomes.iter().rev().find(|w| w.tracked == tracked)?;
+        Some(found.params.clone())
+    }
+
+    /// Remembers what a connection of this pool reports once set to `tracked` values (newer
+    /// than what was remembered: a server restarted, upgraded or failed over reports anew).
+    pub(crate) fn remember_welcome(&self, tracked: &[(&'static str, Bytes)], params: Bytes) {
+        let mut welcomes = self.welcomes.lock();
+        if let Some(at) = welcomes.iter().position(|w| w.tracked == tracked) {
+            if welcomes[at].params == params {
+                return;
+            }
+            welcomes.remove(at);
+        }
+        if welcomes.len() == WELCOMES {
+            welcomes.pop_front();
+        }
+        welcomes.push_back(Welcome {
+            tracked: tracked.to_vec(),
+            params,
+        });
     }
 
     /// Idle connections now.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 /// Relay buffer per direction: small, since idle sessions are the common case and the kernel
 /// buffers the rest.
-const RELAY_BUFFER: usize = 4096;
+pub(crate) const RELAY_BUFFER: usize = 4096;
 
 /// Bytes relayed each way.
 #[derive(Debug, Default, Clone, Copy)]
@@ -44,7 +44,7 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(_) => break,
                 },
                 _ = &mut to_client => break,
-                _ = kill.wait_for(|kill| *kill) => break,
+                () = turns_true(&mut kill) => break,
             }
         }
     }
@@ -192,12 +192,14 @@ pub(crate) struct SessionEnd {
 /// `Terminate` ends the session without ending the server's; `ReadyForQuery` says whether the
 /// server is idle, in a transaction or in a failed one; `ParameterStatus` keeps `params` what
 /// the server's are, for the next client. A client that closes its side still gets the answers
-/// to what it sent (as from PostgreSQL) before the session ends.
+/// to what it sent (as from PostgreSQL) before the session ends. `first` is what the client
+/// sent before the session had its server connection (at most [`RELAY_BUFFER`] bytes).
 pub(crate) async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Box<dyn Stream>,
+    first: &[u8],
     server: &mut S,
     params: &mut crate::server::Params,
-    kill: watch::Receiver<bool>,
+    mut kill: watch::Receiver<bool>,
 ) -> SessionEnd {
     let mut end = SessionEnd {
         ending: Ending::ClientDone,
@@ -207,35 +209,29 @@ pub(crate) async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut from_client, mut from_server) = (Framer::default(), Framer::default());
     let (mut client_buf, mut server_buf) = (vec![0u8; RELAY_BUFFER], vec![0u8; RELAY_BUFFER]);
     let mut out = Vec::with_capacity(RELAY_BUFFER);
+    // Client bytes read but not yet passed on: at first, those read before the session had
+    // its server connection.
+    let mut unread = first.len();
+    client_buf[..unread].copy_from_slice(first);
     // Queries, function calls and Syncs the server has yet to answer with ReadyForQuery.
     let mut pending: usize = 0;
     let mut client_open = true;
-    let killed = async move {
-        let mut kill = kill;
-        let _ = kill.wait_for(|kill| *kill).await;
-    };
+    let killed = turns_true(&mut kill);
     tokio::pin!(killed);
     loop {
         if !client_open && pending == 0 {
             end.ending = Ending::ClientDone;
             return end;
         }
-        tokio::select! {
-            read = client.read(&mut client_buf), if client_open => {
-                let n = match read {
-                    Ok(0) => {
-                        client_open = false;
-                        continue;
-                    }
-                    Ok(n) => n,
-                    Err(_) => {
-                        end.ending = Ending::ClientGone;
-                        return end;
-                    }
-                };
-                out.clear();
-                let mut terminated = false;
-                let fed = from_client.feed(&client_buf[..n], &mut out, |_| false, |seen| {
+        if unread > 0 {
+            let n = std::mem::take(&mut unread);
+            out.clear();
+            let mut terminated = false;
+            let fed = from_client.feed(
+                &client_buf[..n],
+                &mut out,
+                |_| false,
+                |seen| {
                     if let Seen::Header { tag, .. } = seen {
                         match tag {
                             b'X' => {
@@ -247,23 +243,39 @@ pub(crate) async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                     !terminated
-                });
-                if fed.is_err() {
+                },
+            );
+            if fed.is_err() {
+                end.ending = Ending::ClientGone;
+                return end;
+            }
+            // What follows a Terminate is not passed on (the framer stopped taking it).
+            if !out.is_empty() {
+                if server
+                    .write_all(&out)
+                    .await
+                    .and(server.flush().await)
+                    .is_err()
+                {
+                    end.ending = Ending::ServerGone;
+                    return end;
+                }
+                end.relayed.to_server += out.len() as u64;
+            }
+            if terminated {
+                client_open = false;
+            }
+            continue;
+        }
+        tokio::select! {
+            read = client.read(&mut client_buf), if client_open => match read {
+                Ok(0) => client_open = false,
+                Ok(n) => unread = n,
+                Err(_) => {
                     end.ending = Ending::ClientGone;
                     return end;
                 }
-                // What follows a Terminate is not passed on (the framer stopped taking it).
-                if !out.is_empty() {
-                    if server.write_all(&out).await.and(server.flush().await).is_err() {
-                        end.ending = Ending::ServerGone;
-                        return end;
-                    }
-                    end.relayed.to_server += out.len() as u64;
-                }
-                if terminated {
-                    client_open = false;
-                }
-            }
+            },
             read = server.read(&mut server_buf) => {
                 let n = match read {
                     Ok(n) if n > 0 => n,
@@ -305,4 +317,9 @@ pub(crate) async fn relay_session<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Resolves when `flag` is (or turns) true.
+pub(crate) async fn turns_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|on| *on).await;
 }

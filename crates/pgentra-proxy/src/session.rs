@@ -9,7 +9,7 @@ use crate::config::PoolMode;
 use crate::lease::{self, Lease, Reset};
 use crate::pool::{Pool, PoolKey, Pooled};
 use crate::refusal::Refusal;
-use crate::relay;
+use crate::relay::{self, Ending};
 use crate::server::{self, ServerConn};
 use crate::shared::{InstanceState, Shared};
 use crate::startup::{self, ClientConn, Request, StartupError, Stream};
@@ -19,8 +19,8 @@ use pgentra_wire::{backend_key_data, message, param};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, TryAcquireError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
 /// How long a refused client gets to take its `FATAL` before the connection closes.
@@ -34,9 +34,11 @@ enum Session {
         key: cancel::Key,
     },
     /// A pooled server connection for the whole session, which goes back to `pool`
-    /// afterwards.
+    /// afterwards: taken at the login, or (`None`) with the client's first message.
     Pooled {
-        conn: Box<Pooled>,
+        conn: Option<Box<Pooled>>,
+        /// The `ParameterStatus` messages of the welcome.
+        reported: Bytes,
         pool: Arc<Pool>,
         key: cancel::Key,
         /// The client's values of the tracked parameters.
@@ -78,31 +80,54 @@ pub(crate) async fn serve(
             shared.cancel_keys.forget(&key);
         }
         Session::Pooled {
-            mut conn,
+            conn,
+            reported,
             pool,
             key,
             tracked,
         } => {
-            let server = &mut conn.server;
-            let end =
-                relay::relay_session(&mut client, &mut server.stream, &mut server.params, kill)
-                    .await;
-            shared
-                .metrics
-                .bytes(end.relayed.to_server, end.relayed.to_client);
-            shared.cancel_keys.forget(&key);
-            drop(client);
-            lease::give_back(
-                *conn,
-                &pool,
-                end.ending,
-                end.status,
-                &tracked,
-                Reset::Configured,
-                &instance,
-                &shared,
-            )
-            .await;
+            let mut kill = kill;
+            let held = match conn {
+                Some(conn) => Some((conn, Vec::new())),
+                None => {
+                    let welcomed = Welcomed {
+                        pool: &pool,
+                        key: &key,
+                        tracked: &tracked,
+                        reported: &reported,
+                    };
+                    first_message(&mut client, welcomed, &instance, &shared, &mut kill).await
+                }
+            };
+            if let Some((mut conn, first)) = held {
+                let server = &mut conn.server;
+                let end = relay::relay_session(
+                    &mut client,
+                    &first,
+                    &mut server.stream,
+                    &mut server.params,
+                    kill,
+                )
+                .await;
+                shared
+                    .metrics
+                    .bytes(end.relayed.to_server, end.relayed.to_client);
+                shared.cancel_keys.forget(&key);
+                drop(client);
+                lease::give_back(
+                    *conn,
+                    &pool,
+                    end.ending,
+                    end.status,
+                    &tracked,
+                    Reset::Configured,
+                    &instance,
+                    &shared,
+                )
+                .await;
+            } else {
+                shared.cancel_keys.forget(&key);
+            }
             pool.stats.clients.fetch_sub(1, Ordering::Relaxed);
         }
         Session::Transactions { pool, key, tracked } => {
@@ -269,10 +294,11 @@ async fn dedicated(
     })
 }
 
-/// A pooled server connection: an idle one, or a new one, or one freed while waiting; set to
-/// the client's tracked parameters; and a welcome made from its state. In transaction pooling
-/// the connection goes back to the pool right after the welcome (taking one proves the pool
-/// can log in, and checks the client's parameters as PostgreSQL would at its login).
+/// A session of a pool, welcomed from what the pool knows of the client's tracked values
+/// (see [`Pool::welcome`]), to take a connection with its first message; or else with a
+/// connection taken now (an idle one, a new one, or one freed while waiting) and set to them,
+/// which checks the client's values as PostgreSQL would at its login. In transaction pooling
+/// that connection goes back to the pool right after the welcome.
 async fn pooled(
     lease: &mut Lease<'_>,
     conn: &mut ClientConn,
@@ -304,36 +330,134 @@ async fn pooled(
         params: shaping,
     };
     let pool = lease.instance.pools.pool(&key);
-    let server_conn = lease.checkout(&pool, &key).await?;
-    let server_conn = lease.set_tracked(server_conn, &pool, &tracked).await?;
     let per_transaction = mode == PoolMode::Transaction;
-    let key = lease.issue_key((!per_transaction).then_some(&server_conn.server))?;
+    let (server_conn, reported) = match pool.welcome(&tracked) {
+        Some(reported) => (None, reported),
+        None => {
+            let server_conn = lease.checkout(&pool, &key).await?;
+            let server_conn = lease.set_tracked(server_conn, &pool, &tracked).await?;
+            let reported = server_conn.server.params.messages().freeze();
+            pool.remember_welcome(&tracked, reported.clone());
+            if per_transaction {
+                pool.put(*server_conn);
+                (None, reported)
+            } else {
+                (Some(server_conn), reported)
+            }
+        }
+    };
+    let key = lease.issue_key(server_conn.as_ref().map(|conn| &conn.server))?;
     let mut answers = BytesMut::new();
     answers.put_slice(&message(b'R', &0i32.to_be_bytes()));
-    answers.put_slice(&server_conn.server.params.messages());
-    let welcome = welcome(&answers, key);
-    if per_transaction {
-        pool.put(*server_conn);
-        if let Err(error) = send(conn, &welcome).await {
-            lease.shared.cancel_keys.forget(&key);
-            return Err(error);
-        }
-        pool.stats.clients.fetch_add(1, Ordering::Relaxed);
-        return Ok(Session::Transactions { pool, key, tracked });
-    }
-    if let Err(error) = send(conn, &welcome).await {
+    answers.put_slice(&reported);
+    // Counted before the client hears of it, so that a client logged in is counted.
+    pool.stats.clients.fetch_add(1, Ordering::Relaxed);
+    if let Err(error) = send(conn, &welcome(&answers, key)).await {
+        pool.stats.clients.fetch_sub(1, Ordering::Relaxed);
         lease.shared.cancel_keys.forget(&key);
-        pool.put(*server_conn);
+        if let Some(server_conn) = server_conn {
+            pool.put(*server_conn);
+        }
         return Err(error);
     }
-    pool.stats.active.fetch_add(1, Ordering::Relaxed);
-    pool.stats.clients.fetch_add(1, Ordering::Relaxed);
+    if per_transaction {
+        return Ok(Session::Transactions { pool, key, tracked });
+    }
+    if server_conn.is_some() {
+        pool.stats.active.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(Session::Pooled {
         conn: server_conn,
+        reported,
         pool,
         key,
         tracked,
     })
+}
+
+/// The frontend's `Terminate` message: `X`, and its length, 4.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
+
+/// A session welcomed without a server connection.
+struct Welcomed<'a> {
+    pool: &'a Pool,
+    key: &'a cancel::Key,
+    tracked: &'a [(&'static str, Bytes)],
+    /// The `ParameterStatus` messages of its welcome.
+    reported: &'a Bytes,
+}
+
+/// For a session welcomed without a connection: its first bytes, and a connection of its pool
+/// set to its tracked values, with its cancel key pointed at it. `None` when the client left
+/// first, or was refused (told here): the pool's queue timed out, no token came, or the server
+/// refused.
+async fn first_message(
+    client: &mut Box<dyn Stream>,
+    welcomed: Welcomed<'_>,
+    instance: &InstanceState,
+    shared: &Shared,
+    kill: &mut watch::Receiver<bool>,
+) -> Option<(Box<Pooled>, Vec<u8>)> {
+    let mut first = vec![0; relay::RELAY_BUFFER];
+    let mut draining = shared.draining();
+    let read = tokio::select! {
+        read = client.read(&mut first) => read,
+        () = relay::turns_true(kill) => return None,
+        // Nothing to finish: told to go at once, as a client between transactions.
+        () = relay::turns_true(&mut draining) => {
+            refuse(client, shared, Refusal::SessionShutdown).await;
+            return None;
+        }
+    };
+    first.truncate(read.ok().filter(|n| *n > 0)?);
+    let Welcomed {
+        pool,
+        key,
+        tracked,
+        reported,
+    } = welcomed;
+    // A client that only says goodbye needs no connection (nor its reset).
+    if first.starts_with(TERMINATE) {
+        return None;
+    }
+    let mut lease = Lease::new(
+        shared,
+        instance,
+        Instant::now() + shared.config.login_timeout,
+    );
+    let conn = async {
+        let conn = lease.checkout(pool, &pool.key).await?;
+        lease.set_tracked(conn, pool, tracked).await
+    };
+    match conn.await {
+        Ok(conn) => {
+            shared
+                .cancel_keys
+                .point(key, Some(lease.cancel_target(&conn.server)));
+            pool.stats.active.fetch_add(1, Ordering::Relaxed);
+            let now = conn.server.params.messages().freeze();
+            if now != *reported {
+                // The server reports otherwise than the welcome said (it was restarted, or
+                // upgraded): "ParameterStatus messages will be generated whenever the active
+                // value changes for any of the parameters the backend believes the frontend
+                // should know about" (protocol, 55.2.7), so the client hears of it now.
+                let told = client.write_all(&now).await.and(client.flush().await);
+                pool.remember_welcome(tracked, now);
+                if told.is_err() {
+                    let (ending, reset) = (Ending::ClientDone, Reset::Configured);
+                    lease::give_back(*conn, pool, ending, b'I', tracked, reset, instance, shared)
+                        .await;
+                    return None;
+                }
+            }
+            Some((conn, first))
+        }
+        Err(StartupError::Refuse(refusal)) => {
+            refuse(client, shared, refusal).await;
+            None
+        }
+        Err(StartupError::Gone(_)) => None,
+    }
 }
 
 /// `answers`, the proxy's cancel key and `ReadyForQuery`, in one buffer.

@@ -21,7 +21,7 @@ use crate::lease::{self, Lease, Reset};
 use crate::pinning::{self, PinReason};
 use crate::pool::{CloseReason, Pool, Pooled};
 use crate::refusal::Refusal;
-use crate::relay::{Ending, Relayed};
+use crate::relay::{Ending, Relayed, turns_true};
 use crate::shared::{InstanceState, Shared};
 use crate::startup::{StartupError, Stream};
 use crate::statements::{ClientStatements, Statement, Unnamed};
@@ -913,11 +913,6 @@ impl Relay<'_> {
             refusal,
         }
     }
-}
-
-/// Resolves when `flag` is (or turns) true.
-async fn turns_true(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|on| *on).await;
 }
 
 /// Writes what is waiting for the held server connection while reading what it sends, and

@@ -60,6 +60,122 @@ async fn a_second_client_reuses_the_server_connection() {
     proxy.stop().await;
 }
 
+/// As in PgBouncer, a client welcomed from its pool takes a server connection with its first
+/// query, not at its login: with a pool of one, a silent client holds nothing, so another runs
+/// its queries on the one connection, and the silent one gets it next. A client that leaves
+/// without a query costs the pool nothing (no reset, no login).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_takes_its_server_connection_with_its_first_query() {
+    let emulator = &own_emulator().await;
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.size = 1;
+        config.pool.queue_timeout = Duration::from_secs(2);
+    })
+    .await;
+    // The pool's first client takes a connection at its login: the server checks its values.
+    let first = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pool = pool_until(&proxy, "the first client", |p| p["clients"] == 1).await;
+    assert_eq!(pool["server_active"], 1, "{pool}");
+    let pid = backend_pid(&first).await;
+    drop(first);
+    pool_until(&proxy, "the connection back", |p| p["server_idle"] == 1).await;
+    let logins = emulator.gateway().logins();
+
+    let silent = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let pool = pool_until(&proxy, "the silent client", |p| p["clients"] == 1).await;
+    assert_eq!(
+        (pool["server_active"].as_u64(), pool["server_idle"].as_u64()),
+        (Some(0), Some(1)),
+        "{pool}"
+    );
+    let busy = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_eq!(backend_pid(&busy).await, pid);
+    assert_eq!(current_user(&busy).await, USER);
+    drop(busy);
+    assert_eq!(backend_pid(&silent).await, pid);
+    drop(silent);
+    let pool = pool_until(&proxy, "the connection back", |p| {
+        p["server_idle"] == 1 && p["clients"] == 0
+    })
+    .await;
+    let resets = pool["resets"].clone();
+    drop(connect(proxy.addr(), USER, |_| {}).await.unwrap());
+    let pool = pool_until(&proxy, "the client gone", |p| p["clients"] == 0).await;
+    assert_eq!(pool["resets"], resets, "{pool}");
+    assert_eq!(pool["server_logins"], 1, "{pool}");
+    assert_eq!(emulator.gateway().logins(), logins);
+
+    // Values no connection of the pool has taken yet are checked at the login, as PostgreSQL
+    // checks a startup message's.
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    let login = [
+        ("user", USER),
+        ("database", "postgres"),
+        ("TimeZone", "Nowhere/Bogus"),
+    ];
+    stream.write_all(&startup_message(&login)).await.unwrap();
+    let error = error_of(&read_until_ready(&mut stream).await).expect("a refusal");
+    assert_eq!(error.get(b'C'), Some("22023"), "{error:?}");
+    proxy.stop().await;
+}
+
+/// A client welcomed from its pool whose server connection then reports otherwise (one logged
+/// in after the role's defaults changed; a server upgraded) hears of it before the answer to
+/// its first query, as from a server whose parameters change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_hears_what_its_connection_reports_unlike_its_welcome() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.server_lifetime = Duration::from_secs(1);
+    })
+    .await;
+    let database = format!("welcome_{}", std::process::id());
+    let setup = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    setup
+        .batch_execute(&format!("create database {database}"))
+        .await
+        .unwrap();
+    let login = [("database", database.as_str()), ("user", USER)];
+    let interval_style = |messages: &[(u8, Bytes)]| {
+        parameters(messages)
+            .into_iter()
+            .find_map(|(name, value)| (name == "IntervalStyle").then_some(value))
+    };
+    let mut first = TcpStream::connect(proxy.addr()).await.unwrap();
+    let welcome = raw_login(&mut first, &login).await;
+    assert_eq!(interval_style(&welcome).as_deref(), Some("postgres"));
+    drop(first);
+    // New backends of the role in that database start with another default; the pool's one
+    // connection, from before, retires.
+    setup
+        .batch_execute(&format!(
+            "alter role current_user in database {database} set intervalstyle = 'iso_8601'"
+        ))
+        .await
+        .unwrap();
+    pool_until(&proxy, "the first connection retired", |p| {
+        p["database"] == database.as_str() && p["server_closes"]["lifetime"] == 1
+    })
+    .await;
+
+    let mut next = TcpStream::connect(proxy.addr()).await.unwrap();
+    let welcome = raw_login(&mut next, &login).await;
+    assert_eq!(
+        interval_style(&welcome).as_deref(),
+        Some("postgres"),
+        "not welcomed from the pool"
+    );
+    next.write_all(&message(b'Q', b"show intervalstyle\0"))
+        .await
+        .unwrap();
+    let answers = read_until_ready(&mut next).await;
+    let reported = answers.iter().position(|(tag, _)| *tag == b'S');
+    let rows = answers.iter().position(|(tag, _)| *tag == b'T');
+    assert!(reported < rows && reported.is_some(), "{answers:?}");
+    assert_eq!(interval_style(&answers).as_deref(), Some("iso_8601"));
+    proxy.stop().await;
+}
+
 /// Nothing of one client's session reaches the next on the same backend: temporary tables,
 /// `SET`, SQL and protocol-level prepared statements, advisory locks, `LISTEN`, `WITH HOLD`
 /// cursors.
@@ -265,12 +381,12 @@ async fn a_full_pool_queues_clients_up_to_the_queue_timeout() {
         config.pool.queue_timeout = Duration::from_secs(1);
     })
     .await;
-    let holder = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let holder = holding(proxy.addr(), USER).await.unwrap();
     let pid = backend_pid(&holder).await;
 
     // Past the queue timeout: refused, with the reason.
     let started = Instant::now();
-    let error = connect(proxy.addr(), USER, |_| {}).await.unwrap_err();
+    let error = holding(proxy.addr(), USER).await.unwrap_err();
     let db = db_error(&error);
     assert_eq!(db.code(), &SqlState::TOO_MANY_CONNECTIONS, "{db:?}");
     assert!(db.message().contains("queue timeout"), "{db:?}");
@@ -278,7 +394,7 @@ async fn a_full_pool_queues_clients_up_to_the_queue_timeout() {
 
     // Within it: the waiting client gets the holder's connection when the holder leaves.
     let addr = proxy.addr();
-    let waiter = tokio::spawn(async move { connect(addr, USER, |_| {}).await });
+    let waiter = tokio::spawn(async move { holding(addr, USER).await });
     pool_until(&proxy, "a client waiting", |p| p["clients_waiting"] == 1).await;
     drop(holder);
     let waiter = within(SHORT, "the waiter", waiter).await.unwrap().unwrap();
@@ -302,14 +418,14 @@ async fn pool_size_and_the_upstream_cap_hold() {
         config.instances[0].client_roles = ClientRoles::parse("readers");
     })
     .await;
-    let alice: Vec<_> = connect_all((0..2).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    let alice: Vec<_> = connect_all((0..2).map(|_| holding(proxy.addr(), USER))).await;
     // A third for alice's pool: over its size.
-    let error = connect(proxy.addr(), USER, |_| {}).await.unwrap_err();
+    let error = holding(proxy.addr(), USER).await.unwrap_err();
     assert_eq!(db_error(&error).code(), &SqlState::TOO_MANY_CONNECTIONS);
     // The readers' pool has room for one under the upstream's cap of 3, not two.
-    let readers = connect(proxy.addr(), "readers", |_| {}).await.unwrap();
+    let readers = holding(proxy.addr(), "readers").await.unwrap();
     assert_eq!(current_user(&readers).await, "readers");
-    let error = connect(proxy.addr(), "readers", |_| {}).await.unwrap_err();
+    let error = holding(proxy.addr(), "readers").await.unwrap_err();
     assert_eq!(db_error(&error).code(), &SqlState::TOO_MANY_CONNECTIONS);
     // Alice's two go back to her pool idle; a second readers' session closes one to fit.
     drop(alice);
@@ -330,7 +446,7 @@ async fn pool_size_and_the_upstream_cap_hold() {
         }
     })
     .await;
-    let second = connect(proxy.addr(), "readers", |_| {}).await.unwrap();
+    let second = holding(proxy.addr(), "readers").await.unwrap();
     assert_eq!(current_user(&second).await, "readers");
     let metrics = proxy.metrics().await;
     assert!(metrics.contains("reason=\"evicted\"} 1"), "{metrics}");
@@ -383,7 +499,7 @@ async fn server_lifetime_and_idle_timeout_retire_connections() {
 async fn clients_never_get_a_connection_the_server_closed() {
     let emulator = own_emulator().await;
     let (proxy, _) = pooled(&emulator, |_| {}).await;
-    let clients: Vec<_> = connect_all((0..3).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    let clients: Vec<_> = connect_all((0..3).map(|_| holding(proxy.addr(), USER))).await;
     drop(clients);
     pool_until(&proxy, "three idle connections", |p| p["server_idle"] == 3).await;
     let gateway = &emulator;
@@ -405,12 +521,14 @@ async fn clients_never_get_a_connection_the_server_closed() {
 async fn cancel_requests_reach_the_pooled_connection() {
     let emulator = Emulator::shared();
     let (proxy, _) = pooled(emulator, |_| {}).await;
-    // Warm the pool, so the client below gets a reused connection.
-    drop(connect(proxy.addr(), USER, |_| {}).await.unwrap());
+    // Warm the pool with a session like the one below, which is then welcomed from the pool
+    // and takes the connection with its query: its key is pointed at it then.
+    drop(logged_in(&proxy).await);
     pool_until(&proxy, "an idle connection", |p| p["server_idle"] == 1).await;
     let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    let key =
-        backend_key(&raw_login(&mut stream, &[("database", "postgres"), ("user", USER)]).await);
+    let key = backend_key(&raw_login(&mut stream, &LOGIN).await);
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["server_active"], 0, "{pool}");
     start_sleeping(&mut stream).await;
     let started = Instant::now();
     send_cancel(proxy.addr(), key.0, &key.1, false).await;
@@ -471,7 +589,7 @@ async fn the_minimum_of_idle_connections_is_opened_ahead() {
         (pool["role"].as_str(), pool["database"].as_str()),
         (Some(USER), Some("postgres"))
     );
-    let clients = connect_all((0..3).map(|_| connect(proxy.addr(), USER, |_| {}))).await;
+    let clients = connect_all((0..3).map(|_| holding(proxy.addr(), USER))).await;
     pool_until(&proxy, "topped up to two idle beside three in use", |p| {
         p["server_idle"] == 2 && p["server_active"] == 3
     })
@@ -505,4 +623,28 @@ async fn a_client_waits_for_a_connection_being_reset() {
     assert_eq!(emulator.gateway().logins(), logins);
     drop((watcher, b));
     proxy.stop().await;
+}
+
+/// Draining, a session holding a server connection goes on, and one holding none (welcomed
+/// from its pool and silent since; in transaction pooling, between transactions) is told to go
+/// at once with 57P01, as PostgreSQL's "terminating connection due to administrator command".
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_tells_clients_without_a_connection_to_go() {
+    let emulator = Emulator::shared();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let (proxy, _) = pooled(emulator, |config| config.pool.mode = mode).await;
+        drop(logged_in(&proxy).await);
+        let busy = holding(proxy.addr(), USER).await.unwrap();
+        busy.batch_execute("begin").await.unwrap();
+        let mut silent = logged_in(&proxy).await;
+        assert_eq!(
+            http(proxy.admin.unwrap(), "POST", "/quitquitquit").await,
+            (200, "draining\n".into())
+        );
+        let fatal = fatal_in(&read_until_closed(&mut silent, SHORT).await);
+        assert_eq!(fatal.get(b'C'), Some("57P01"), "{mode:?}: {fatal:?}");
+        assert_eq!(current_user(&busy).await, USER, "{mode:?}");
+        drop(busy);
+        proxy.stop().await;
+    }
 }

@@ -134,7 +134,7 @@ pub(crate) async fn pooled(
     (Running::start(config, auth.clone()).await, auth)
 }
 
-/// Waits until `/pools` shows what `done` looks for in the first pool.
+/// Waits until `/pools` shows a pool that `done` looks for, and returns it.
 pub(crate) async fn pool_until(
     proxy: &Running,
     what: &str,
@@ -145,9 +145,11 @@ pub(crate) async fn pool_until(
             let (status, body) = http(proxy.admin.unwrap(), "GET", "/pools").await;
             assert_eq!(status, 200, "{body}");
             let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if let Some(pool) = pools["pools"].as_array().and_then(|p| p.first())
-                && done(pool)
-            {
+            let all = pools["pools"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if let Some(pool) = all.iter().find(|pool| done(pool)) {
                 return pool.clone();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -165,6 +167,17 @@ where
         clients.push(connect.await.unwrap());
     }
     clients
+}
+
+/// A client of `addr` that holds a server connection: logged in, and past its first query
+/// (in session pooling, a client welcomed from its pool takes a connection only then).
+pub(crate) async fn holding(
+    addr: SocketAddr,
+    user: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let client = connect(addr, user, |_| {}).await?;
+    client.batch_execute("select 1").await?;
+    Ok(client)
 }
 
 /// The value of one sample in a Prometheus exposition.
