@@ -60,7 +60,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
 ) {
     let deadline = Instant::now() + shared.config.login_timeout;
-    let (session, _slot) = match login(&mut conn, pending, &instance, &shared, deadline).await {
+    let (session, slot) = match login(&mut conn, pending, &instance, &shared, deadline).await {
         Ok(Some(logged_in)) => logged_in,
         Ok(None) => return,
         Err(StartupError::Refuse(refusal)) => {
@@ -113,7 +113,9 @@ pub(crate) async fn serve(
                     .metrics
                     .bytes(end.relayed.to_server, end.relayed.to_client);
                 shared.cancel_keys.forget(&key);
-                drop(client);
+                // The client is gone: its slot under --max-connections is free while its
+                // connection is reset (a round trip to the server), as in PgBouncer.
+                drop((client, slot));
                 lease::give_back(
                     *conn,
                     &pool,

@@ -599,6 +599,29 @@ async fn the_minimum_of_idle_connections_is_opened_ahead() {
     proxy.stop().await;
 }
 
+/// A client that has left no longer counts under `--max-connections` while its connection is
+/// reset (PgBouncer's `max_client_conn` counts clients): the next client logs in at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_left_frees_its_slot_while_its_connection_is_reset() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.max_connections = 1;
+        config.pool.reset_query = "select pg_sleep(0.5)".into();
+    })
+    .await;
+    let a = holding(proxy.addr(), USER).await.unwrap();
+    let pid = backend_pid(&a).await;
+    drop(a);
+    pool_until(&proxy, "the reset running", |p| {
+        p["server_active"] == 0 && p["server_idle"] == 0
+    })
+    .await;
+    let b = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    assert_eq!(backend_pid(&b).await, pid);
+    drop(b);
+    proxy.stop().await;
+}
+
 /// A client that comes while a connection is being reset waits for it rather than logging in
 /// another: a reset is one round trip, a login a TLS handshake, a token check and a backend.
 #[tokio::test(flavor = "multi_thread")]
