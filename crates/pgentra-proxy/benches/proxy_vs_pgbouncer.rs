@@ -463,14 +463,10 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
         std::env::var("PATH").unwrap_or_default()
     );
     let az = [("PATH", path)];
-    let sessions = biggest + 10;
-    let pooled = Helper::proxy(
-        &upstream,
-        sessions,
-        &sockets,
-        Pooling::session(sessions),
-        &az,
-    )?;
+    // Room for clients that have closed but are not yet seen to (on a busy machine, the
+    // proxy's and PgBouncer's), with pools a little larger than the clients.
+    let (sessions, pool) = (biggest + 100, biggest + 10);
+    let pooled = Helper::proxy(&upstream, sessions, &sockets, Pooling::session(pool), &az)?;
     let relay = Helper::proxy(&upstream, sessions, &sockets, Pooling::none(), &az)?;
     // PgBouncer cannot get tokens: it logs in with one fetched here (valid for an hour).
     let bouncer = Helper::pgbouncer(
@@ -484,7 +480,7 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
         },
         sessions,
         &sockets,
-        Pooling::session(sessions),
+        Pooling::session(pool),
     )?;
     let through = |name, port| Target {
         name,

@@ -1,8 +1,9 @@
 //! One client connection through the proxy's stages, in order: the startup phase, the local
 //! password, a session slot, the role, a server connection (a pooled one, or a login with a
-//! token, all within the login timeout), the welcome, the relay (of bytes, of a session, or of
-//! transactions), and the release of the server connection. This is the one place that tells a
-//! client it is refused.
+//! token, all within the login timeout; for a client its pool can welcome, with its first
+//! message instead), the welcome, the relay (of bytes, of a session, or of transactions), and
+//! the release of the server connection. This is the one place that tells a client it is
+//! refused.
 
 use crate::cancel;
 use crate::config::PoolMode;
