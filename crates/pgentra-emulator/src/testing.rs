@@ -7,6 +7,9 @@
 //! [`TestCredential`] is an `azure_core` token credential that answers as a test says (a token
 //! it mints, or another credential's answer), fails while told to, and counts its calls.
 //!
+//! [`azure_cli`] is the real Azure CLI credential alone, running the `az` of a directory (an
+//! emulator's, or one without any for a credential that fails).
+//!
 //! [`within`] bounds what a test waits for, and [`temp_dir`] gives it a directory of its own.
 //!
 //! ```no_run
@@ -18,12 +21,13 @@
 
 use crate::background;
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use pgentra::credential::CredentialChain;
 use pgentra_wire::{
     ErrorFields, MAX_STARTUP_PACKET, StartupPacket, cleartext_password_request,
     parse_startup_packet, read_message, read_startup_packet,
 };
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +194,23 @@ pub fn temp_dir(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");
     dir
+}
+
+/// The real Azure CLI credential and no other, running the `az` found in `dir`: an emulator's
+/// [`bin_dir`](crate::Emulator::bin_dir), or a directory without one for a credential that
+/// fails.
+///
+/// ```
+/// let failing = pgentra_emulator::testing::azure_cli(std::path::Path::new("/nonexistent"));
+/// let auth = pgentra::EntraAuth::builder().credential_chain(failing).build().unwrap();
+/// assert!(auth.credentials_blocking().is_err());
+/// ```
+pub fn azure_cli(dir: &Path) -> CredentialChain {
+    CredentialChain::from_vars([
+        ("PATH", dir.to_str().expect("a UTF-8 path")),
+        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
+    ])
+    .expect("the Azure CLI credential")
 }
 
 /// An `azure_core` token credential for tests: its answers come from a function (a token the

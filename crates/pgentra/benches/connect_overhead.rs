@@ -12,7 +12,6 @@
 
 use pgentra::EntraAuth;
 use pgentra::conninfo::ConnInfo;
-use pgentra::credential::CredentialChain;
 use pgentra::sqlx::SqlxConnector;
 use pgentra::tokio_postgres::{EntraConnector, Tls};
 use pgentra_emulator::issuer::Principal;
@@ -275,13 +274,8 @@ fn main() {
         emulator.ca_file().display()
     ))
     .unwrap();
-    let chain = CredentialChain::from_vars([
-        ("PATH", emulator.bin_dir().to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
     let auth = EntraAuth::builder()
-        .credential_chain(chain)
+        .credential_chain(pgentra_emulator::testing::azure_cli(emulator.bin_dir()))
         .build()
         .unwrap();
     // "Once the token is cached": fetch it before measuring.

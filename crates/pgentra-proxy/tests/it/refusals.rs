@@ -40,13 +40,8 @@ async fn login_failures_are_error_responses() {
 
     // No credential: `az` is not on the provider's PATH.
     let empty = temp_dir("no-az");
-    let chain = CredentialChain::from_vars([
-        ("PATH", empty.to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
     let failing = EntraAuth::builder()
-        .credential_chain(chain)
+        .credential_chain(azure_cli(&empty))
         .build()
         .unwrap();
     let no_token = Running::start(self::config(emulator), failing).await;

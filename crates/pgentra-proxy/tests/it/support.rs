@@ -8,7 +8,7 @@ pub(crate) use pgentra::credential::CredentialChain;
 pub(crate) use pgentra::{EntraAuth, Secret};
 pub(crate) use pgentra_emulator::identity::{Identities, IdentityServer};
 pub(crate) use pgentra_emulator::issuer::Principal;
-pub(crate) use pgentra_emulator::testing::{temp_dir, within};
+pub(crate) use pgentra_emulator::testing::{azure_cli, temp_dir, within};
 pub(crate) use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
 pub(crate) use pgentra_proxy::{ClientRoles, Instance, PoolMode, Proxy, ProxyConfig, ProxyError};
 pub(crate) use pgentra_wire::{
@@ -32,13 +32,8 @@ pub(crate) const SHORT: Duration = Duration::from_secs(10);
 
 /// A provider using the real Azure CLI credential on the emulator's `az` (and nothing else).
 pub(crate) fn auth(emulator: &Emulator) -> EntraAuth {
-    let chain = CredentialChain::from_vars([
-        ("PATH", emulator.bin_dir().to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
     EntraAuth::builder()
-        .credential_chain(chain)
+        .credential_chain(azure_cli(emulator.bin_dir()))
         .build()
         .unwrap()
 }

@@ -7,9 +7,10 @@ use pgentra::credential::CredentialChain;
 use pgentra::tokio_postgres::EntraConnector;
 use pgentra::{EntraAuth, Error};
 use pgentra_emulator::issuer::Principal;
-use pgentra_emulator::testing::TestCredential;
+use pgentra_emulator::testing::{self, TestCredential};
 use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -390,12 +391,15 @@ fn managed_identity(emulator: &Emulator, identity: Option<&Principal>) -> Arc<Te
 
 /// The real Azure CLI credential, running the emulator's `az`.
 fn azure_cli(emulator: &Emulator) -> Arc<TestCredential> {
-    let chain = CredentialChain::from_vars([
-        ("PATH", emulator.bin_dir().to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
-    TestCredential::counting(Arc::new(chain))
+    TestCredential::counting(Arc::new(testing::azure_cli(emulator.bin_dir())))
+}
+
+/// A provider whose credential fails: no `az` on its PATH.
+fn without_az() -> EntraAuth {
+    EntraAuth::builder()
+        .credential_chain(testing::azure_cli(Path::new("/nonexistent")))
+        .build()
+        .unwrap()
 }
 
 fn auth(credential: &Arc<TestCredential>) -> EntraAuth {
@@ -610,17 +614,7 @@ async fn an_explicit_user_wins(kind: Kind) {
 async fn failures_surface_with_their_causes(kind: Kind) {
     let emulator = Emulator::shared();
     // The credential fails (no `az` on its PATH): the error names it, not just a timeout.
-    let empty = std::env::temp_dir().join(format!("pgentra-no-az-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    let chain = CredentialChain::from_vars([
-        ("PATH", empty.to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
-    let failing = EntraAuth::builder()
-        .credential_chain(chain)
-        .build()
-        .unwrap();
+    let failing = without_az();
     let err = driver(kind, connector(emulator, failing, None))
         .await
         .users(1)
@@ -739,15 +733,7 @@ scenarios!(
 #[tokio::test]
 async fn the_deadpool_error_leads_to_pgentras_cause() {
     let emulator = Emulator::shared();
-    let chain = CredentialChain::from_vars([
-        ("PATH", "/nonexistent"),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
-    let auth = EntraAuth::builder()
-        .credential_chain(chain)
-        .build()
-        .unwrap();
+    let auth = without_az();
     let pool = pgentra::deadpool::pool(connector(emulator, auth, None).postgres, 2).unwrap();
     let err = pool.get().await.unwrap_err();
     let cause = pgentra::deadpool::cause(&err).expect("pgentra's error in the chain");
@@ -888,15 +874,7 @@ async fn diesel_async_bb8_pool_and_typed_causes() {
         .unwrap();
     assert_eq!(user, USER);
 
-    let chain = CredentialChain::from_vars([
-        ("PATH", "/nonexistent"),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap();
-    let failing = EntraAuth::builder()
-        .credential_chain(chain)
-        .build()
-        .unwrap();
+    let failing = without_az();
     let connectors = connector(emulator, failing, None);
     let setup = pgentra::diesel_async::setup(connectors.postgres);
     let err = setup("ignored").await.err().expect("no credentials");

@@ -73,11 +73,7 @@ async fn exclusive() -> (tokio::sync::MutexGuard<'static, ()>, &'static Emulator
 
 /// The real Azure CLI credential, running the emulator's `az` (a token request per call).
 fn azure_cli(emulator: &Emulator) -> CredentialChain {
-    CredentialChain::from_vars([
-        ("PATH", emulator.bin_dir().to_str().unwrap()),
-        ("AZURE_TOKEN_CREDENTIALS", "AzureCliCredential"),
-    ])
-    .unwrap()
+    pgentra_emulator::testing::azure_cli(emulator.bin_dir())
 }
 
 /// The real managed-identity credential over IMDS, redirected to the emulator (never to
