@@ -38,7 +38,7 @@ mod whoami;
 #[cfg(not(feature = "emulator"))]
 use unbuilt::{demo, emulator};
 
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
@@ -117,7 +117,8 @@ fn split_psql_args(mut argv: Vec<OsString>) -> (Vec<OsString>, Option<Vec<OsStri
 
 fn main() -> ExitCode {
     let (argv, psql_args) = split_psql_args(std::env::args_os().collect());
-    let mut cli = Cli::parse_from(argv);
+    let matches = proxy::with_defaults(Cli::command()).get_matches_from(argv);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     if let (Command::Psql(args), Some(rest)) = (&mut cli.command, psql_args) {
         args.args = rest;
     }

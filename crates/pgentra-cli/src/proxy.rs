@@ -12,8 +12,11 @@ use crate::output::{LogFormat, init_logging, shutdown_signal};
 use crate::settings::{duration, settings};
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;
-use pgentra_proxy::{ClientRoles, Instance, PoolConfig, PoolMode, Proxy, ProxyConfig};
+use pgentra_proxy::{
+    ClientRoles, Instance, PoolConfig, PoolMode, PoolOverrides, Proxy, ProxyConfig,
+};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +43,8 @@ pub(crate) struct Args {
     #[command(flatten)]
     settings: Settings,
     #[command(flatten)]
+    pool: PoolSettings,
+    #[command(flatten)]
     auth: AuthArgs,
 }
 
@@ -58,7 +63,7 @@ enum PoolModeName {
 settings! {
     /// The proxy's settings: flags, `PGENTRA_PROXY_*` variables and file keys.
     struct Settings {
-        /// The TCP address of the first upstream's listener [default: 127.0.0.1:5432].
+        /// The TCP address of the first upstream's listener.
         #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_LISTEN")]
         listen: SocketAddr,
         /// Also listen on a Unix socket in this directory (`.s.PGSQL.<port>`, mode 0600).
@@ -75,62 +80,25 @@ settings! {
         /// other names get the token's role [default: none].
         #[arg(long, value_name = "ROLES", env = "PGENTRA_PROXY_CLIENT_ROLES")]
         client_roles: String,
-        /// Most authenticated client sessions at once; more get SQLSTATE 53300 [default: 1000].
+        /// Most authenticated client sessions at once; more get SQLSTATE 53300.
         #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_CONNECTIONS")]
         max_connections: usize,
-        /// Limit for connecting to the upstream server (TCP and TLS) [default: 10s].
+        /// Limit for connecting to the upstream server (TCP and TLS).
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CONNECT_TIMEOUT")]
         #[serde(default, deserialize_with = "duration")]
         connect_timeout: Duration,
-        /// Limit for a client's whole login [default: 30s].
+        /// Limit for a client's whole login.
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_LOGIN_TIMEOUT")]
         #[serde(default, deserialize_with = "duration")]
         login_timeout: Duration,
-        /// On SIGTERM or SIGINT, how long running sessions may go on [default: 30s].
+        /// On SIGTERM or SIGINT, how long running sessions may go on.
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_DRAIN_TIMEOUT")]
         #[serde(default, deserialize_with = "duration")]
         drain_timeout: Duration,
-        /// How client sessions get server connections: `session` (pooled, reset between
-        /// clients), `transaction` (pooled, per transaction) or `none` (each its own)
-        /// [default: session].
-        #[arg(long, value_enum, env = "PGENTRA_PROXY_POOL_MODE")]
-        pool_mode: PoolModeName,
-        /// Server connections per pool: per upstream, role, database and session-shaping
-        /// startup parameters [default: 20].
-        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_POOL_SIZE")]
-        pool_size: usize,
-        /// Idle server connections each pool keeps open [default: 0].
-        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MIN_POOL_SIZE")]
-        min_pool_size: usize,
         /// Server connections per upstream over all its pools, to stay under its
-        /// max_connections [default: 0, no cap].
+        /// max_connections (0: no cap).
         #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_SERVER_CONNECTIONS")]
         max_server_connections: usize,
-        /// How long a server connection lives, and never past its token's expiry [default: 1h].
-        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_LIFETIME")]
-        #[serde(default, deserialize_with = "duration")]
-        server_lifetime: Duration,
-        /// How long a server connection may stay idle before it is closed [default: 10m].
-        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_IDLE_TIMEOUT")]
-        #[serde(default, deserialize_with = "duration")]
-        server_idle_timeout: Duration,
-        /// Check a server connection idle this long before handing it out [default: 30s].
-        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_CHECK_DELAY")]
-        #[serde(default, deserialize_with = "duration")]
-        server_check_delay: Duration,
-        /// What resets a server connection when its client leaves (empty: nothing) [default:
-        /// DISCARD ALL].
-        #[arg(long, value_name = "SQL", env = "PGENTRA_PROXY_SERVER_RESET_QUERY")]
-        server_reset_query: String,
-        /// How long a client waits for a server connection when its pool is full [default:
-        /// 30s].
-        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_QUEUE_TIMEOUT")]
-        #[serde(default, deserialize_with = "duration")]
-        queue_timeout: Duration,
-        /// In transaction pooling, statements kept prepared on each server connection for
-        /// clients; past it the least recently used is closed [default: 200].
-        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_PREPARED_STATEMENTS")]
-        max_prepared_statements: usize,
         /// HTTP address for /healthz, /readyz, /metrics, /pools and POST /quitquitquit.
         #[arg(long, value_name = "ADDR", env = "PGENTRA_PROXY_ADMIN")]
         admin: SocketAddr,
@@ -146,7 +114,7 @@ settings! {
         /// Allow listening on non-loopback addresses (anyone who reaches them uses your identity).
         #[arg(long, env = "PGENTRA_PROXY_ALLOW_REMOTE", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::FalseyValueParser::new())]
         allow_remote: bool,
-        /// Unix socket permissions, in octal [default: 600].
+        /// Unix socket permissions, in octal.
         #[arg(long, value_name = "MODE", env = "PGENTRA_PROXY_SOCKET_MODE")]
         socket_mode: String,
         /// Worker threads, 1 to 1024 [default: 1 with up to 2 cores, else one per core].
@@ -161,6 +129,128 @@ settings! {
     }
 }
 
+settings! {
+    /// The settings of a pool, which `[databases.NAME]`, `[roles.NAME]` and `[[instance]]`
+    /// tables of the file may also set (a role's over a database's over an instance's over
+    /// these). A timeout of 0 is off.
+    struct PoolSettings {
+        /// How client sessions get server connections: `session` (pooled, reset between
+        /// clients), `transaction` (pooled, per transaction) or `none` (each its own).
+        #[arg(long, value_enum, env = "PGENTRA_PROXY_POOL_MODE")]
+        pool_mode: PoolModeName,
+        /// Server connections per pool: per upstream, role, database and session-shaping
+        /// startup parameters.
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_POOL_SIZE")]
+        pool_size: usize,
+        /// Idle server connections each pool keeps open.
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MIN_POOL_SIZE")]
+        min_pool_size: usize,
+        /// How long a server connection lives, and never past its token's expiry.
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_LIFETIME")]
+        #[serde(default, deserialize_with = "duration")]
+        server_lifetime: Duration,
+        /// How long a server connection may stay idle before it is closed.
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_IDLE_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        server_idle_timeout: Duration,
+        /// Check a server connection idle this long before handing it out.
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_SERVER_CHECK_DELAY")]
+        #[serde(default, deserialize_with = "duration")]
+        server_check_delay: Duration,
+        /// What resets a server connection when its client leaves (empty: nothing).
+        #[arg(long, value_name = "SQL", env = "PGENTRA_PROXY_SERVER_RESET_QUERY")]
+        server_reset_query: String,
+        /// How long a client waits for a server connection when its pool is full; then
+        /// SQLSTATE 53300.
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_QUEUE_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        queue_timeout: Duration,
+        /// In transaction pooling, statements kept prepared on each server connection for
+        /// clients; past it the least recently used is closed.
+        #[arg(long, value_name = "N", env = "PGENTRA_PROXY_MAX_PREPARED_STATEMENTS")]
+        max_prepared_statements: usize,
+        /// Disconnect a client idle between transactions this long (FATAL 57P05).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CLIENT_IDLE_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        client_idle_timeout: Duration,
+        /// Disconnect a client idle inside a transaction this long, rolling it back (FATAL
+        /// 25P03).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_IDLE_TRANSACTION_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        idle_transaction_timeout: Duration,
+        /// Cancel a query that runs this long (the client gets 57014).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_QUERY_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        query_timeout: Duration,
+        /// End a session whose transaction runs this long (FATAL 25P04).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_TRANSACTION_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        transaction_timeout: Duration,
+        /// Disconnect a client that sent part of a message and then nothing this long, while it
+        /// holds a server connection (FATAL 08006).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CLIENT_STALL_TIMEOUT")]
+        #[serde(default, deserialize_with = "duration")]
+        client_stall_timeout: Duration,
+    }
+}
+
+impl PoolSettings {
+    /// These settings as overrides of the proxy's pool settings.
+    fn overrides(&self) -> PoolOverrides {
+        // 0 turns a timeout off.
+        let timeout = |t: Option<Duration>| t.map(|t| Some(t).filter(|t| !t.is_zero()));
+        let mut overrides = PoolOverrides::default();
+        overrides.mode = self.pool_mode.map(PoolModeName::mode);
+        overrides.size = self.pool_size;
+        overrides.min_idle = self.min_pool_size;
+        overrides.server_lifetime = self.server_lifetime;
+        overrides.idle_timeout = self.server_idle_timeout;
+        overrides.check_delay = self.server_check_delay;
+        overrides.reset_query.clone_from(&self.server_reset_query);
+        overrides.queue_timeout = self.queue_timeout;
+        overrides.max_prepared_statements = self.max_prepared_statements;
+        overrides.client_idle_timeout = timeout(self.client_idle_timeout);
+        overrides.idle_transaction_timeout = timeout(self.idle_transaction_timeout);
+        overrides.query_timeout = timeout(self.query_timeout);
+        overrides.transaction_timeout = timeout(self.transaction_timeout);
+        overrides.client_stall_timeout = timeout(self.client_stall_timeout);
+        overrides
+    }
+}
+
+impl PoolModeName {
+    fn mode(self) -> PoolMode {
+        match self {
+            Self::None => PoolMode::None,
+            Self::Session => PoolMode::Session,
+            Self::Transaction => PoolMode::Transaction,
+        }
+    }
+}
+
+/// `pgentra proxy --help` with each setting's default, from the library's own defaults (so
+/// that each is written once).
+pub(crate) fn with_defaults(command: clap::Command) -> clap::Command {
+    command.mut_subcommand("proxy", |mut proxy| {
+        let listen = ("listen", DEFAULT_LISTEN.to_string());
+        let defaults = ProxyConfig::defaults()
+            .into_iter()
+            .chain(PoolConfig::defaults());
+        for (key, shown) in defaults.chain([listen]) {
+            let shown = if shown.is_empty() {
+                "nothing".to_owned()
+            } else {
+                shown
+            };
+            proxy = proxy.mut_arg(key, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {shown}]"))
+            });
+        }
+        proxy
+    })
+}
+
 /// One `[[instance]]`: an upstream, and optionally its own listener and roles.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,12 +262,16 @@ struct FileInstance {
     client_roles: Option<String>,
 }
 
-/// The TOML file: the settings, the credential options, and `[[instance]]` tables.
-#[derive(Debug, Default)]
+/// The TOML file: the settings, the credential options, `[[instance]]` tables (each with its
+/// pool settings) and the pool settings of `[databases.NAME]` and `[roles.NAME]`.
+#[derive(Debug, Default, Clone)]
 struct File {
     settings: Settings,
+    pool: PoolSettings,
     auth: AuthArgs,
-    instances: Vec<FileInstance>,
+    instances: Vec<(FileInstance, PoolSettings)>,
+    databases: BTreeMap<String, PoolSettings>,
+    roles: BTreeMap<String, PoolSettings>,
 }
 
 const DEFAULT_LISTEN: SocketAddr =
@@ -188,14 +282,15 @@ pub(crate) fn run(args: &Args, context: Context) -> Result<ExitCode, CliError> {
         Some(path) => read_file(path)?,
         None => File::default(),
     };
-    let settings = args.settings.clone().or(file.settings);
-    let auth = args.auth.clone().or(file.auth);
+    let settings = args.settings.clone().or(file.settings.clone());
+    let pool = args.pool.clone().or(file.pool.clone());
+    let auth = args.auth.clone().or(file.auth.clone());
     // A service: its sessions are logged (info) unless RUST_LOG says otherwise.
     init_logging(
         context.verbose.max(1),
         settings.log_format.unwrap_or_default(),
     );
-    let config = config(&args.upstreams, &file.instances, &settings)?;
+    let config = config(&args.upstreams, &settings, &pool, &file)?;
     let auth = auth.provider(None)?;
     let threads = settings
         .threads
@@ -228,20 +323,23 @@ fn read_file(path: &Path) -> Result<File, CliError> {
     parse_file(&text).map_err(|message| CliError::Usage(format!("{}: {message}", path.display())))
 }
 
-/// The file's settings: each key belongs to the settings or to the credential options (each
-/// defined once, there), and `[[instance]]` tables add upstreams.
+/// The file's settings: each key belongs to the settings, the pool settings or the credential
+/// options (each defined once, there); `[[instance]]` tables add upstreams, and
+/// `[databases.NAME]` and `[roles.NAME]` tables hold pool settings.
 fn parse_file(text: &str) -> Result<File, String> {
     let message = |e: toml::de::Error| e.message().to_owned();
     let mut table: toml::Table = toml::from_str(text).map_err(message)?;
     let instances = match table.remove("instance") {
-        Some(value) => value
-            .try_into::<Vec<FileInstance>>()
-            .map_err(|e| format!("[[instance]]: {}", e.message()))?,
+        Some(toml::Value::Array(tables)) => (tables.into_iter())
+            .map(file_instance)
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("instance: use [[instance]] tables".into()),
         None => Vec::new(),
     };
-    let (auth, settings): (toml::Table, toml::Table) = table
-        .into_iter()
-        .partition(|(key, _)| AuthArgs::KEYS.contains(&key.as_str()));
+    let databases = pool_tables(table.remove("databases"), "databases")?;
+    let roles = pool_tables(table.remove("roles"), "roles")?;
+    let (auth, rest) = partition(table, AuthArgs::KEYS);
+    let (pool, settings) = partition(rest, PoolSettings::KEYS);
     if let Some(key) = settings
         .keys()
         .find(|key| !Settings::KEYS.contains(&key.as_str()))
@@ -250,17 +348,62 @@ fn parse_file(text: &str) -> Result<File, String> {
     }
     Ok(File {
         settings: toml::Value::Table(settings).try_into().map_err(message)?,
+        pool: toml::Value::Table(pool).try_into().map_err(message)?,
         auth: toml::Value::Table(auth).try_into().map_err(message)?,
         instances,
+        databases,
+        roles,
     })
 }
 
+/// The keys of `table` that are among `keys`, and the others.
+fn partition(table: toml::Table, keys: &[&str]) -> (toml::Table, toml::Table) {
+    table
+        .into_iter()
+        .partition(|(key, _)| keys.contains(&key.as_str()))
+}
+
+/// One `[[instance]]` table: the instance and its pool settings.
+fn file_instance(value: toml::Value) -> Result<(FileInstance, PoolSettings), String> {
+    let error = |e: toml::de::Error| format!("[[instance]]: {}", e.message());
+    let toml::Value::Table(table) = value else {
+        return Err("instance: use [[instance]] tables".into());
+    };
+    let (pool, own) = partition(table, PoolSettings::KEYS);
+    Ok((
+        toml::Value::Table(own).try_into().map_err(error)?,
+        toml::Value::Table(pool).try_into().map_err(error)?,
+    ))
+}
+
+/// `[databases.NAME]` or `[roles.NAME]` tables: pool settings by name.
+fn pool_tables(
+    value: Option<toml::Value>,
+    what: &str,
+) -> Result<BTreeMap<String, PoolSettings>, String> {
+    let Some(value) = value else {
+        return Ok(BTreeMap::new());
+    };
+    let toml::Value::Table(tables) = value else {
+        return Err(format!("{what}: use [{what}.NAME] tables"));
+    };
+    (tables.into_iter())
+        .map(|(name, settings)| {
+            let settings = settings
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("[{what}.{name}]: {}", e.message()))?;
+            Ok((name, settings))
+        })
+        .collect()
+}
+
 /// The proxy's configuration: the merged settings over the defaults, and the instances (the
-/// upstreams named on the command line, then the file's).
+/// upstreams named on the command line, then the file's) with the file's pool settings.
 fn config(
     upstreams: &[String],
-    file_instances: &[FileInstance],
     settings: &Settings,
+    pool: &PoolSettings,
+    file: &File,
 ) -> Result<ProxyConfig, CliError> {
     let mut config = ProxyConfig::default();
     let first_listen = settings.listen.unwrap_or(DEFAULT_LISTEN);
@@ -268,13 +411,16 @@ fn config(
     if no_tcp && settings.unix_socket.is_none() {
         return Err(CliError::Usage("--no-tcp needs --unix-socket".into()));
     }
-    let mut instances: Vec<FileInstance> = upstreams
+    let mut instances: Vec<(FileInstance, PoolSettings)> = upstreams
         .iter()
-        .map(|upstream| FileInstance {
-            upstream: upstream.clone(),
-            ..FileInstance::default()
+        .map(|upstream| {
+            let own = FileInstance {
+                upstream: upstream.clone(),
+                ..FileInstance::default()
+            };
+            (own, PoolSettings::default())
         })
-        .chain(file_instances.iter().cloned())
+        .chain(file.instances.iter().cloned())
         .collect();
     let env_default = ConnInfo::from_env()?;
     if instances.is_empty() {
@@ -283,9 +429,9 @@ fn config(
                 "no upstream server: give one (`pgentra proxy srv.postgres.database.azure.com`) or set PGHOST".into(),
             ));
         }
-        instances.push(FileInstance::default());
+        instances.push(Default::default());
     }
-    for (index, own) in instances.into_iter().enumerate() {
+    for (index, (own, own_pool)) in instances.into_iter().enumerate() {
         let info = parse_upstream(&own.upstream)?.or(env_default.clone());
         let port_offset = u16::try_from(index).unwrap_or(u16::MAX);
         let tcp = own.listen.unwrap_or_else(|| {
@@ -303,6 +449,7 @@ fn config(
         if let Some(roles) = own.client_roles.as_ref().or(settings.client_roles.as_ref()) {
             instance.client_roles = ClientRoles::parse(roles);
         }
+        instance.pool = own_pool.overrides();
         config.instances.push(instance);
     }
     let defaults = ProxyConfig::default();
@@ -312,7 +459,17 @@ fn config(
     config.drain_timeout = settings.drain_timeout.unwrap_or(defaults.drain_timeout);
     config.admin = settings.admin;
     config.allow_remote = settings.allow_remote.unwrap_or(false);
-    config.pool = pool_config(settings);
+    config.max_server_connections = settings
+        .max_server_connections
+        .unwrap_or(defaults.max_server_connections);
+    config.pool.apply(&pool.overrides());
+    let overrides = |tables: &BTreeMap<String, PoolSettings>| {
+        (tables.iter())
+            .map(|(name, settings)| (name.clone(), settings.overrides()))
+            .collect()
+    };
+    config.databases = overrides(&file.databases);
+    config.roles = overrides(&file.roles);
     if let Some(mode) = &settings.socket_mode {
         config.socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8)
             .ok()
@@ -346,34 +503,6 @@ fn config(
         config.client_password = Some(Secret::new(password));
     }
     Ok(config)
-}
-
-/// The pool settings over their defaults.
-fn pool_config(settings: &Settings) -> PoolConfig {
-    let mut pool = PoolConfig::default();
-    if let Some(mode) = settings.pool_mode {
-        pool.mode = match mode {
-            PoolModeName::None => PoolMode::None,
-            PoolModeName::Session => PoolMode::Session,
-            PoolModeName::Transaction => PoolMode::Transaction,
-        };
-    }
-    pool.size = settings.pool_size.unwrap_or(pool.size);
-    pool.min_idle = settings.min_pool_size.unwrap_or(pool.min_idle);
-    pool.max_server_connections = settings
-        .max_server_connections
-        .unwrap_or(pool.max_server_connections);
-    pool.server_lifetime = settings.server_lifetime.unwrap_or(pool.server_lifetime);
-    pool.idle_timeout = settings.server_idle_timeout.unwrap_or(pool.idle_timeout);
-    pool.check_delay = settings.server_check_delay.unwrap_or(pool.check_delay);
-    if let Some(query) = &settings.server_reset_query {
-        pool.reset_query.clone_from(query);
-    }
-    pool.queue_timeout = settings.queue_timeout.unwrap_or(pool.queue_timeout);
-    pool.max_prepared_statements = settings
-        .max_prepared_statements
-        .unwrap_or(pool.max_prepared_statements);
-    pool
 }
 
 /// Refuses a secret file that others may read, as libpq refuses a `.pgpass` with group or
@@ -477,6 +606,13 @@ mod tests {
             listen = "127.0.0.1:7000"
             user = "reporting"
             client_roles = "readers, writers"
+            pool_mode = "transaction"
+            [databases.orders]
+            pool_size = 8
+            query_timeout = "30s"
+            [roles.reporting]
+            pool_size = 2
+            client_stall_timeout = "0"
             "#,
         )
         .unwrap();
@@ -484,8 +620,8 @@ mod tests {
             max_connections: Some(9),
             ..Settings::default()
         };
-        let settings = flags.or(file.settings);
-        let config = config(&[], &file.instances, &settings).unwrap();
+        let settings = flags.or(file.settings.clone());
+        let config = config(&[], &settings, &file.pool, &file).unwrap();
         assert_eq!(config.max_connections, 9);
         assert_eq!(config.drain_timeout, Duration::from_secs(3));
         assert_eq!(config.socket_mode, 0o660);
@@ -513,5 +649,20 @@ mod tests {
         );
         assert!(parse_file("[[instance]]\nupstream = \"x\"\nport = 1").is_err());
         assert!(parse_file("login_timeout = \"soon\"").is_err());
+        let unknown = parse_file("[databases.app]\npool_sise = 1").unwrap_err();
+        assert!(unknown.contains("[databases.app]"), "{unknown}");
+        // The file's pool settings, resolved as they apply to each pool.
+        let (a, b) = (&config.instances[0], &config.instances[1]);
+        let orders = config.pool_settings(b, "orders", "app");
+        assert_eq!(orders.mode, PoolMode::Transaction, "the instance's mode");
+        assert_eq!(orders.size, 8, "the database's size");
+        assert_eq!(orders.query_timeout, Some(Duration::from_secs(30)));
+        let reporting = config.pool_settings(a, "orders", "reporting");
+        assert_eq!((reporting.mode, reporting.size), (PoolMode::Session, 2));
+        assert_eq!(
+            reporting.client_stall_timeout, None,
+            "0 turns a timeout off"
+        );
+        assert_eq!(config.pool_settings(a, "app", "app").size, 4);
     }
 }

@@ -192,6 +192,7 @@ fn pools_json(shared: &Shared) -> String {
         .into_iter()
         .flat_map(|(upstream, snapshots)| {
             snapshots.into_iter().map(move |p| {
+                let mode = p.mode.as_str();
                 let closed: serde_json::Map<String, serde_json::Value> = p
                     .closed
                     .iter()

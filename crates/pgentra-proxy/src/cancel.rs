@@ -4,15 +4,17 @@
 //! real key. Unknown keys, and keys of sessions holding no server connection, do nothing, as in
 //! PostgreSQL.
 
-use crate::server::{self, CancelGuard, CancelsInFlight, Target};
+use crate::server::{self, ServerConn, Target};
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use postgres_protocol::message::frontend;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 /// A protocol 3.0 `BackendKeyData`: process ID and secret.
 pub(crate) type Key = (i32, [u8; 4]);
@@ -24,6 +26,17 @@ pub(crate) struct CancelTarget {
     pub(crate) key: Key,
     /// The server connection's count of cancels on their way.
     pub(crate) in_flight: Arc<CancelsInFlight>,
+}
+
+impl CancelTarget {
+    /// Where cancel requests for a query on `server` (of `target`) go.
+    pub(crate) fn of(target: &Arc<Target>, server: &ServerConn) -> Self {
+        Self {
+            target: Arc::clone(target),
+            key: server.key,
+            in_flight: Arc::clone(&server.cancels),
+        }
+    }
 }
 
 /// The proxy-issued keys of open sessions.
@@ -78,6 +91,23 @@ pub(crate) async fn forward(keys: &CancelKeys, pid: i32, key: &[u8], connect_tim
         tracing::debug!("cancel request with an unknown key, or for no query, ignored");
         return;
     };
+    send(&to, connect_timeout).await;
+}
+
+/// Sends a cancel request to `to` in the background, counted in flight (so the connection is
+/// not handed to another client before the server has it).
+pub(crate) fn spawn_send(to: CancelTarget, connect_timeout: Duration) {
+    let in_flight = to.in_flight.start();
+    tokio::spawn(async move {
+        send(&to, connect_timeout).await;
+        drop(in_flight);
+    });
+}
+
+/// Sends a cancel request to `to` over a new verified TLS connection, and waits for the server
+/// to close it (it has then signalled the backend); marks the connection unsure when it does
+/// not in time.
+pub(crate) async fn send(to: &CancelTarget, connect_timeout: Duration) {
     match server::connect(&to.target, connect_timeout).await {
         Ok(mut stream) => {
             let mut request = BytesMut::new();
@@ -93,5 +123,59 @@ pub(crate) async fn forward(keys: &CancelKeys, pid: i32, key: &[u8], connect_tim
             }
         }
         Err(error) => tracing::warn!(%error, "could not forward a cancel request"),
+    }
+}
+
+/// Cancel requests sent on to a server connection and not yet acknowledged (the server closes
+/// the cancel connection once it has signalled the backend): a connection is not handed to
+/// another client while one is on its way, or it could cancel that client's query.
+#[derive(Debug, Default)]
+pub(crate) struct CancelsInFlight {
+    count: AtomicUsize,
+    done: Notify,
+    /// A cancel request was sent on, but the server did not close its connection in time:
+    /// it may still act on it, so the connection is never handed on.
+    unsure: AtomicBool,
+}
+
+impl CancelsInFlight {
+    /// Counts one until the returned guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> CancelGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        CancelGuard(Arc::clone(self))
+    }
+
+    /// Whether none is in flight now.
+    pub(crate) fn none(&self) -> bool {
+        self.count.load(Ordering::SeqCst) == 0 && !self.unsure.load(Ordering::SeqCst)
+    }
+
+    /// Marks the connection as one a cancel request may still reach.
+    pub(crate) fn unsure(&self) {
+        self.unsure.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves once none is in flight, or after `limit`; whether none is.
+    pub(crate) async fn settled(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let done = self.done.notified();
+                if self.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok() && !self.unsure.load(Ordering::SeqCst)
+    }
+}
+
+/// One cancel request in flight.
+pub(crate) struct CancelGuard(Arc<CancelsInFlight>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.done.notify_waiters();
     }
 }

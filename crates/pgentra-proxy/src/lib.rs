@@ -51,24 +51,27 @@
 mod admin;
 mod cancel;
 mod config;
-mod lease;
+mod connector;
+mod guard;
 mod listen;
 mod maintain;
 mod metrics;
+mod params;
 mod password;
 mod pinning;
 mod pool;
+mod protocol;
 mod refusal;
 mod relay;
 mod server;
 mod session;
 mod shared;
 pub mod startup;
-mod statements;
 mod tracked;
-mod transaction;
 
-pub use config::{ClientRoles, Instance, PoolConfig, PoolMode, ProxyConfig, ProxyError};
+pub use config::{
+    ClientRoles, Instance, PoolConfig, PoolMode, PoolOverrides, ProxyConfig, ProxyError,
+};
 pub use metrics::Metrics;
 pub use refusal::Refusal;
 
@@ -135,7 +138,7 @@ impl Proxy {
     /// mode). Fails if any address is taken or not loopback (unless allowed).
     pub async fn bind(config: ProxyConfig, auth: pgentra::EntraAuth) -> Result<Self, ProxyError> {
         config.validate()?;
-        statements::name_secret().map_err(|error| {
+        protocol::statements::name_secret().map_err(|error| {
             ProxyError::Config(format!(
                 "the operating system gave no random bytes: {error}"
             ))
@@ -144,7 +147,10 @@ impl Proxy {
         let mut instances = Vec::new();
         let mut listeners = Vec::new();
         for instance in &config.instances {
-            let state = Arc::new(InstanceState::new(instance.clone(), &config.pool)?);
+            let state = Arc::new(InstanceState::new(
+                instance.clone(),
+                config.max_server_connections,
+            )?);
             instances.push(Arc::clone(&state));
             let mut tcp_port = None;
             if let Some(addr) = instance.listen {
@@ -203,33 +209,19 @@ impl Proxy {
         let shared = &self.shared;
         for state in shared.instances() {
             let instance = &state.instance;
-            let fail = |message: String| ProxyError::Check {
-                upstream: state.target.name.clone(),
-                message,
+            let mut connector = connector::Connector::new(shared, state);
+            let role = match &instance.user {
+                Some(role) => role.clone(),
+                None => (connector.creds().await)
+                    .map_err(|refusal| check_failed(state, refusal))?
+                    .user()
+                    .to_owned(),
             };
-            let creds = shared.auth.credentials().await?;
-            let role = instance.user.as_deref().unwrap_or_else(|| creds.user());
             let database = instance.upstream.dbname.as_deref().or(Some("postgres"));
-            let startup = server::startup(role, database, &[])
-                .map_err(|len| fail(format!("a {len}-byte startup message")))?;
-            let connection = server::login(
-                &state.target,
-                shared.config.connect_timeout,
-                &startup,
-                creds.password(),
-            );
-            let mut server = match tokio::time::timeout(shared.config.login_timeout, connection)
-                .await
-            {
-                Ok(Ok(server)) => server,
-                Ok(Err(error)) => return Err(fail(format!("logging in as \"{role}\": {error}"))),
-                Err(_) => {
-                    return Err(fail(format!(
-                        "no login within {:?}",
-                        shared.config.login_timeout
-                    )));
-                }
-            };
+            let startup = server::startup(&role, database, &[])
+                .map_err(|len| check_failed(state, Refusal::ForwardedStartupTooLong { len }))?;
+            let mut server = (connector.open(&role, &startup).await)
+                .map_err(|refusal| check_failed(state, refusal))?;
             server.terminate().await;
             tracing::info!(upstream = %state.target.name, role, "connection test passed");
         }
@@ -289,5 +281,17 @@ impl Proxy {
                 let _ = tokio::time::timeout(Duration::from_secs(1), shared.all_closed()).await;
             }
         }
+    }
+}
+
+/// The connection test's error for `refusal`: the credential's error, or what a client would
+/// have been told.
+fn check_failed(state: &InstanceState, refusal: Refusal) -> ProxyError {
+    match refusal {
+        Refusal::Token(error) => ProxyError::Pgentra(error),
+        refusal => ProxyError::Check {
+            upstream: state.target.name.clone(),
+            message: refusal.fields().get(b'M').unwrap_or_default().to_owned(),
+        },
     }
 }

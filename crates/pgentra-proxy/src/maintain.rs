@@ -1,13 +1,12 @@
 //! The pools' upkeep, once a second: idle server connections past their lifetime or idle
 //! timeout are closed, and each pool is topped up to its minimum of idle connections (the
-//! instance's own pool is opened at start), one login at a time.
+//! instance's own pool is opened at start when it keeps a minimum), one login at a time.
 
 use crate::config::PoolMode;
+use crate::connector::Connector;
 use crate::pool::{Pool, PoolKey};
-use crate::server;
 use crate::shared::{InstanceState, Shared};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -15,16 +14,8 @@ use tokio::sync::watch;
 const TICK: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let pool_config = &shared.config.pool;
-    if pool_config.mode == PoolMode::None {
-        return;
-    }
-    if pool_config.min_idle > 0 {
-        for instance in shared.instances() {
-            if let Some(key) = own_pool(instance, &shared).await {
-                instance.pools.pool(&key);
-            }
-        }
+    for instance in shared.instances() {
+        open_own_pool(instance, &shared).await;
     }
     let mut tick = tokio::time::interval(TICK);
     loop {
@@ -46,70 +37,62 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// The key of the pool an instance's clients use when they send no startup parameters that
-/// shape a session: its pinned role (or the token's) and its database. `None` when the
-/// upstream names no database (the client's then decides) or no token is to be had.
-async fn own_pool(instance: &InstanceState, shared: &Shared) -> Option<PoolKey> {
-    let database = instance.instance.upstream.dbname.clone()?;
+/// Makes the pool an instance's clients use when they send no startup parameters that shape a
+/// session — its pinned role (or the token's) and its database — if its settings keep a
+/// minimum of idle connections, so that the next ticks fill it. Nothing when the upstream names
+/// no database (the client's then decides) or no token is to be had.
+async fn open_own_pool(instance: &InstanceState, shared: &Shared) {
+    let config = &shared.config;
+    let Some(database) = instance.instance.upstream.dbname.clone() else {
+        return;
+    };
     let role = match &instance.instance.user {
         Some(role) => role.clone(),
-        None => match shared.auth.credentials().await {
-            Ok(creds) => creds.user().to_owned(),
-            Err(error) => {
-                tracing::warn!(
-                    error = %pgentra::ErrorChain(&error),
-                    "no token to open server connections ahead with"
-                );
-                return None;
+        None => {
+            // Only worth a token when some pool keeps connections ahead.
+            let overrides = [&instance.instance.pool]
+                .into_iter()
+                .chain(config.databases.values())
+                .chain(config.roles.values());
+            let ahead =
+                config.pool.min_idle > 0 || overrides.into_iter().any(|o| o.min_idle > Some(0));
+            if !ahead {
+                return;
             }
-        },
+            match shared.auth.credentials().await {
+                Ok(creds) => creds.user().to_owned(),
+                Err(error) => {
+                    tracing::warn!(
+                        error = %pgentra::ErrorChain(&error),
+                        "no token to open server connections ahead with"
+                    );
+                    return;
+                }
+            }
+        }
     };
-    Some(PoolKey {
+    let settings = config.pool_settings(&instance.instance, &database, &role);
+    if settings.mode == PoolMode::None || settings.min_idle == 0 {
+        return;
+    }
+    let key = PoolKey {
         role,
         database,
         params: Vec::new(),
-    })
+    };
+    instance.pools.pool(&key, || settings);
 }
 
 /// Opens one connection ahead for `pool`, if there is room (failures are logged: a client
 /// that comes meanwhile opens its own).
 async fn warm(instance: &InstanceState, pool: &Arc<Pool>, shared: &Shared) {
-    let pools = &instance.pools;
-    let Some(slots) = pools.try_slots(pool) else {
-        return;
-    };
-    let key = &pool.key;
-    let Ok(startup) = server::startup(&key.role, Some(&key.database), &key.params) else {
-        return;
-    };
-    let opened = async {
-        let creds =
-            (shared.auth.credentials().await).map_err(|e| pgentra::ErrorChain(&e).to_string())?;
-        let server = server::login(
-            &instance.target,
-            shared.config.connect_timeout,
-            &startup,
-            creds.password(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        Ok::<_, String>((server, creds.expires_at()))
-    };
-    match tokio::time::timeout(shared.config.login_timeout, opened).await {
-        Ok(Ok((server, expiry))) => {
-            pool.stats.opened.fetch_add(1, Ordering::Relaxed);
-            pool.put(pools.pooled(server, slots, expiry));
-        }
-        Ok(Err(error)) => tracing::warn!(
+    let mut connector = Connector::new(shared, instance);
+    if let Err(refusal) = connector.warm(pool).await {
+        tracing::warn!(
             upstream = %instance.target.name,
-            role = key.role,
-            error,
+            role = pool.key.role,
+            error = refusal.fields().get(b'M').unwrap_or_default(),
             "could not open a server connection ahead"
-        ),
-        Err(_) => tracing::warn!(
-            upstream = %instance.target.name,
-            role = key.role,
-            "opening a server connection ahead timed out"
-        ),
+        );
     }
 }

@@ -211,7 +211,7 @@ impl<'a> Reader<'a> {
         // SET TIME ZONE and SET NAMES are TimeZone and client_encoding.
         let tracked = (is(setting.0, "time") && is(setting.1, "zone"))
             || is(setting.0, "names")
-            || crate::tracked::tracked(setting.0).is_some();
+            || crate::tracked::client_index(setting.0).is_some();
         (!tracked).then_some(PinReason::Set)
     }
 }

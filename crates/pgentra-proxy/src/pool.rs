@@ -13,9 +13,10 @@
 //! first message: a client that leaves without a query never takes one, and a client that
 //! reconnects at once finds its old connection back in the pool.
 
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, PoolMode};
 use crate::pinning::PinReason;
 use crate::server::ServerConn;
+use crate::tracked::Tracked;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -112,6 +113,7 @@ impl PoolStats {
 /// What a pool looks like now, for `/metrics` and `/pools`.
 #[derive(Debug, Clone)]
 pub(crate) struct PoolSnapshot {
+    pub(crate) mode: PoolMode,
     pub(crate) role: String,
     pub(crate) database: String,
     /// Names of the startup parameters that shape this pool's sessions.
@@ -166,7 +168,6 @@ pub(crate) enum Checkout {
 
 /// The server connections of one upstream, pool by pool, and its total cap.
 pub(crate) struct Pools {
-    config: PoolConfig,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// The upstream's total cap (`None`: no cap).
     upstream: Option<Arc<Semaphore>>,
@@ -176,27 +177,27 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
-    pub(crate) fn new(config: PoolConfig) -> Self {
+    /// Pools for an upstream that takes at most `max_server_connections` over all of them (0:
+    /// no cap).
+    pub(crate) fn new(max_server_connections: usize) -> Self {
         Self {
-            upstream: (config.max_server_connections > 0)
-                .then(|| Arc::new(Semaphore::new(config.max_server_connections))),
-            config,
+            upstream: (max_server_connections > 0)
+                .then(|| Arc::new(Semaphore::new(max_server_connections))),
             pools: Mutex::new(HashMap::new()),
             freed: Arc::new(Notify::new()),
         }
     }
 
-    pub(crate) fn config(&self) -> &PoolConfig {
-        &self.config
-    }
-
-    /// The pool for `key`, made on first use.
-    pub(crate) fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+    /// The pool for `key`, made on first use with `settings` (resolved for its role and
+    /// database).
+    pub(crate) fn pool(&self, key: &PoolKey, settings: impl FnOnce() -> PoolConfig) -> Arc<Pool> {
         let mut pools = self.pools.lock();
         Arc::clone(pools.entry(key.clone()).or_insert_with(|| {
+            let settings = settings();
             Arc::new(Pool {
                 key: key.clone(),
-                slots: Arc::new(Semaphore::new(self.config.size)),
+                slots: Arc::new(Semaphore::new(settings.size)),
+                settings,
                 shelf: Mutex::new(Shelf::default()),
                 changed: Notify::new(),
                 stats: PoolStats::default(),
@@ -222,7 +223,8 @@ impl Pools {
                     role: pool.key.role.clone(),
                     database: pool.key.database.clone(),
                     params: pool.key.params.iter().map(|(n, _)| n.clone()).collect(),
-                    size: self.config.size,
+                    mode: pool.settings.mode,
+                    size: pool.settings.size,
                     clients: load(&stats.clients),
                     pinned: load(&stats.pinned),
                     active: load(&stats.active),
@@ -357,29 +359,9 @@ impl Pools {
         other.count_close(CloseReason::Evicted);
         let Pooled { server, _slots, .. } = *idle;
         drop(_slots);
-        tokio::spawn(terminate(server));
+        terminate_soon(server);
         let permit = Arc::clone(upstream).try_acquire_owned().ok()?;
         Some(slots(Some(permit)))
-    }
-
-    /// Wraps a connection just logged in with `slots`, retiring at `token_expiry` or its
-    /// lifetime, whichever comes first.
-    pub(crate) fn pooled(
-        &self,
-        server: ServerConn,
-        slots: Slots,
-        token_expiry: std::time::SystemTime,
-    ) -> Pooled {
-        let until_expiry = token_expiry
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        let now = Instant::now();
-        Pooled {
-            retire_at: now + until_expiry.min(self.config.server_lifetime),
-            idle_since: now,
-            server,
-            _slots: slots,
-        }
     }
 
     /// Closes idle connections past their lifetime or idle timeout (keeping each pool's
@@ -396,8 +378,8 @@ impl Pools {
                 for conn in idle.drain(..) {
                     if now >= conn.retire_at {
                         out.push((conn, CloseReason::Lifetime));
-                    } else if now.duration_since(conn.idle_since) >= self.config.idle_timeout
-                        && total - out.len() > self.config.min_idle
+                    } else if now.duration_since(conn.idle_since) >= pool.settings.idle_timeout
+                        && total - out.len() > pool.settings.min_idle
                     {
                         out.push((conn, CloseReason::Idle));
                     } else {
@@ -415,7 +397,7 @@ impl Pools {
 
     /// How many more idle connections `pool` should have to reach its minimum.
     pub(crate) fn missing_idle(&self, pool: &Pool) -> usize {
-        self.config.min_idle.saturating_sub(pool.idle_count())
+        pool.settings.min_idle.saturating_sub(pool.idle_count())
     }
 
     /// Closes every idle connection (the proxy is stopping).
@@ -429,9 +411,11 @@ impl Pools {
     }
 }
 
-/// One pool: its idle connections, its size, its queue and its counters.
+/// One pool: its settings, its idle connections, its size, its queue and its counters.
 pub(crate) struct Pool {
     pub(crate) key: PoolKey,
+    /// Its settings, resolved for its role and database.
+    pub(crate) settings: PoolConfig,
     slots: Arc<Semaphore>,
     shelf: Mutex<Shelf>,
     /// Woken when waiting clients should look again (a connection on its way back arrived,
@@ -445,7 +429,7 @@ pub(crate) struct Pool {
 
 /// Clients' values of the tracked parameters, and what the server reported once set to them.
 struct Welcome {
-    tracked: Vec<(&'static str, Bytes)>,
+    tracked: Tracked,
     params: Bytes,
 }
 
@@ -464,6 +448,26 @@ struct Shelf {
 }
 
 impl Pool {
+    /// Wraps a connection just logged in with `slots`, retiring at `token_expiry` or its
+    /// lifetime, whichever comes first.
+    pub(crate) fn pooled(
+        &self,
+        server: ServerConn,
+        slots: Slots,
+        token_expiry: std::time::SystemTime,
+    ) -> Pooled {
+        let until_expiry = token_expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let now = Instant::now();
+        Pooled {
+            retire_at: now + until_expiry.min(self.settings.server_lifetime),
+            idle_since: now,
+            server,
+            _slots: slots,
+        }
+    }
+
     fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
         let mut shelf = self.shelf.lock();
         (!shelf.idle.is_empty()).then(|| Box::new(shelf.idle.remove(0)))
@@ -471,17 +475,17 @@ impl Pool {
 
     /// The `ParameterStatus` messages for a client with `tracked` values, if a connection of
     /// this pool has taken them (so the server accepts them, as at a login).
-    pub(crate) fn welcome(&self, tracked: &[(&'static str, Bytes)]) -> Option<Bytes> {
+    pub(crate) fn welcome(&self, tracked: &Tracked) -> Option<Bytes> {
         let welcomes = self.welcomes.lock();
-        let found = welcomes.iter().rev().find(|w| w.tracked == tracked)?;
+        let found = welcomes.iter().rev().find(|w| w.tracked == *tracked)?;
         Some(found.params.clone())
     }
 
     /// Remembers what a connection of this pool reports once set to `tracked` values (newer
     /// than what was remembered: a server restarted, upgraded or failed over reports anew).
-    pub(crate) fn remember_welcome(&self, tracked: &[(&'static str, Bytes)], params: Bytes) {
+    pub(crate) fn remember_welcome(&self, tracked: &Tracked, params: Bytes) {
         let mut welcomes = self.welcomes.lock();
-        if let Some(at) = welcomes.iter().position(|w| w.tracked == tracked) {
+        if let Some(at) = welcomes.iter().position(|w| w.tracked == *tracked) {
             if welcomes[at].params == params {
                 return;
             }
@@ -491,7 +495,7 @@ impl Pool {
             welcomes.pop_front();
         }
         welcomes.push_back(Welcome {
-            tracked: tracked.to_vec(),
+            tracked: tracked.clone(),
             params,
         });
     }
@@ -526,7 +530,7 @@ impl Pool {
     /// background.
     pub(crate) fn close(&self, conn: Pooled, reason: CloseReason) {
         self.count_close(reason);
-        tokio::spawn(terminate(conn.server));
+        terminate_soon(conn.server);
     }
 
     fn count_close(&self, reason: CloseReason) {
@@ -546,7 +550,12 @@ impl Drop for Returning<'_> {
     }
 }
 
-/// Ends a server connection politely, within a second.
-async fn terminate(mut server: ServerConn) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), server.terminate()).await;
+/// Ends a server connection politely, within a second, in the background (or just closes it
+/// when no runtime runs any more).
+fn terminate_soon(mut server: ServerConn) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), server.terminate()).await;
+        });
+    }
 }

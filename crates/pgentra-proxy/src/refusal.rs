@@ -97,6 +97,16 @@ pub enum Refusal {
         /// The limit.
         limit: usize,
     },
+    /// The client was idle between transactions past `client_idle_timeout`.
+    ClientIdleTimeout(Duration),
+    /// The client was idle inside a transaction past `idle_transaction_timeout`.
+    IdleInTransactionTimeout(Duration),
+    /// The client's transaction ran past `transaction_timeout`.
+    TransactionTimeout(Duration),
+    /// The client's query ran past `query_timeout` and did not stop when cancelled.
+    QueryTimeout(Duration),
+    /// The client sent part of a message and then nothing for `client_stall_timeout`.
+    ClientStalled(Duration),
     /// Something inside the proxy failed (the OS gave no random bytes, say).
     Internal(String),
 }
@@ -116,12 +126,13 @@ pub(crate) enum Reason {
     UpstreamLogin,
     UpstreamLost,
     QueueTimeout,
+    Timeout,
     Internal,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Metrics`](crate::Metrics)' counters.
-    pub(crate) const ALL: [Self; 13] = [
+    pub(crate) const ALL: [Self; 14] = [
         Self::MaxConnections,
         Self::PendingLogins,
         Self::ShuttingDown,
@@ -134,6 +145,7 @@ impl Reason {
         Self::UpstreamLogin,
         Self::UpstreamLost,
         Self::QueueTimeout,
+        Self::Timeout,
         Self::Internal,
     ];
 
@@ -152,6 +164,7 @@ impl Reason {
             Self::UpstreamLogin => "upstream_login",
             Self::UpstreamLost => "upstream_lost",
             Self::QueueTimeout => "queue_timeout",
+            Self::Timeout => "timeout",
             Self::Internal => "internal",
         }
     }
@@ -186,22 +199,13 @@ impl Refusal {
             Self::ServerRefused(_) | Self::ServerBroke { .. } => Reason::UpstreamLogin,
             Self::ServerLost { .. } => Reason::UpstreamLost,
             Self::QueueTimeout { .. } => Reason::QueueTimeout,
+            Self::ClientIdleTimeout(_)
+            | Self::IdleInTransactionTimeout(_)
+            | Self::TransactionTimeout(_)
+            | Self::QueryTimeout(_)
+            | Self::ClientStalled(_) => Reason::Timeout,
             Self::Internal(_) => Reason::Internal,
         }
-    }
-
-    /// Whether the upstream login failed (counted in `upstream_login_failures_total`).
-    pub(crate) fn is_login_failure(&self) -> bool {
-        matches!(
-            self,
-            Self::TokenTimeout(_)
-                | Self::Token(_)
-                | Self::ServerUnreachable { .. }
-                | Self::ServerTimeout { .. }
-                | Self::ServerAuthMethod { .. }
-                | Self::ServerRefused(_)
-                | Self::ServerBroke { .. }
-        )
     }
 
     /// The `FATAL` error the client gets.
@@ -325,6 +329,44 @@ impl Refusal {
                 ),
                 Some("Close statements the client no longer needs, or use session pooling."),
             ),
+            // PostgreSQL's texts for its own timeouts, with the proxy's setting as the hint.
+            Self::ClientIdleTimeout(limit) => fatal(
+                "57P05",
+                "terminating connection due to idle-session timeout",
+                Some(&format!(
+                    "The pgentra proxy disconnects clients idle for {limit:?} (client_idle_timeout)."
+                )),
+            ),
+            Self::IdleInTransactionTimeout(limit) => fatal(
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout",
+                Some(&format!(
+                    "The pgentra proxy rolls back a transaction idle for {limit:?} and disconnects its client (idle_transaction_timeout)."
+                )),
+            ),
+            Self::TransactionTimeout(limit) => fatal(
+                "25P04",
+                "terminating connection due to transaction timeout",
+                Some(&format!(
+                    "The pgentra proxy ends a transaction that runs longer than {limit:?} (transaction_timeout)."
+                )),
+            ),
+            Self::QueryTimeout(limit) => fatal(
+                "57014",
+                "terminating connection due to query timeout: the query did not stop when cancelled",
+                Some(&format!(
+                    "The pgentra proxy cancels a query that runs longer than {limit:?} (query_timeout)."
+                )),
+            ),
+            Self::ClientStalled(limit) => fatal(
+                "08006",
+                &format!(
+                    "terminating connection: the client sent part of a message and then nothing for {limit:?}"
+                ),
+                Some(
+                    "The pgentra proxy does not let a stalled client hold a server connection (client_stall_timeout).",
+                ),
+            ),
             Self::Internal(what) => fatal("XX000", &format!("pgentra proxy: {what}"), None),
         }
     }
@@ -374,6 +416,11 @@ mod tests {
             },
             Refusal::SessionShutdown,
             Refusal::TooManyStatements { limit: 1 },
+            Refusal::ClientIdleTimeout(Duration::from_secs(1)),
+            Refusal::IdleInTransactionTimeout(Duration::from_secs(1)),
+            Refusal::TransactionTimeout(Duration::from_secs(1)),
+            Refusal::QueryTimeout(Duration::from_secs(1)),
+            Refusal::ClientStalled(Duration::from_secs(1)),
             Refusal::Internal("x".into()),
         ];
         let mut reasons = Vec::new();

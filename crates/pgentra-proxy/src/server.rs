@@ -3,22 +3,24 @@
 //! the client: it returns a logged-in [`ServerConn`] or a typed [`LoginError`].
 
 use crate::ProxyError;
+use crate::cancel::CancelsInFlight;
 use crate::config::Instance;
-use crate::statements::Prepared;
+use crate::params::Params;
+use crate::protocol::frames::Head;
+use crate::protocol::statements::{Prepared, Unnamed};
 use bytes::{Bytes, BytesMut};
 use pgentra::Secret;
 use pgentra_wire::{ErrorFields, MAX_STARTUP_PACKET, startup_message};
 use postgres_protocol::message::{backend, frontend};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
 
-/// Largest server message read during the login (`ParameterStatus`, notices, errors).
-const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+/// Largest server message read during the login and the proxy's own queries (`ParameterStatus`,
+/// notices, errors).
+const MAX_OWN_MESSAGE: usize = 1 << 20;
 
 /// Where and how to reach one upstream server.
 pub(crate) struct Target {
@@ -70,102 +72,6 @@ pub(crate) struct ServerConn {
     pub(crate) prepared: Prepared,
 }
 
-/// Parameters as a server reports them: names and values (bytes, as the server sent them).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Params(pub(crate) Vec<(String, Bytes)>);
-
-impl Params {
-    pub(crate) fn get(&self, name: &str) -> Option<&Bytes> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
-    }
-
-    /// Records a reported value, keeping the order of first reports.
-    pub(crate) fn set(&mut self, name: &str, value: Bytes) {
-        match self.0.iter_mut().find(|(n, _)| n == name) {
-            Some((_, old)) => *old = value,
-            None => self.0.push((name.to_owned(), value)),
-        }
-    }
-
-    /// Records a `ParameterStatus` body (`name\0value\0`), if well formed.
-    pub(crate) fn report(&mut self, body: &[u8]) {
-        let mut parts = body.split(|b| *b == 0);
-        if let (Some(name), Some(value)) = (parts.next(), parts.next())
-            && let Ok(name) = std::str::from_utf8(name)
-        {
-            self.set(name, Bytes::copy_from_slice(value));
-        }
-    }
-
-    /// The `ParameterStatus` messages for these parameters, in order.
-    pub(crate) fn messages(&self) -> BytesMut {
-        let mut out = BytesMut::new();
-        for (name, value) in &self.0 {
-            let mut body = Vec::with_capacity(name.len() + value.len() + 2);
-            body.extend_from_slice(name.as_bytes());
-            body.push(0);
-            body.extend_from_slice(value);
-            body.push(0);
-            out.extend_from_slice(&pgentra_wire::message(b'S', &body));
-        }
-        out
-    }
-}
-
-/// Cancel requests sent on to a server connection and not yet acknowledged (the server closes
-/// the cancel connection once it has signalled the backend): a connection is not handed to
-/// another client while one is on its way, or it could cancel that client's query.
-#[derive(Debug, Default)]
-pub(crate) struct CancelsInFlight {
-    count: AtomicUsize,
-    done: Notify,
-    /// A cancel request was sent on, but the server did not close its connection in time:
-    /// it may still act on it, so the connection is never handed on.
-    unsure: AtomicBool,
-}
-
-impl CancelsInFlight {
-    /// Counts one until the returned guard is dropped.
-    pub(crate) fn start(self: &Arc<Self>) -> CancelGuard {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        CancelGuard(Arc::clone(self))
-    }
-
-    /// Whether none is in flight now.
-    pub(crate) fn none(&self) -> bool {
-        self.count.load(Ordering::SeqCst) == 0 && !self.unsure.load(Ordering::SeqCst)
-    }
-
-    /// Marks the connection as one a cancel request may still reach.
-    pub(crate) fn unsure(&self) {
-        self.unsure.store(true, Ordering::SeqCst);
-    }
-
-    /// Resolves once none is in flight, or after `limit`; whether none is.
-    pub(crate) async fn settled(&self, limit: Duration) -> bool {
-        let wait = async {
-            loop {
-                let done = self.done.notified();
-                if self.count.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                done.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.is_ok() && !self.unsure.load(Ordering::SeqCst)
-    }
-}
-
-/// One cancel request in flight.
-pub(crate) struct CancelGuard(Arc<CancelsInFlight>);
-
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
-        self.0.done.notify_waiters();
-    }
-}
-
 /// Why one of the proxy's own queries on a server connection failed.
 #[derive(Debug)]
 pub(crate) enum QueryError {
@@ -200,7 +106,7 @@ impl ServerConn {
         limit: Duration,
     ) -> Result<u8, QueryError> {
         // "A simple Query message also destroys the unnamed statement" (Extended Query).
-        self.prepared.unnamed = crate::statements::Unnamed::Empty;
+        self.prepared.unnamed = Unnamed::Empty;
         let run = async {
             let mut messages = BytesMut::new();
             for sql in sql {
@@ -217,7 +123,7 @@ impl ServerConn {
                     .await
                     .map_err(|e| QueryError::Broken(e.to_string()))?;
                 match raw[0] {
-                    b'S' => self.params.report(&raw[5..]),
+                    b'S' => drop(self.params.report(&raw[5..])),
                     b'E' if error.is_none() => error = ErrorFields::parse(&raw[5..]).ok(),
                     b'Z' => {
                         left -= 1;
@@ -381,7 +287,7 @@ pub(crate) async fn login(
                 stream.flush().await?;
             }
             backend::Message::ParameterStatus(_) => {
-                params.report(&raw[5..]);
+                let _ = params.report(&raw[5..]);
                 welcome.extend_from_slice(&raw);
             }
             backend::Message::AuthenticationOk | backend::Message::NoticeResponse(_) => {
@@ -422,25 +328,24 @@ pub(crate) async fn login(
     }
 }
 
-/// Reads one whole message (tag, length, body) through `buffer`.
+/// Reads one whole message (tag, length, body) through `buffer`, for the login and the proxy's
+/// own queries (the relay streams instead).
 async fn read_message(
     stream: &mut TlsStream<TcpStream>,
     buffer: &mut BytesMut,
 ) -> Result<Bytes, LoginError> {
     loop {
-        if let Some(header) = backend::Header::parse(buffer)
-            .map_err(|e| LoginError::Broke(format!("sent a malformed message: {e}")))?
-        {
-            let total = usize::try_from(header.len())
-                .unwrap_or(usize::MAX)
-                .saturating_add(1);
-            if total > MAX_LOGIN_MESSAGE + 5 {
+        let head = Head::parse(buffer)
+            .map_err(|_| LoginError::Broke("sent a malformed message".into()))?;
+        if let Some(head) = head {
+            if head.len > MAX_OWN_MESSAGE {
                 return Err(LoginError::Broke(format!(
-                    "sent a {total}-byte message during the login"
+                    "sent a {}-byte message to the proxy's own request",
+                    head.len
                 )));
             }
-            if buffer.len() >= total {
-                return Ok(buffer.split_to(total).freeze());
+            if buffer.len() >= head.len {
+                return Ok(buffer.split_to(head.len).freeze());
             }
         }
         if stream.read_buf(buffer).await? == 0 {

@@ -101,11 +101,11 @@ pub(crate) struct InstanceState {
 impl InstanceState {
     pub(crate) fn new(
         instance: Instance,
-        pool: &crate::config::PoolConfig,
+        max_server_connections: usize,
     ) -> Result<Self, ProxyError> {
         Ok(Self {
             target: Arc::new(Target::new(&instance)?),
-            pools: Pools::new(pool.clone()),
+            pools: Pools::new(max_server_connections),
             instance,
         })
     }

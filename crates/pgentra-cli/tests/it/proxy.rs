@@ -700,7 +700,8 @@ async fn pgbench_init_through_the_proxy_as_the_entra_administrator() {
 }
 
 /// The README's flag table of `pgentra proxy` and its `--help` list the same flags, with the
-/// same variables: neither can gain or lose a setting without the other.
+/// same variables and defaults: neither can gain or lose a setting, or change a default,
+/// without the other.
 #[test]
 fn the_readme_flag_table_matches_help() {
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_pgentra"))
@@ -710,6 +711,7 @@ fn the_readme_flag_table_matches_help() {
     let help = String::from_utf8(help.stdout).unwrap();
     // Flags of every subcommand, not settings of the proxy.
     let global = ["--help", "--version", "--verbose", "--json"];
+    // Each flag: its variable and its default, as --help shows them.
     let mut from_help = std::collections::BTreeMap::new();
     let mut flag: Option<String> = None;
     for line in help.lines() {
@@ -721,13 +723,16 @@ fn the_readme_flag_table_matches_help() {
                 .map(str::to_owned)
                 .filter(|f| !global.contains(&f.as_str()));
             if let Some(flag) = &flag {
-                from_help.insert(flag.clone(), None);
+                from_help.insert(flag.clone(), (None, None));
             }
-        } else if let (Some(flag), Some(env)) =
-            (&flag, trimmed.strip_prefix("[env: PGENTRA_PROXY_"))
-        {
-            let name = env.split('=').next().unwrap().to_owned();
-            from_help.insert(flag.clone(), Some(format!("_{name}")));
+            continue;
+        }
+        let Some(flag) = &flag else { continue };
+        let entry = from_help.get_mut(flag).unwrap();
+        if let Some(env) = trimmed.strip_prefix("[env: PGENTRA_PROXY_") {
+            entry.0 = Some(format!("_{}", env.split('=').next().unwrap()));
+        } else if let Some((_, default)) = trimmed.rsplit_once("[default: ") {
+            entry.1 = Some(default.trim_end_matches(']').to_owned());
         }
     }
     let readme =
@@ -738,9 +743,10 @@ fn the_readme_flag_table_matches_help() {
         .expect("the proxy's flag table in README.md");
     let mut from_readme = std::collections::BTreeMap::new();
     for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
-        let first = row.split(" | ").next().unwrap();
+        let columns: Vec<&str> = row.split(" | ").collect();
+        let default = columns[1].replace('`', "");
         // `--flag VALUE` (`_VARIABLE`), one or more per row.
-        for part in first.split("`, `").flat_map(|p| p.split("), ")) {
+        for part in columns[0].split("`, `").flat_map(|p| p.split("), ")) {
             let words: Vec<&str> = part
                 .split(['`', ' ', '(', ')', '|', ','])
                 .filter(|w| !w.is_empty())
@@ -752,7 +758,7 @@ fn the_readme_flag_table_matches_help() {
                 .iter()
                 .find(|w| w.starts_with('_'))
                 .map(|e| (*e).to_owned());
-            from_readme.insert((*flag).to_owned(), env);
+            from_readme.insert((*flag).to_owned(), (env, default.clone()));
         }
     }
     assert_eq!(
@@ -760,12 +766,19 @@ fn the_readme_flag_table_matches_help() {
         from_readme.keys().collect::<Vec<_>>(),
         "flags in --help but not in the README, or the reverse"
     );
-    for (flag, env) in &from_help {
+    let mut defaults = 0;
+    for (flag, (env, default)) in &from_help {
+        let (readme_env, readme_default) = &from_readme[flag];
         if env.is_some() {
-            assert_eq!(
-                env, &from_readme[flag],
-                "{flag}: the README names another variable"
+            assert_eq!(env, readme_env, "{flag}: the README names another variable");
+        }
+        if let Some(default) = default {
+            defaults += 1;
+            assert!(
+                readme_default.starts_with(default.as_str()),
+                "{flag}: --help says the default is {default:?}, the README {readme_default:?}"
             );
         }
     }
+    assert!(defaults >= 20, "only {defaults} defaults in --help");
 }

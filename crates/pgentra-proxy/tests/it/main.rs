@@ -4,8 +4,10 @@
 mod access;
 mod admin;
 mod cancel;
+mod leaving;
 mod pooling;
 mod refusals;
 mod sessions;
 mod support;
+mod timeouts;
 mod transactions;

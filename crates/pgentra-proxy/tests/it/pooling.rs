@@ -413,7 +413,7 @@ async fn pool_size_and_the_upstream_cap_hold() {
     let emulator = Emulator::shared();
     let (proxy, _) = pooled(emulator, |config| {
         config.pool.size = 2;
-        config.pool.max_server_connections = 3;
+        config.max_server_connections = 3;
         config.pool.queue_timeout = Duration::from_millis(500);
         config.instances[0].client_roles = ClientRoles::parse("readers");
     })

@@ -1,8 +1,14 @@
 //! The proxy's settings: its upstream servers ([`Instance`]), limits and timeouts
 //! ([`ProxyConfig`]), and the errors of setting it up ([`ProxyError`]).
 
+mod pool;
+
+pub(crate) use pool::humantime_like;
+pub use pool::{PoolConfig, PoolMode, PoolOverrides};
+
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,104 +94,6 @@ impl ClientRoles {
     }
 }
 
-/// How client sessions get server connections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PoolMode {
-    /// Each client session logs in a server connection of its own, closed with it: for
-    /// clients that need a dedicated connection (or a replication one).
-    None,
-    /// A client gets a pooled server connection for its whole session; when it leaves, the
-    /// connection is reset (`DISCARD ALL`) and kept for the next client (PgBouncer's
-    /// `pool_mode = session`).
-    #[default]
-    Session,
-    /// A client holds a pooled server connection only for each of its transactions: from its
-    /// first message until the server is idle again (`ReadyForQuery` `I`); between
-    /// transactions the connection serves other clients (PgBouncer's `pool_mode =
-    /// transaction`). Prepared statements work; session state pins a client to its
-    /// connection (see the README).
-    Transaction,
-}
-
-impl std::str::FromStr for PoolMode {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "none" => Ok(Self::None),
-            "session" => Ok(Self::Session),
-            "transaction" => Ok(Self::Transaction),
-            other => Err(format!(
-                "pool mode {other:?}: use none, session or transaction"
-            )),
-        }
-    }
-}
-
-impl PoolMode {
-    /// The mode's name, as `--pool-mode` takes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Session => "session",
-            Self::Transaction => "transaction",
-        }
-    }
-}
-
-/// How server connections are pooled. [`Default`] gives the documented defaults.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PoolConfig {
-    /// The pool mode.
-    pub mode: PoolMode,
-    /// Server connections per pool: per upstream, role, database and the startup parameters
-    /// that shape a session (20).
-    pub size: usize,
-    /// Idle server connections each pool keeps open (0); the pool of an instance's own role
-    /// and database (when the upstream names one) is filled at start.
-    pub min_idle: usize,
-    /// Server connections per upstream over all its pools, to stay under the server's
-    /// `max_connections` (0: no cap). At the cap, an idle connection of another pool is closed
-    /// to make room.
-    pub max_server_connections: usize,
-    /// How long a server connection lives (1 h); never longer than the token it logged in with
-    /// is valid, so a revoked identity loses access.
-    pub server_lifetime: Duration,
-    /// How long a server connection may stay idle before it is closed (10 min).
-    pub idle_timeout: Duration,
-    /// A connection idle longer than this is checked with an empty query before a client gets
-    /// it (30 s); one the server closed is never handed out, whatever its age.
-    pub check_delay: Duration,
-    /// What resets a connection when its client leaves (`DISCARD ALL`; empty: none).
-    pub reset_query: String,
-    /// How long a client waits for a server connection when the pool is full (30 s, and
-    /// never past its login timeout); then it gets SQLSTATE 53300.
-    pub queue_timeout: Duration,
-    /// In transaction pooling, how many statements the proxy keeps prepared on each server
-    /// connection for its clients (200, as PgBouncer's `max_prepared_statements`); past it,
-    /// the least recently used is closed, and prepared again when a client needs it.
-    pub max_prepared_statements: usize,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        Self {
-            mode: PoolMode::Session,
-            size: 20,
-            min_idle: 0,
-            max_server_connections: 0,
-            server_lifetime: Duration::from_secs(3600),
-            idle_timeout: Duration::from_secs(600),
-            check_delay: Duration::from_secs(30),
-            reset_query: "DISCARD ALL".into(),
-            queue_timeout: Duration::from_secs(30),
-            max_prepared_statements: 200,
-        }
-    }
-}
-
 /// One upstream server and where the proxy listens for it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -202,6 +110,8 @@ pub struct Instance {
     pub user: Option<String>,
     /// Which user names a client may pick its role with (none by default).
     pub client_roles: ClientRoles,
+    /// Pool settings of this instance's pools, over the proxy's.
+    pub pool: PoolOverrides,
 }
 
 impl Instance {
@@ -213,6 +123,7 @@ impl Instance {
             unix_socket_dir: None,
             user: None,
             client_roles: ClientRoles::None,
+            pool: PoolOverrides::default(),
         }
     }
 
@@ -253,8 +164,16 @@ pub struct ProxyConfig {
     pub allow_remote: bool,
     /// Permissions of Unix sockets.
     pub socket_mode: u32,
-    /// How server connections are pooled.
+    /// Server connections per upstream over all its pools, to stay under the server's
+    /// `max_connections` (0: no cap). At the cap, an idle connection of another pool is closed
+    /// to make room.
+    pub max_server_connections: usize,
+    /// How server connections are pooled: each pool's settings, unless overridden.
     pub pool: PoolConfig,
+    /// Pool settings for the pools of a database, by its name, over the instance's.
+    pub databases: BTreeMap<String, PoolOverrides>,
+    /// Pool settings for the pools of a role, by its name, over the database's.
+    pub roles: BTreeMap<String, PoolOverrides>,
 }
 
 /// Clients that may be in the startup phase at once, at the least: the bound on connections
@@ -275,7 +194,10 @@ impl Default for ProxyConfig {
             client_password: None,
             allow_remote: false,
             socket_mode: 0o600,
+            max_server_connections: 0,
             pool: PoolConfig::default(),
+            databases: BTreeMap::new(),
+            roles: BTreeMap::new(),
         }
     }
 }
@@ -293,12 +215,63 @@ impl std::fmt::Debug for ProxyConfig {
             .field("client_password", &self.client_password)
             .field("allow_remote", &self.allow_remote)
             .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .field("max_server_connections", &self.max_server_connections)
             .field("pool", &self.pool)
+            .field("databases", &self.databases)
+            .field("roles", &self.roles)
             .finish()
     }
 }
 
 impl ProxyConfig {
+    /// The settings of the pool of `role` and `database` on `instance`: the proxy's, then the
+    /// instance's, the database's and the role's, each over the one before.
+    pub fn pool_settings(&self, instance: &Instance, database: &str, role: &str) -> PoolConfig {
+        let mut settings = self.pool.clone();
+        settings.apply(&instance.pool);
+        if let Some(overrides) = self.databases.get(database) {
+            settings.apply(overrides);
+        }
+        if let Some(overrides) = self.roles.get(role) {
+            settings.apply(overrides);
+        }
+        settings
+    }
+
+    /// The proxy-wide settings with a default, by name, as `--help` shows it; the pool
+    /// settings' are in [`PoolConfig::defaults`].
+    pub fn defaults() -> Vec<(&'static str, String)> {
+        let defaults = Self::default();
+        vec![
+            ("max_connections", defaults.max_connections.to_string()),
+            ("connect_timeout", humantime_like(defaults.connect_timeout)),
+            ("login_timeout", humantime_like(defaults.login_timeout)),
+            ("drain_timeout", humantime_like(defaults.drain_timeout)),
+            ("socket_mode", format!("{:o}", defaults.socket_mode)),
+            (
+                "max_server_connections",
+                defaults.max_server_connections.to_string(),
+            ),
+        ]
+    }
+
+    /// Each set of overrides, applied on the proxy's settings, must make a usable pool.
+    fn validate_pools(&self) -> Result<(), String> {
+        self.pool.validate("the pool settings")?;
+        let instances = self
+            .instances
+            .iter()
+            .map(|i| (format!("upstream {}", i.upstream_name()), &i.pool));
+        let databases = (self.databases.iter()).map(|(name, o)| (format!("database {name}"), o));
+        let roles = (self.roles.iter()).map(|(name, o)| (format!("role {name}"), o));
+        for (whose, overrides) in instances.chain(databases).chain(roles) {
+            let mut settings = self.pool.clone();
+            settings.apply(overrides);
+            settings.validate(&whose)?;
+        }
+        Ok(())
+    }
+
     /// How many clients may be in the startup phase at once.
     pub(crate) fn pending_logins(&self) -> usize {
         self.max_connections.max(MIN_PENDING_LOGINS)
@@ -312,18 +285,7 @@ impl ProxyConfig {
         if self.max_connections == 0 {
             return config("max_connections must be at least 1".into());
         }
-        if self.pool.size == 0 {
-            return config("the pool size must be at least 1".into());
-        }
-        if self.pool.max_prepared_statements == 0 {
-            return config("max_prepared_statements must be at least 1".into());
-        }
-        if self.pool.min_idle > self.pool.size {
-            return config(format!(
-                "the minimum of idle server connections ({}) is more than the pool size ({})",
-                self.pool.min_idle, self.pool.size
-            ));
-        }
+        self.validate_pools().map_err(ProxyError::Config)?;
         for instance in &self.instances {
             if instance.upstream.host.is_none() {
                 return config(format!("upstream {} has no host", instance.upstream_name()));

@@ -22,13 +22,14 @@
 //! The proxy runs in a process of its own (this binary with `--serve-proxy`), on a tokio
 //! runtime with 2 worker threads like `pgentra proxy`, so that its resident memory is the
 //! proxy's alone. For each workload and client count, every round runs the three targets
-//! back to back, in an order that rotates between rounds, so that drift on this noisy machine
-//! affects them alike. The table shows medians over the rounds; a ratio is the median of each
-//! round's target/direct. It also shows the CPU time the proxy and PgBouncer spend per
-//! transaction (from the scheduler's counts, all threads), which depends much less on what
-//! else runs on the machine than throughput does. Nothing is asserted: the verdict lines
-//! compare with the targets (select-only, 8 clients: ≥ 90 % of direct and ahead of PgBouncer;
-//! < 64 KiB per idle proxied session, from the proxy's VmRSS with that many sessions open).
+//! (four against a previous build, below) back to back, in an order that rotates between
+//! rounds, so that drift on this noisy machine affects them alike. The table shows medians
+//! over the rounds; a ratio is the median of each round's target/direct. It also shows the CPU
+//! time the proxy and PgBouncer spend per transaction (from the scheduler's counts, all
+//! threads), which depends much less on what else runs on the machine than throughput does.
+//! Nothing is asserted: the verdict lines compare with the targets (select-only, 8 clients:
+//! ≥ 90 % of direct and ahead of PgBouncer; < 64 KiB per idle proxied session, from the
+//! proxy's VmRSS with that many sessions open).
 //!
 //! Needs the PostgreSQL server binaries with `pgbench` and PgBouncer:
 //! `apt-get install postgresql pgbouncer`. When run as root, PostgreSQL and PgBouncer run as
@@ -49,10 +50,32 @@
 //! (`select-only,tpc-b`), `PGENTRA_BENCH_SCALE` (pgbench scale, 10), `PGENTRA_BENCH_IDLE` idle
 //! sessions for the memory test (1000; 0 skips it), `PGENTRA_BENCH_PROXY_WORKERS` (the proxy's
 //! worker threads; by default what `pgentra proxy` uses, 1 on this 2-core machine), `PGENTRA_BENCH_CLIENT_SOCKET` (`tcp`,
-//! or `unix`: pgbench reaches the proxy and PgBouncer over their Unix sockets).
+//! or `unix`: pgbench reaches the proxy and PgBouncer over their Unix sockets),
+//! `PGENTRA_BENCH_BASELINE` (a git revision to compare this build with; unset: none).
+//!
+//! Against a previous build: with `PGENTRA_BENCH_BASELINE=<git rev>` (`HEAD~1`, a commit), the
+//! bench first checks that revision out in a temporary git worktree (removed again, also on
+//! error), builds its copy of this bench there (`cargo bench --no-run`, pgentra selected too
+//! with all features, as CI builds it; at most 30 minutes, with progress lines) into
+//! `<target dir>/baseline-build`, which later runs reuse, and runs it as one more target,
+//! "previous": a proxy with the same `--serve-proxy` arguments as this build's, in the same
+//! rotating rounds of the session-pooling and the transaction-pooling rows (`-M simple` and
+//! `-M prepared`). After each of those tables, one of this build against the previous: each
+//! build's TPS and CPU µs per transaction (medians), the median of each round's this/previous
+//! ratio of both, and every round's ratios; at the end a verdict: TPS ratio ≥ 0.97 and CPU
+//! ratio ≤ 1.03 in every row. Run this build the same way (`-p pgentra -p pgentra-proxy
+//! --all-features`), so that both have the same features:
+//!
+//! ```sh
+//! PGENTRA_BENCH_BASELINE=HEAD~1 \
+//!   cargo bench -p pgentra -p pgentra-proxy --all-features --bench proxy_vs_pgbouncer
+//! ```
+
+mod baseline;
 
 use azure_core::credentials::AccessToken;
 use azure_core::time::OffsetDateTime;
+use baseline::{Baseline, Paired, Versus};
 use pgentra::EntraAuth;
 use pgentra::conninfo::ConnInfo;
 use pgentra_emulator::backend::Cluster;
@@ -62,6 +85,7 @@ use pgentra_emulator::issuer::{Issuer, Principal};
 use pgentra_emulator::testing::TestCredential;
 use pgentra_emulator::{Emulator, EmulatorConfig, USER};
 use pgentra_proxy::{Instance, Proxy, ProxyConfig};
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -111,6 +135,8 @@ struct Knobs {
     workloads: Vec<Workload>,
     /// pgbench reaches the proxy and PgBouncer over their Unix sockets instead of TCP.
     unix: bool,
+    /// A git revision whose build of this bench runs as a second proxy, against this one.
+    baseline: Option<String>,
 }
 
 impl Knobs {
@@ -161,6 +187,10 @@ impl Knobs {
             scale: var("PGENTRA_BENCH_SCALE", 10)?,
             idle: var("PGENTRA_BENCH_IDLE", 1000)?,
             workloads,
+            baseline: std::env::var("PGENTRA_BENCH_BASELINE")
+                .ok()
+                .map(|rev| rev.trim().to_owned())
+                .filter(|rev| !rev.is_empty()),
             unix: match std::env::var("PGENTRA_BENCH_CLIENT_SOCKET").as_deref() {
                 Ok("unix") => true,
                 Ok("tcp") | Err(_) => false,
@@ -187,36 +217,125 @@ impl Knobs {
 fn run() -> Result<()> {
     let knobs = Knobs::from_env()?;
     let started = Instant::now();
+    // First, so that a build that fails costs no cluster.
+    let previous = knobs.baseline.as_deref().map(Baseline::build).transpose()?;
+    let mut versus = previous.as_ref().map(Versus::new);
+    let setup = Setup::start(&knobs)?;
     let biggest = knobs.clients.iter().copied().max().unwrap_or(1) as usize;
-    // Room for the idle sessions of one target at a time, pgbench's and PgBouncer's spares.
-    let max_connections = (knobs.idle.max(biggest) + biggest + 100).to_string();
-    let cluster = Cluster::start_with(&[
-        ("max_connections", &max_connections),
-        // The pgbench tables (about 16 MB per scale unit) stay in memory.
-        ("shared_buffers", "256MB"),
-    ])
-    .map_err(|e| {
-        format!("{e} (needs the PostgreSQL server binaries: apt-get install postgresql)")
-    })?;
-    let ca = Ca::new()?;
-    cluster.enable_tls(ca.server_cert_pem(), ca.server_key_pem())?;
-    let files = cluster.scratch_dir("bench")?;
-    let ca_file = files.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem())?;
-    let pgbench = cluster.bin_dir().join("pgbench");
-    if !pgbench.is_file() {
-        return Err(format!(
-            "{} not found (apt-get install postgresql)",
-            pgbench.display()
-        )
-        .into());
+    let sessions = knobs.idle + biggest + 100;
+    // Both listen on loopback TCP and on a Unix socket here.
+    let proxy = Helper::proxy(
+        &setup.upstream,
+        sessions,
+        &setup.sockets,
+        Pooling::session(sessions),
+        &[],
+    )?;
+    let bouncer = Helper::pgbouncer(
+        &setup.cluster,
+        &setup.files,
+        &setup.server_side(),
+        sessions,
+        &setup.sockets,
+        Pooling::session(sessions),
+    )?;
+    let against = previous.as_ref().zip(versus.as_mut());
+    session_pooling(&knobs, &setup, &proxy, &bouncer, against)?;
+
+    if !knobs.churn_clients.is_empty() {
+        churn(&knobs, &setup.cluster, &setup.files, &setup.pgbench)?;
+    }
+    if knobs.txn_clients > 0 {
+        let against = previous.as_ref().zip(versus.as_mut());
+        transaction_pooling(&knobs, &setup, against)?;
+    }
+    if let Some(versus) = &versus {
+        println!();
+        versus.verdict();
+    }
+    idle_sessions(&knobs, &setup.cluster, proxy, &bouncer)?;
+    drop(bouncer);
+    drop(setup);
+    println!(
+        "proxy_vs_pgbouncer: done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The throwaway cluster with pgbench's tables, and what every section reaches it with.
+struct Setup {
+    cluster: Cluster,
+    /// Scratch files: the CA's certificate, PgBouncer's configurations.
+    files: PathBuf,
+    ca_file: PathBuf,
+    pgbench: PathBuf,
+    /// The cluster over verified TLS, as the proxies reach it.
+    upstream: String,
+    /// The directory of the proxies' and PgBouncer's Unix sockets.
+    sockets: PathBuf,
+}
+
+impl Setup {
+    fn start(knobs: &Knobs) -> Result<Self> {
+        let biggest = knobs.clients.iter().copied().max().unwrap_or(1) as usize;
+        // Room for the idle sessions of one target at a time, pgbench's and PgBouncer's spares.
+        let max_connections = (knobs.idle.max(biggest) + biggest + 100).to_string();
+        let cluster = Cluster::start_with(&[
+            ("max_connections", &max_connections),
+            // The pgbench tables (about 16 MB per scale unit) stay in memory.
+            ("shared_buffers", "256MB"),
+        ])
+        .map_err(|e| {
+            format!("{e} (needs the PostgreSQL server binaries: apt-get install postgresql)")
+        })?;
+        let ca = Ca::new()?;
+        cluster.enable_tls(ca.server_cert_pem(), ca.server_key_pem())?;
+        let files = cluster.scratch_dir("bench")?;
+        let ca_file = files.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem())?;
+        let pgbench = cluster.bin_dir().join("pgbench");
+        if !pgbench.is_file() {
+            return Err(format!(
+                "{} not found (apt-get install postgresql)",
+                pgbench.display()
+            )
+            .into());
+        }
+        pgbench_init(&cluster, &pgbench, knobs.scale)?;
+        let upstream = format!(
+            "host=localhost hostaddr=127.0.0.1 port={} sslmode=verify-full sslrootcert={}",
+            cluster.port(),
+            ca_file.display()
+        );
+        let sockets = cluster.scratch_dir("sockets")?;
+        Ok(Self {
+            cluster,
+            files,
+            ca_file,
+            pgbench,
+            upstream,
+            sockets,
+        })
     }
 
-    // pgbench's tables, over the Unix socket.
+    /// The cluster as PgBouncer logs in to it: its superuser, trusted.
+    fn server_side(&self) -> ServerSide {
+        ServerSide {
+            port: self.cluster.port(),
+            user: ROLE.to_owned(),
+            password: None,
+            ca: self.ca_file.clone(),
+        }
+    }
+}
+
+/// pgbench's tables, over the Unix socket.
+fn pgbench_init(cluster: &Cluster, pgbench: &Path, scale: u32) -> Result<()> {
     let init = Command::new("timeout")
         .args(["-k", "5", "600"])
-        .arg(&pgbench)
-        .args(["-i", "-q", "-s", &knobs.scale.to_string()])
+        .arg(pgbench)
+        .args(["-i", "-q", "-s", &scale.to_string()])
         .args(["-h"])
         .arg(cluster.socket_dir())
         .args(["-p", &cluster.port().to_string(), "-U", ROLE, DATABASE])
@@ -226,68 +345,75 @@ fn run() -> Result<()> {
     if !init.status.success() {
         return Err(format!("pgbench -i: {}", String::from_utf8_lossy(&init.stderr)).into());
     }
+    Ok(())
+}
 
-    let upstream = format!(
-        "host=localhost hostaddr=127.0.0.1 port={} sslmode=verify-full sslrootcert={}",
-        cluster.port(),
-        ca_file.display()
-    );
-    // Both listen on loopback TCP and on a Unix socket here.
-    let sockets = cluster.scratch_dir("sockets")?;
-    let sessions = knobs.idle + biggest + 100;
-    let proxy = Helper::proxy(
-        &upstream,
-        sessions,
-        &sockets,
-        Pooling::session(sessions),
-        &[],
-    )?;
-    let bouncer = Helper::pgbouncer(
-        &cluster,
-        &files,
-        &ServerSide {
-            port: cluster.port(),
-            user: ROLE.to_owned(),
-            password: None,
-            ca: ca_file.clone(),
-        },
-        sessions,
-        &sockets,
-        Pooling::session(sessions),
-    )?;
-    let client_socket = knobs.unix.then_some(sockets.clone());
-    let targets = [
+/// The session-pooling rows: each workload and client count directly, through the proxy and
+/// through PgBouncer (and through the previous build's proxy, against this one's), in rounds.
+fn session_pooling(
+    knobs: &Knobs,
+    setup: &Setup,
+    proxy: &Helper,
+    bouncer: &Helper,
+    against: Option<(&Baseline, &mut Versus)>,
+) -> Result<()> {
+    let client_socket = knobs.unix.then(|| setup.sockets.clone());
+    let previous = against
+        .as_ref()
+        .map(|(b, _)| proxy.twin(&b.exe))
+        .transpose()?;
+    let mut targets = vec![
         Target {
             name: "direct",
-            port: cluster.port(),
-            tls: Some(ca_file),
+            port: setup.cluster.port(),
+            tls: Some(setup.ca_file.clone()),
             socket_dir: None,
             pid: None,
             login: None,
             churn: false,
             query_mode: "simple",
         },
-        Target {
-            name: "proxy",
-            port: proxy.port,
-            tls: None,
-            socket_dir: client_socket.clone(),
-            pid: Some(proxy.pid),
-            login: None,
-            churn: false,
-            query_mode: "simple",
-        },
-        Target {
-            name: "pgbouncer",
-            port: bouncer.port,
-            tls: None,
-            socket_dir: client_socket,
-            pid: Some(bouncer.pid),
-            login: None,
-            churn: false,
-            query_mode: "simple",
-        },
+        Target::through("proxy", proxy, client_socket.clone(), "simple"),
+        Target::through("pgbouncer", bouncer, client_socket.clone(), "simple"),
     ];
+    if let Some(previous) = &previous {
+        targets.push(Target::through(
+            "previous",
+            previous,
+            client_socket,
+            "simple",
+        ));
+    }
+    print_session_header(knobs, targets.len());
+    // Warm the tables, the connection paths and the token.
+    for target in &targets {
+        let seconds = knobs.seconds.min(2);
+        pgbench_run(&setup.pgbench, target, Workload::SelectOnly, 8, seconds)?;
+    }
+    let (mut verdict, mut paired) = (None, Vec::new());
+    for &workload in &knobs.workloads {
+        for &clients in &knobs.clients {
+            let rounds = rotating_rounds(&setup.pgbench, &targets, workload, clients, knobs)?;
+            let row = session_row(workload, clients, &rounds);
+            if workload == Workload::SelectOnly && clients == 8 {
+                verdict = Some(row);
+            }
+            if previous.is_some() {
+                let label = format!("{} {clients} clients", workload.name());
+                paired.push(Paired::new(label, &rounds, 1, 3));
+            }
+        }
+    }
+    if let Some(verdict) = verdict {
+        verdict.print();
+    }
+    if let Some((_, versus)) = against {
+        versus.section("session pooling", &paired);
+    }
+    Ok(())
+}
+
+fn print_session_header(knobs: &Knobs, targets: usize) {
     println!(
         "proxy_vs_pgbouncer: pgbench -n -T {} -j min(clients,2), scale {}, {} round(s); {} cores",
         knobs.seconds,
@@ -296,22 +422,11 @@ fn run() -> Result<()> {
         std::thread::available_parallelism().map_or(0, usize::from),
     );
     println!(
-        "each round runs the 3 targets back to back, the order rotating; values are medians over the rounds, ratios the median of each round's target/direct"
+        "each round runs the {targets} targets back to back, the order rotating; values are medians over the rounds, ratios the median of each round's target/direct"
     );
     println!(
         "cpu: CPU time of the proxy / PgBouncer process per transaction (all threads, user + system)"
     );
-    // Warm the tables, the connection paths and the token.
-    for target in &targets {
-        pgbench_run(
-            &pgbench,
-            target,
-            Workload::SelectOnly,
-            8,
-            knobs.seconds.min(2),
-        )?;
-    }
-
     println!(
         "{:<11} {:>7} {:>8} {:>16} {:>16} {:>9} {:>15} {:>15} {:>9} {:>9}",
         "workload",
@@ -338,102 +453,100 @@ fn run() -> Result<()> {
         "cpu µs",
         "cpu µs",
     );
-    let mut verdict = None;
-    for &workload in &knobs.workloads {
-        for &clients in &knobs.clients {
-            let mut rounds: Vec<[Sample; 3]> = Vec::with_capacity(knobs.rounds);
-            for round in 0..knobs.rounds {
-                let mut samples = [Sample::default(); 3];
-                for i in 0..targets.len() {
-                    let which = (i + round) % targets.len();
-                    samples[which] =
-                        pgbench_run(&pgbench, &targets[which], workload, clients, knobs.seconds)?;
-                }
-                rounds.push(samples);
-            }
-            let m = |measure: &dyn Fn(&[Sample; 3]) -> f64| median(rounds.iter().map(measure));
-            let tps = [m(&|r| r[0].tps), m(&|r| r[1].tps), m(&|r| r[2].tps)];
-            let tps_ratio = [m(&|r| r[1].tps / r[0].tps), m(&|r| r[2].tps / r[0].tps)];
-            let ms = [
-                m(&|r| r[0].latency_ms),
-                m(&|r| r[1].latency_ms),
-                m(&|r| r[2].latency_ms),
-            ];
-            let ms_ratio = [
-                m(&|r| r[1].latency_ms / r[0].latency_ms),
-                m(&|r| r[2].latency_ms / r[0].latency_ms),
-            ];
-            let cpu = [m(&|r| r[1].cpu_us), m(&|r| r[2].cpu_us)];
-            println!(
-                "{:<11} {:>7} {:>8.0} {:>8.0} ({:>5.3}) {:>8.0} ({:>5.3}) {:>9.3} {:>7.3} ({:>5.2}) {:>7.3} ({:>5.2}) {:>9.1} {:>9.1}",
-                workload.name(),
-                clients,
-                tps[0],
-                tps[1],
-                tps_ratio[0],
-                tps[2],
-                tps_ratio[1],
-                ms[0],
-                ms[1],
-                ms_ratio[0],
-                ms[2],
-                ms_ratio[1],
-                cpu[0],
-                cpu[1],
-            );
-            if workload == Workload::SelectOnly && clients == 8 {
-                verdict = Some(Verdict {
-                    proxy: tps_ratio[0],
-                    bouncer: tps_ratio[1],
-                    direct_tps: tps[0],
-                    direct_busy: m(&|r| r[0].busy),
-                    proxy_cpu_us: cpu[0],
-                });
-            }
-        }
-    }
-    if let Some(verdict) = verdict {
-        verdict.print();
-    }
+}
 
-    if !knobs.churn_clients.is_empty() {
-        churn(&knobs, &cluster, &files, &pgbench)?;
-    }
-    if knobs.txn_clients > 0 {
-        transaction_pooling(&knobs, &cluster, &files, &pgbench, &upstream, &sockets)?;
-    }
-
-    if knobs.idle > 0 {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let baseline = client_backends(&cluster)?;
-        let proxy_kib = idle_memory(&runtime, &cluster, "proxy", &proxy, knobs.idle)?;
-        // The proxy keeps the server connections its clients leave (it pools them): stop it
-        // and wait (bounded) for them to end, so that PgBouncer's find room.
-        drop(proxy);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client_backends(&cluster)? > baseline + 5 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let bouncer_kib = idle_memory(&runtime, &cluster, "pgbouncer", &bouncer, knobs.idle)?;
-        println!(
-            "verdict: idle memory per proxied session {proxy_kib:.1} KiB (target: < {IDLE_TARGET_KIB:.0} KiB): {}; PgBouncer {bouncer_kib:.1} KiB",
-            if proxy_kib < IDLE_TARGET_KIB {
-                "met"
-            } else {
-                "MISSED"
-            }
-        );
-    } else {
-        drop(proxy);
-    }
-    drop(bouncer);
-    drop(cluster);
+/// Prints a session-pooling row from its rounds (direct, proxy, PgBouncer first), and returns
+/// the numbers a verdict is about.
+fn session_row(workload: Workload, clients: u32, rounds: &[Vec<Sample>]) -> Verdict {
+    let m = |measure: &dyn Fn(&[Sample]) -> f64| median(rounds.iter().map(|r| measure(r)));
+    let tps = [m(&|r| r[0].tps), m(&|r| r[1].tps), m(&|r| r[2].tps)];
+    let tps_ratio = [m(&|r| r[1].tps / r[0].tps), m(&|r| r[2].tps / r[0].tps)];
+    let ms = [
+        m(&|r| r[0].latency_ms),
+        m(&|r| r[1].latency_ms),
+        m(&|r| r[2].latency_ms),
+    ];
+    let ms_ratio = [
+        m(&|r| r[1].latency_ms / r[0].latency_ms),
+        m(&|r| r[2].latency_ms / r[0].latency_ms),
+    ];
+    let cpu = [m(&|r| r[1].cpu_us), m(&|r| r[2].cpu_us)];
     println!(
-        "proxy_vs_pgbouncer: done in {:.0} s",
-        started.elapsed().as_secs_f64()
+        "{:<11} {:>7} {:>8.0} {:>8.0} ({:>5.3}) {:>8.0} ({:>5.3}) {:>9.3} {:>7.3} ({:>5.2}) {:>7.3} ({:>5.2}) {:>9.1} {:>9.1}",
+        workload.name(),
+        clients,
+        tps[0],
+        tps[1],
+        tps_ratio[0],
+        tps[2],
+        tps_ratio[1],
+        ms[0],
+        ms[1],
+        ms_ratio[0],
+        ms[2],
+        ms_ratio[1],
+        cpu[0],
+        cpu[1],
+    );
+    Verdict {
+        proxy: tps_ratio[0],
+        bouncer: tps_ratio[1],
+        direct_tps: tps[0],
+        direct_busy: m(&|r| r[0].busy),
+        proxy_cpu_us: cpu[0],
+    }
+}
+
+/// `knobs.rounds` rounds of a pgbench run through each target, back to back, in an order that
+/// rotates between rounds (so that drift affects them alike); each round's samples in the
+/// targets' order.
+fn rotating_rounds(
+    pgbench: &Path,
+    targets: &[Target],
+    workload: Workload,
+    clients: u32,
+    knobs: &Knobs,
+) -> Result<Vec<Vec<Sample>>> {
+    let mut rounds = Vec::with_capacity(knobs.rounds);
+    for round in 0..knobs.rounds {
+        let mut samples = vec![Sample::default(); targets.len()];
+        for i in 0..targets.len() {
+            let which = (i + round) % targets.len();
+            samples[which] =
+                pgbench_run(pgbench, &targets[which], workload, clients, knobs.seconds)?;
+        }
+        rounds.push(samples);
+    }
+    Ok(rounds)
+}
+
+/// The idle-memory test: `knobs.idle` sessions through the proxy, then (the proxy stopped) as
+/// many through PgBouncer.
+fn idle_sessions(knobs: &Knobs, cluster: &Cluster, proxy: Helper, bouncer: &Helper) -> Result<()> {
+    if knobs.idle == 0 {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let baseline = client_backends(cluster)?;
+    let proxy_kib = idle_memory(&runtime, cluster, "proxy", &proxy, knobs.idle)?;
+    // The proxy keeps the server connections its clients leave (it pools them): stop it
+    // and wait (bounded) for them to end, so that PgBouncer's find room.
+    drop(proxy);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client_backends(cluster)? > baseline + 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bouncer_kib = idle_memory(&runtime, cluster, "pgbouncer", bouncer, knobs.idle)?;
+    println!(
+        "verdict: idle memory per proxied session {proxy_kib:.1} KiB (target: < {IDLE_TARGET_KIB:.0} KiB): {}; PgBouncer {bouncer_kib:.1} KiB",
+        if proxy_kib < IDLE_TARGET_KIB {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     Ok(())
 }
@@ -610,14 +723,12 @@ fn churn(knobs: &Knobs, cluster: &Cluster, files: &Path, pgbench: &Path) -> Resu
 
 /// The transaction-pooling rows: `pgbench -S` with many clients on few server connections,
 /// through the proxy and through PgBouncer, both in transaction mode, in the same rounds; and
-/// through the proxy with `-M prepared`, which PgBouncer 1.18 is shown to fail.
+/// through the proxy with `-M prepared`, which PgBouncer 1.18 is shown to fail. Against a
+/// previous build, its proxy runs both modes in the same rounds too.
 fn transaction_pooling(
     knobs: &Knobs,
-    cluster: &Cluster,
-    files: &Path,
-    pgbench: &Path,
-    upstream: &str,
-    sockets: &Path,
+    setup: &Setup,
+    against: Option<(&Baseline, &mut Versus)>,
 ) -> Result<()> {
     let clients = knobs.txn_clients;
     let pooling = Pooling {
@@ -625,59 +736,61 @@ fn transaction_pooling(
         size: knobs.txn_pool,
     };
     let sessions = clients as usize + 10;
-    let proxy = Helper::proxy(upstream, sessions, sockets, pooling, &[])?;
+    let (sockets, server) = (&setup.sockets, setup.server_side());
+    let proxy = Helper::proxy(&setup.upstream, sessions, sockets, pooling, &[])?;
     let bouncer = Helper::pgbouncer(
-        cluster,
-        files,
-        &ServerSide {
-            port: cluster.port(),
-            user: ROLE.to_owned(),
-            password: None,
-            ca: files.join("ca.pem"),
-        },
+        &setup.cluster,
+        &setup.files,
+        &server,
         sessions,
         sockets,
         pooling,
     )?;
-    let target = |name, helper: &Helper, query_mode| Target {
-        name,
-        port: helper.port,
-        tls: None,
-        socket_dir: None,
-        pid: Some(helper.pid),
-        login: None,
-        churn: false,
-        query_mode,
-    };
-    let targets = [
-        target("pgentra", &proxy, "simple"),
-        target("pgbouncer", &bouncer, "simple"),
-        target("pgentra", &proxy, "prepared"),
+    let previous = against
+        .as_ref()
+        .map(|(b, _)| proxy.twin(&b.exe))
+        .transpose()?;
+    let mut targets = vec![
+        Target::through("pgentra", &proxy, None, "simple"),
+        Target::through("pgbouncer", &bouncer, None, "simple"),
+        Target::through("pgentra", &proxy, None, "prepared"),
     ];
+    if let Some(previous) = &previous {
+        targets.push(Target::through("previous", previous, None, "simple"));
+        targets.push(Target::through("previous", previous, None, "prepared"));
+    }
     println!();
     println!(
         "transaction pooling: pgbench -n -S -T {} -c {clients} -j 2, {} server connections per pool, pool_mode = transaction in both, {} round(s); ratios are the median of each round's value / PgBouncer's (-M simple)",
         knobs.seconds, knobs.txn_pool, knobs.rounds
     );
     for target in &targets {
-        pgbench_run(pgbench, target, Workload::SelectOnly, clients, 1)?;
+        pgbench_run(&setup.pgbench, target, Workload::SelectOnly, clients, 1)?;
     }
-    let mut rounds: Vec<[Sample; 3]> = Vec::with_capacity(knobs.rounds);
-    for round in 0..knobs.rounds {
-        let mut samples = [Sample::default(); 3];
-        for i in 0..targets.len() {
-            let which = (i + round) % targets.len();
-            samples[which] = pgbench_run(
-                pgbench,
-                &targets[which],
-                Workload::SelectOnly,
-                clients,
-                knobs.seconds,
-            )?;
-        }
-        rounds.push(samples);
+    let rounds = rotating_rounds(
+        &setup.pgbench,
+        &targets,
+        Workload::SelectOnly,
+        clients,
+        knobs,
+    )?;
+    transaction_table(&targets, &rounds);
+    if let Some((_, versus)) = against {
+        let label = |mode| format!("-M {mode}, {clients} clients");
+        let paired = [
+            Paired::new(label("simple"), &rounds, 0, 3),
+            Paired::new(label("prepared"), &rounds, 2, 4),
+        ];
+        versus.section("transaction pooling", &paired);
     }
-    let m = |measure: &dyn Fn(&[Sample; 3]) -> f64| median(rounds.iter().map(measure));
+    pgbouncer_prepared(&setup.pgbench, &bouncer, clients);
+    drop((proxy, bouncer, previous));
+    Ok(())
+}
+
+/// The transaction-pooling table, PgBouncer (`-M simple`) the second target, and its verdict.
+fn transaction_table(targets: &[Target], rounds: &[Vec<Sample>]) {
+    let m = |measure: &dyn Fn(&[Sample]) -> f64| median(rounds.iter().map(|r| measure(r)));
     println!(
         "{:<9} {:<10} {:>8} {:>7} {:>9} {:>7} {:>9} {:>7}",
         "-M", "through", "tps", "ratio", "ms", "ratio", "cpu µs", "ratio"
@@ -700,10 +813,11 @@ fn transaction_pooling(
         "verdict: transaction pooling, -M simple: pgentra's TPS at least PgBouncer's and its CPU per transaction at most PgBouncer's (target): {}",
         if met { "met" } else { "MISSED" }
     );
-    let prepared = Target {
-        query_mode: "prepared",
-        ..target("pgbouncer", &bouncer, "prepared")
-    };
+}
+
+/// One short `-M prepared` run through PgBouncer in transaction mode: it ran, or its error.
+fn pgbouncer_prepared(pgbench: &Path, bouncer: &Helper, clients: u32) {
+    let prepared = Target::through("pgbouncer", bouncer, None, "prepared");
     match pgbench_run(pgbench, &prepared, Workload::SelectOnly, clients, 2) {
         Ok(sample) => println!(
             "PgBouncer with -M prepared in transaction mode ran: {:.0} tps",
@@ -721,8 +835,6 @@ fn transaction_pooling(
             );
         }
     }
-    drop((proxy, bouncer));
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -755,6 +867,28 @@ struct Target {
     churn: bool,
     /// pgbench's `-M`: `simple`, `extended` or `prepared`.
     query_mode: &'static str,
+}
+
+impl Target {
+    /// Through `helper` in plain text, as the cluster's superuser, over TCP on loopback or
+    /// over its Unix socket in `socket_dir`.
+    fn through(
+        name: &'static str,
+        helper: &Helper,
+        socket_dir: Option<PathBuf>,
+        query_mode: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            port: helper.port,
+            tls: None,
+            socket_dir,
+            pid: Some(helper.pid),
+            login: None,
+            churn: false,
+            query_mode,
+        }
+    }
 }
 
 /// How a helper pools server connections: its pool mode and server connections per pool.
@@ -988,6 +1122,15 @@ struct Helper {
     /// The process whose memory is measured.
     pid: u32,
     port: u16,
+    /// A proxy's `--serve-proxy` arguments and environment (none for PgBouncer).
+    serving: Option<Serving>,
+}
+
+/// What a proxy helper runs with: the arguments after `--serve-proxy`, and environment.
+#[derive(Clone)]
+struct Serving {
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl Helper {
@@ -1002,11 +1145,33 @@ impl Helper {
         env: &[(&str, String)],
     ) -> Result<Self> {
         let credential = if env.is_empty() { "static" } else { "az" };
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["--serve-proxy", upstream, &max_connections.to_string()])
-            .arg(socket_dir)
-            .args([pooling.mode, &pooling.size.to_string(), credential])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        let mut args: Vec<OsString> = vec![
+            upstream.into(),
+            max_connections.to_string().into(),
+            socket_dir.into(),
+        ];
+        args.extend([pooling.mode, &pooling.size.to_string(), credential].map(OsString::from));
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
+        let serving = Serving {
+            args,
+            env: env.collect(),
+        };
+        Self::serve(&std::env::current_exe()?, serving)
+    }
+
+    /// `program` (this bench's binary or another build's) as the same proxy as this one:
+    /// the same `--serve-proxy` arguments and environment.
+    fn twin(&self, program: &Path) -> Result<Self> {
+        let serving = self.serving.clone().ok_or("not a proxy helper")?;
+        Self::serve(program, serving)
+    }
+
+    /// `program --serve-proxy ARGS`, started once it says where it listens.
+    fn serve(program: &Path, serving: Serving) -> Result<Self> {
+        let mut child = Command::new(program)
+            .arg("--serve-proxy")
+            .args(&serving.args)
+            .envs(serving.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1019,6 +1184,7 @@ impl Helper {
             lifeline,
             pid,
             port: 0,
+            serving: Some(serving),
         };
         let lines = log_lines(stdout.ok_or("no pipe from the proxy")?);
         let port = wait_for(&lines, "pgentra proxy", |line| {
@@ -1122,6 +1288,7 @@ wait "$bouncer"
             lifeline,
             pid: 0,
             port,
+            serving: None,
         };
         let lines = log_lines(stdout.ok_or("no pipe from pgbouncer")?);
         helper.pid = wait_for(&lines, "pgbouncer", |line| {

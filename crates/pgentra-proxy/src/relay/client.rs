@@ -1,0 +1,186 @@
+//! The client's side of the relay: its messages, read as they come, each handed to the
+//! tracker (and, in transaction pooling, translated) on its way to the server connection it
+//! holds — taken from the pool with the first message that needs one.
+
+use super::{Relay, Stop};
+use crate::connector::Connector;
+use crate::guard::ServerGuard;
+use crate::pinning::PinReason;
+use crate::protocol::frames::{Frame, Head, Malformed, Wanted};
+use crate::protocol::translate::Server;
+use crate::refusal::Refusal;
+use ::bytes::Buf;
+
+/// Longest client message the proxy holds whole (`Query`, `Parse`, `Bind`, ...; in session
+/// pooling only `Describe` and `Close`); the rest stream through at any length. PostgreSQL's
+/// own limit is 1 GB.
+const MAX_CLIENT_MESSAGE: usize = 256 << 20;
+
+/// Frontend messages after the startup (the protocol's "Message Formats").
+const FRONTEND: &[u8] = b"BCdcfDEFHPQSX";
+
+/// How the client's messages are read: whole where the proxy reads them (every message but
+/// `CopyData` in transaction pooling, for the translation and the pinning rules; only
+/// `Describe` and `Close`, whose kind byte the tracker needs, in session pooling).
+fn wanted(head: Head, translated: bool) -> Wanted {
+    let whole = if translated {
+        head.tag != b'd'
+    } else {
+        matches!(head.tag, b'D' | b'C')
+    };
+    match (whole, head.len > MAX_CLIENT_MESSAGE) {
+        (false, _) => Wanted::Stream,
+        (true, false) => Wanted::Whole,
+        (true, true) => Wanted::TooLong,
+    }
+}
+
+impl Relay<'_> {
+    /// Handles the client's bytes read so far — messages, and parts of streamed ones — until
+    /// more are needed or the server must catch up first.
+    pub(super) async fn on_client(&mut self) -> Result<(), Stop> {
+        while !self.client_in.is_empty() && !self.paused() {
+            let translated = self.translator.is_some();
+            let frame = self
+                .client_frames
+                .next(&self.client_in, |head| wanted(head, translated))
+                .map_err(|error| Stop::Refuse(Refusal::ClientProtocol(invalid_length(error))))?;
+            let Some(frame) = frame else {
+                // Room grows with what arrives, not with what a header claims.
+                self.client_in.reserve(super::READ_SIZE);
+                return Ok(());
+            };
+            match frame {
+                Frame::Part(n) => {
+                    if !self.discarding {
+                        self.server_out.put(&self.client_in[..n]);
+                    }
+                }
+                Frame::Start(head) | Frame::Whole(head) => {
+                    if !FRONTEND.contains(&head.tag) {
+                        return Err(Stop::Refuse(Refusal::ClientProtocol(format!(
+                            "invalid frontend message type {}",
+                            head.tag
+                        ))));
+                    }
+                    if head.tag == b'X' {
+                        return Err(Stop::ClientDone);
+                    }
+                    // Flush and copy messages outside a COPY are owed nothing, and PostgreSQL
+                    // ignores the latter ("we probably got here because a COPY failed, and the
+                    // frontend is still sending data"): with no connection held they need none.
+                    self.discarding =
+                        self.server.is_none() && matches!(head.tag, b'H' | b'd' | b'c' | b'f');
+                    if !self.discarding {
+                        if self.server.is_none() {
+                            self.checkout().await?;
+                        }
+                        match frame {
+                            Frame::Whole(_) => self.client_message(head)?,
+                            _ => {
+                                self.owed.sent(head.tag, None);
+                                self.server_out.put(&self.client_in[..frame.bytes()]);
+                            }
+                        }
+                    }
+                }
+            }
+            self.client_in.advance(frame.bytes());
+        }
+        Ok(())
+    }
+
+    /// One whole client message, with a server connection held.
+    fn client_message(&mut self, head: Head) -> Result<(), Stop> {
+        let message = &self.client_in[..head.len];
+        if self.owed.skipping() && head.tag != b'S' {
+            // "...reads and discards messages until a Sync is reached": owed nothing.
+            self.server_out.put(message);
+            return Ok(());
+        }
+        let Some(translator) = &mut self.translator else {
+            self.owed.sent(head.tag, message.get(5).copied());
+            self.server_out.put(message);
+            return Ok(());
+        };
+        let limit = self.client.pool.settings.max_prepared_statements;
+        let guard = self.server.as_mut().expect("held by on_client");
+        let server = Server {
+            prepared: &mut guard.server().prepared,
+            owed: &mut self.owed,
+            output: self.server_out.buf(),
+        };
+        let pin = translator
+            .message(head.tag, message, server, self.client_out.buf(), limit)
+            .map_err(Stop::Refuse)?;
+        if let Some(reason) = pin {
+            self.pin(reason);
+        }
+        Ok(())
+    }
+
+    /// A server connection from the pool, set to the client's tracked parameters.
+    async fn checkout(&mut self) -> Result<(), Stop> {
+        let pool = &self.client.pool;
+        let mut connector = Connector::new(self.shared, self.instance);
+        let conn = connector
+            .checkout(pool, &self.tracked)
+            .await
+            .map_err(Stop::Refuse)?;
+        let mut guard = ServerGuard::new(conn, &self.client, self.instance);
+        if let Some(welcome) = self.welcome.take() {
+            let now = guard.server().params.messages();
+            if now != welcome {
+                // The server reports otherwise than the welcome said (it was restarted, or
+                // upgraded): "ParameterStatus messages will be generated whenever the active
+                // value changes for any of the parameters the backend believes the frontend
+                // should know about" (protocol, 55.2.7), so the client hears of it now.
+                self.client_out.put(&now);
+                pool.remember_welcome(&self.tracked, now);
+            }
+        }
+        if let Some(translator) = &mut self.translator {
+            translator.held();
+        }
+        self.reported_untracked = false;
+        self.server = Some(guard);
+        Ok(())
+    }
+
+    /// A reported parameter the proxy does not track that no longer has the value it had at
+    /// the login (a function called `set_config`, say) is session state: it pins.
+    pub(super) fn check_reported(&mut self) {
+        if !std::mem::take(&mut self.reported_untracked) {
+            return;
+        }
+        let Some(guard) = &mut self.server else {
+            return;
+        };
+        let server = guard.server();
+        let changed = server.params.iter().any(|(name, value)| {
+            crate::tracked::server_index(name).is_none() && server.defaults.get(name) != Some(value)
+        });
+        if changed {
+            self.pin(PinReason::Set);
+        }
+    }
+
+    fn pin(&mut self, reason: PinReason) {
+        if self.client.pin(reason) {
+            tracing::info!(
+                reason = reason.label(),
+                "session pinned to its server connection for the rest of the session"
+            );
+        }
+    }
+}
+
+/// The client's `FATAL` for a message the proxy cannot take.
+fn invalid_length(error: Malformed) -> String {
+    match error {
+        Malformed::Length => "invalid message length".into(),
+        Malformed::TooLong(len) => format!(
+            "invalid message length {len}: the pgentra proxy takes messages of up to {MAX_CLIENT_MESSAGE} bytes whole"
+        ),
+    }
+}

@@ -1,0 +1,119 @@
+//! One side of a relay on the wire: the bytes waiting for it, written (and flushed: TLS keeps
+//! written bytes in its records until then) while what it sends is read. PostgreSQL stops
+//! reading while its own output is blocked, so a relay that only wrote, behind a large result,
+//! would wait for ever; and a client that stops reading must not stop the timeouts.
+
+use super::READ_SIZE;
+use ::bytes::{Buf, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What an exchange resolved with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Io {
+    /// Bytes read (0: the peer ended its side).
+    Read(usize),
+    /// What waits to be written fell below the mark given: the relay may take more for it.
+    Drained,
+}
+
+/// The bytes waiting for one side, and how many went.
+#[derive(Debug, Default)]
+pub(super) struct Side {
+    out: BytesMut,
+    /// Bytes written to the stream and not yet flushed.
+    unflushed: bool,
+    /// Bytes written so far.
+    pub(super) written: u64,
+}
+
+impl Side {
+    /// The buffer of what waits to be written, to add to.
+    pub(super) fn buf(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    pub(super) fn put(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Bytes waiting to be written.
+    pub(super) fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether everything was written and flushed.
+    pub(super) fn idle(&self) -> bool {
+        self.out.is_empty() && !self.unflushed
+    }
+
+    /// Writes what waits to `stream` while reading from it into `input` (when `read`);
+    /// resolves when something was read, or when what waits fell below `wake_below`. Pending
+    /// for ever without a stream.
+    pub(super) fn exchange<'s, S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+        &'s mut self,
+        stream: Option<&'s mut S>,
+        input: &'s mut BytesMut,
+        read: bool,
+        wake_below: Option<usize>,
+    ) -> impl Future<Output = std::io::Result<Io>> + 's {
+        let mut stream = stream;
+        std::future::poll_fn(move |cx| match stream.as_deref_mut() {
+            Some(stream) => self.poll_exchange(cx, stream, input, read, wake_below),
+            None => Poll::Pending,
+        })
+    }
+
+    fn poll_exchange<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+        input: &mut BytesMut,
+        read: bool,
+        wake_below: Option<usize>,
+    ) -> Poll<std::io::Result<Io>> {
+        let was = self.out.len();
+        while !self.out.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.out.advance(n);
+                    self.unflushed = true;
+                    self.written += n as u64;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => break,
+            }
+        }
+        if self.out.is_empty() && self.unflushed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+        }
+        if let Some(mark) = wake_below
+            && was >= mark
+            && self.out.len() < mark
+        {
+            return Poll::Ready(Ok(Io::Drained));
+        }
+        if !read {
+            return Poll::Pending;
+        }
+        let mut buffer = [0u8; READ_SIZE];
+        let mut filled = ReadBuf::new(&mut buffer);
+        match Pin::new(&mut *stream).poll_read(cx, &mut filled) {
+            Poll::Ready(Ok(())) => {
+                input.extend_from_slice(filled.filled());
+                Poll::Ready(Ok(Io::Read(filled.filled().len())))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The relay of a pooled session, one for both pool modes: the mode decides only when the
+//! server connection goes back (PgBouncer's `release_server`) — between transactions in
+//! transaction pooling, at the end in session pooling.
+//!
+//! Both directions are read as messages ([`crate::protocol::frames`]): what the client sends
+//! is handed to the protocol tracker ([`Owed`]) and, in transaction pooling, translated
+//! ([`Translator`]); what the server answers is passed on or dropped as the tracker says. Rows,
+//! `COPY` data and (in session pooling) any large message stream through as they come. A
+//! client holds no server connection until a message needs one ([`client`]); the server side
+//! is in [`server`], the timeouts in [`timeouts`], and sessions with a server connection of
+//! their own (`--pool-mode none`, replication) use the byte relay in [`bytes`].
+//!
+//! A client that leaves is noticed at once, whatever it was doing, and what it left on its
+//! connection decides how the connection goes back ([`Release`]).
+
+pub(crate) mod bytes;
+mod client;
+mod io;
+mod server;
+mod timeouts;
+
+use crate::config::PoolMode;
+use crate::guard::{ClientGuard, Release, Reset, ServerGuard};
+use crate::pool::CloseReason;
+use crate::protocol::frames::Frames;
+use crate::protocol::owed::Owed;
+use crate::protocol::translate::{Translator, Undo};
+use crate::refusal::Refusal;
+use crate::shared::{InstanceState, Shared};
+use crate::startup::Stream;
+use crate::tracked::Tracked;
+use ::bytes::{Bytes, BytesMut};
+use io::{Io, Side};
+
+use std::pin::pin;
+use timeouts::Clock;
+use tokio::sync::watch;
+
+/// Bytes read at a time from either side.
+const READ_SIZE: usize = 16 * 1024;
+/// Answers a client may be owed before the proxy stops reading from it (it reads on once the
+/// server has answered): pipelines are bounded in memory, as by a socket's buffer.
+const MAX_OWED: usize = 16_384;
+/// Bytes waiting for the server before the proxy stops reading from the client.
+const MAX_UNSENT: usize = 1 << 20;
+/// Bytes waiting for the client before the proxy stops reading from the server.
+const MAX_UNREAD: usize = 256 * 1024;
+
+/// Bytes relayed each way.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Relayed {
+    pub(crate) to_server: u64,
+    pub(crate) to_client: u64,
+}
+
+/// A client logged in on a pool, ready to relay.
+pub(crate) struct Session<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) instance: &'a InstanceState,
+    pub(crate) client: ClientGuard<'a>,
+    /// The client's values of the tracked parameters (in transaction pooling, as it last set
+    /// them).
+    pub(crate) tracked: Tracked,
+    /// The connection it took at its login, if it did.
+    pub(crate) held: Option<ServerGuard<'a>>,
+    /// The `ParameterStatus` messages it was welcomed with, when it was welcomed without a
+    /// connection: the connection it takes tells it of any difference.
+    pub(crate) welcome: Option<Bytes>,
+}
+
+/// How a relay ended.
+pub(crate) struct End<'a> {
+    pub(crate) relayed: Relayed,
+    /// Why the proxy ended it, for the client's `FATAL`; `None` when the client left.
+    pub(crate) refusal: Option<Refusal>,
+    /// The connection the client held, and how it goes back (once the client is gone).
+    pub(crate) release: Option<(ServerGuard<'a>, Release)>,
+    /// The client's guard and tracked values, kept until its connection went back.
+    pub(crate) client: ClientGuard<'a>,
+    pub(crate) tracked: Tracked,
+}
+
+/// Why the relay stopped.
+enum Stop {
+    /// The client sent `Terminate` or closed its connection.
+    ClientDone,
+    /// The client's connection failed.
+    ClientGone,
+    /// The server connection broke, or answered out of turn.
+    ServerGone(String),
+    /// The proxy ends the session with this `FATAL`.
+    Refuse(Refusal),
+    /// The drain timeout passed.
+    Killed,
+}
+
+struct Relay<'a> {
+    shared: &'a Shared,
+    instance: &'a InstanceState,
+    client: ClientGuard<'a>,
+    tracked: Tracked,
+    welcome: Option<Bytes>,
+    /// The client's statements, translated (transaction pooling); `None` in session pooling,
+    /// where they pass as they are.
+    translator: Option<Translator>,
+    client_in: BytesMut,
+    client_frames: Frames,
+    client_out: Side,
+    /// The body of a streamed client message goes nowhere (`CopyData` with no connection).
+    discarding: bool,
+    server: Option<ServerGuard<'a>>,
+    owed: Owed<Undo>,
+    server_in: BytesMut,
+    server_frames: Frames,
+    server_out: Side,
+    /// A parameter the proxy does not track was reported while the connection was held.
+    reported_untracked: bool,
+    clock: Clock,
+}
+
+/// Relays a client's session until it ends.
+pub(crate) async fn relay<'a>(
+    stream: &mut Box<dyn Stream>,
+    session: Session<'a>,
+    kill: watch::Receiver<bool>,
+) -> End<'a> {
+    let transaction = session.client.pool.settings.mode == PoolMode::Transaction;
+    let mut relay = Relay {
+        shared: session.shared,
+        instance: session.instance,
+        clock: Clock::new(&session.client.pool.settings),
+        client: session.client,
+        tracked: session.tracked,
+        welcome: session.welcome,
+        translator: transaction.then(Translator::default),
+        client_in: BytesMut::with_capacity(READ_SIZE),
+        client_frames: Frames::default(),
+        client_out: Side::default(),
+        discarding: false,
+        server: session.held,
+        owed: Owed::default(),
+        server_in: BytesMut::new(),
+        server_frames: Frames::default(),
+        server_out: Side::default(),
+        reported_untracked: false,
+    };
+    let stop = relay.run(stream, kill).await;
+    relay.finish(stop)
+}
+
+impl<'a> Relay<'a> {
+    async fn run(&mut self, stream: &mut Box<dyn Stream>, kill: watch::Receiver<bool>) -> Stop {
+        let mut kill = kill;
+        let mut draining = self.shared.draining();
+        let mut killed = pin!(turns_true(&mut kill));
+        let mut draining = pin!(turns_true(&mut draining));
+        let mut timer = pin!(tokio::time::sleep(timeouts::FAR));
+        loop {
+            if let Err(stop) = self.on_client().await {
+                return stop;
+            }
+            self.release_between_transactions();
+            let armed = self.clock.arm(timer.as_mut(), &self.state());
+            // Each side is read only while the other takes what it sent; a side held back is
+            // woken when the other has taken enough.
+            let client_reads = !self.paused();
+            let server_reads = self.client_out.pending() < MAX_UNREAD;
+            let wake_client = (!client_reads).then_some(MAX_UNSENT);
+            let wake_server = (!server_reads).then_some(MAX_UNREAD);
+            let held = self.server.is_some();
+            let server_stream = self.server.as_mut().map(|guard| &mut guard.server().stream);
+            tokio::select! {
+                io = self.client_out.exchange(Some(&mut *stream), &mut self.client_in, client_reads, wake_server) => {
+                    match io {
+                        Ok(Io::Read(0)) | Err(_) => return self.client_left(),
+                        Ok(Io::Read(_)) => self.clock.client_read(),
+                        Ok(Io::Drained) => {}
+                    }
+                }
+                io = self.server_out.exchange(server_stream, &mut self.server_in, server_reads, wake_client) => {
+                    match io {
+                        Ok(Io::Read(0)) => return Stop::ServerGone("closed the connection".into()),
+                        Ok(Io::Read(_)) => {
+                            if let Err(stop) = self.on_server() {
+                                return stop;
+                            }
+                        }
+                        Ok(Io::Drained) => {}
+                        Err(error) => return Stop::ServerGone(format!("failed: {error}")),
+                    }
+                }
+                () = &mut timer, if armed => {
+                    if let Err(stop) = self.on_timeout() {
+                        return stop;
+                    }
+                }
+                () = &mut killed => return Stop::Killed,
+                // A client holding no connection is told to go at once; one in a transaction
+                // is told when it ends.
+                () = &mut draining, if !held => return Stop::Refuse(Refusal::SessionShutdown),
+            }
+        }
+    }
+
+    /// Whether the client must wait before the proxy reads more of it: it is owed too much,
+    /// or the server is not taking what it was sent.
+    fn paused(&self) -> bool {
+        self.server_out.pending() >= MAX_UNSENT || self.owed.len() >= MAX_OWED
+    }
+
+    /// The client's connection ended: done when it owed nothing and left nothing half-sent.
+    fn client_left(&self) -> Stop {
+        if self.client_in.is_empty() && !self.client_frames.mid_message() {
+            Stop::ClientDone
+        } else {
+            Stop::ClientGone
+        }
+    }
+
+    /// In transaction pooling, gives the connection back once the server is idle outside a
+    /// transaction with nothing owed, sent or unread, unless the session is pinned.
+    fn release_between_transactions(&mut self) {
+        if self.translator.is_none()
+            || self.server.is_none()
+            || self.client.pinned().is_some()
+            || !self.owed.releasable()
+            || !self.server_in.is_empty()
+            || !self.server_out.idle()
+            || self.client_frames.mid_message()
+            || self.server_frames.mid_message()
+        {
+            return;
+        }
+        self.check_reported();
+        if self.client.pinned().is_none()
+            && let Some(guard) = self.server.take()
+        {
+            guard.release_idle();
+        }
+    }
+
+    /// Ends the session: how the connection held, if any, goes back (the caller gives it back
+    /// once the client is gone).
+    fn finish(mut self, stop: Stop) -> End<'a> {
+        let (refusal, closed) = match stop {
+            Stop::Refuse(refusal) => (Some(refusal), None),
+            Stop::ServerGone(what) => (
+                Some(Refusal::ServerLost {
+                    upstream: self.instance.target.name.clone(),
+                    what,
+                }),
+                Some(CloseReason::Broken),
+            ),
+            Stop::Killed => (None, Some(CloseReason::Shutdown)),
+            Stop::ClientDone | Stop::ClientGone => (None, None),
+        };
+        let release = self.server.take().map(|guard| {
+            let how = match closed {
+                Some(reason) => Release::Close(reason),
+                None => self.left_behind(),
+            };
+            (guard, how)
+        });
+        End {
+            relayed: Relayed {
+                to_server: self.server_out.written,
+                to_client: self.client_out.written,
+            },
+            refusal,
+            release,
+            client: self.client,
+            tracked: self.tracked,
+        }
+    }
+
+    /// What the client left on its connection as the session ends.
+    fn left_behind(&self) -> Release {
+        let half_sent = self.client_frames.mid_message() || self.server_out.pending() > 0;
+        if half_sent || self.owed.copy_in() || self.owed.skipping() {
+            // The server waits for the rest of what the client was sending.
+            return Release::Close(CloseReason::ClientLeft);
+        }
+        if self.owed.settled() {
+            let reset = match (&self.translator, self.client.pinned()) {
+                (None, _) => Reset::Configured,
+                (Some(_), Some(_)) => Reset::Required,
+                (Some(_), None) => Reset::Skip,
+            };
+            return Release::Settled {
+                status: self.owed.status(),
+                reset,
+            };
+        }
+        if self.owed.is_empty() {
+            // An extended-query batch with no Sync: its implicit transaction would commit at
+            // one; it must not.
+            return Release::Close(CloseReason::ClientLeft);
+        }
+        Release::Running
+    }
+}
+
+/// Resolves when `flag` is (or turns) true.
+pub(crate) async fn turns_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|on| *on).await;
+}
