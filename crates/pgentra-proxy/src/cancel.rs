@@ -39,21 +39,44 @@ impl CancelTarget {
     }
 }
 
-/// The proxy-issued keys of open sessions.
+/// Where one session's cancel requests go now: the server connection it holds, or none.
+#[derive(Default)]
+pub(crate) struct Pointer(Mutex<Option<CancelTarget>>);
+
+impl Pointer {
+    /// Points the session's key at the server connection it now holds, or at none. Once it
+    /// points away, no new cancel request reaches the old connection; those already on their
+    /// way are counted in its [`CancelsInFlight`].
+    pub(crate) fn point(&self, to: Option<CancelTarget>) {
+        *self.0.lock() = to;
+    }
+
+    /// Where a cancel request goes, counted in flight from here (under the same lock as
+    /// [`point`](Self::point), so a connection is never handed on with one uncounted).
+    fn start(&self) -> Option<(CancelTarget, CancelGuard)> {
+        let to = self.0.lock().clone()?;
+        let guard = to.in_flight.start();
+        Some((to, guard))
+    }
+}
+
+/// The proxy-issued keys of open sessions, each with its session's [`Pointer`] (which the
+/// session points without looking its key up).
 #[derive(Default)]
 pub(crate) struct CancelKeys {
-    keys: Mutex<HashMap<Key, Option<CancelTarget>>>,
+    keys: Mutex<HashMap<Key, Arc<Pointer>>>,
 }
 
 impl CancelKeys {
     /// A new key for a session whose cancel requests go to `to` (nowhere yet: `None`), from
-    /// the OS's CSPRNG ([`pgentra_wire::random_cancel_key`]).
-    pub(crate) fn issue(&self, to: Option<CancelTarget>) -> std::io::Result<Key> {
+    /// the OS's CSPRNG ([`pgentra_wire::random_cancel_key`]), and its pointer.
+    pub(crate) fn issue(&self, to: Option<CancelTarget>) -> std::io::Result<(Key, Arc<Pointer>)> {
+        let pointer = Arc::new(Pointer(Mutex::new(to)));
         loop {
             let ours = pgentra_wire::random_cancel_key()?;
             if let Entry::Vacant(entry) = self.keys.lock().entry(ours) {
-                entry.insert(to);
-                return Ok(ours);
+                entry.insert(Arc::clone(&pointer));
+                return Ok((ours, pointer));
             }
         }
     }
@@ -62,22 +85,10 @@ impl CancelKeys {
         self.keys.lock().remove(key);
     }
 
-    /// Points a session's key at the server connection it now holds, or at none. Once it
-    /// points away, no new cancel request reaches the old connection; those already on their
-    /// way are counted in its [`CancelsInFlight`].
-    pub(crate) fn point(&self, key: &Key, to: Option<CancelTarget>) {
-        if let Some(target) = self.keys.lock().get_mut(key) {
-            *target = to;
-        }
-    }
-
-    /// Where a cancel request with `key` goes, counted in flight from here (under the same lock
-    /// as [`point`](Self::point), so a connection is never handed on with one uncounted).
+    /// Where a cancel request with `key` goes, counted in flight from here.
     fn start(&self, key: &Key) -> Option<(CancelTarget, CancelGuard)> {
-        let keys = self.keys.lock();
-        let to = keys.get(key)?.clone()?;
-        let guard = to.in_flight.start();
-        Some((to, guard))
+        let pointer = Arc::clone(self.keys.lock().get(key)?);
+        pointer.start()
     }
 }
 

@@ -101,7 +101,7 @@ impl<'a> Connector<'a> {
         &mut self,
         pool: &Pool,
         slots: crate::pool::Slots,
-    ) -> Result<Pooled, Refusal> {
+    ) -> Result<Box<Pooled>, Refusal> {
         let key = &pool.key;
         let startup = startup(key)?;
         let server = self.open(&key.role, &startup).await?;
@@ -148,23 +148,23 @@ impl<'a> Connector<'a> {
                 Checkout::Idle(mut conn) => {
                     let now = std::time::Instant::now();
                     if now >= conn.retire_at {
-                        pool.close(*conn, CloseReason::Lifetime);
+                        pool.close(conn, CloseReason::Lifetime);
                         continue;
                     }
                     if conn.server.looks_closed() {
-                        pool.close(*conn, CloseReason::Broken);
+                        pool.close(conn, CloseReason::Broken);
                         continue;
                     }
                     if now.duration_since(conn.idle_since) >= settings.check_delay
                         && !own_query(&mut conn.server, "").await
                     {
-                        pool.close(*conn, CloseReason::Broken);
+                        pool.close(conn, CloseReason::Broken);
                         continue;
                     }
                     pool.stats.reused.fetch_add(1, Ordering::Relaxed);
                     return Ok(conn);
                 }
-                Checkout::Open(slots) => return Ok(Box::new(self.open_pooled(pool, slots).await?)),
+                Checkout::Open(slots) => return self.open_pooled(pool, slots).await,
             }
         }
     }
@@ -192,7 +192,7 @@ async fn set_tracked(
     match conn.server.query(&sets, OWN_QUERY_TIMEOUT).await {
         Ok(b'I') => Ok(conn),
         Ok(_) | Err(QueryError::Broken(_)) => {
-            pool.close(*conn, CloseReason::Broken);
+            pool.close(conn, CloseReason::Broken);
             Err(Refusal::ServerBroke {
                 upstream: upstream.to_owned(),
                 what: "did not take the session's parameters".into(),
@@ -200,7 +200,7 @@ async fn set_tracked(
         }
         Err(QueryError::Server(error)) => {
             // As PostgreSQL refuses a bad value in a startup message.
-            pool.put(*conn);
+            pool.put(conn);
             Err(Refusal::ServerRefused(error.into_fatal()))
         }
     }

@@ -10,7 +10,7 @@
 //!   (between transactions) or [`ServerGuard::release`] (with what the client left behind);
 //!   dropped unreleased (a relay that failed or was cancelled), it is closed.
 
-use crate::cancel::{self, CancelTarget};
+use crate::cancel::{self, CancelTarget, Pointer};
 use crate::connector::{own_queries, own_query};
 use crate::pinning::PinReason;
 use crate::pool::{CloseReason, Pool, Pooled};
@@ -29,17 +29,22 @@ pub(crate) const CANCEL_SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct CancelKey<'a> {
     shared: &'a Shared,
     key: cancel::Key,
+    pointer: Arc<Pointer>,
 }
 
 impl<'a> CancelKey<'a> {
     /// A new key from the OS's CSPRNG, whose cancel requests go to `to` (nowhere yet: `None`).
     pub(crate) fn issue(shared: &'a Shared, to: Option<CancelTarget>) -> Result<Self, Refusal> {
-        let key = shared.cancel_keys.issue(to).map_err(|error| {
+        let (key, pointer) = shared.cancel_keys.issue(to).map_err(|error| {
             Refusal::Internal(format!(
                 "the operating system gave no random bytes for a cancel key: {error}"
             ))
         })?;
-        Ok(Self { shared, key })
+        Ok(Self {
+            shared,
+            key,
+            pointer,
+        })
     }
 
     /// The key, for the client's `BackendKeyData`.
@@ -132,7 +137,8 @@ pub(crate) struct ServerGuard<'a> {
     pool: Arc<Pool>,
     shared: &'a Shared,
     instance: &'a InstanceState,
-    key: cancel::Key,
+    /// Where the client's cancel requests go.
+    pointer: Arc<Pointer>,
 }
 
 impl<'a> ServerGuard<'a> {
@@ -142,17 +148,15 @@ impl<'a> ServerGuard<'a> {
         client: &ClientGuard<'a>,
         instance: &'a InstanceState,
     ) -> Self {
-        let shared = client.key.shared;
-        let key = client.key.key;
-        let to = CancelTarget::of(&instance.target, &conn.server);
-        shared.cancel_keys.point(&key, Some(to));
+        let pointer = Arc::clone(&client.key.pointer);
+        pointer.point(Some(CancelTarget::of(&instance.target, &conn.server)));
         client.pool.stats.active.fetch_add(1, Ordering::Relaxed);
         Self {
             conn: Some(conn),
             pool: Arc::clone(&client.pool),
-            shared,
+            shared: client.key.shared,
             instance,
-            key,
+            pointer,
         }
     }
 
@@ -163,11 +167,11 @@ impl<'a> ServerGuard<'a> {
 
     /// Takes the connection from the client: its cancel key points nowhere, and it is no longer
     /// active.
-    fn take(&mut self) -> Option<Pooled> {
+    fn take(&mut self) -> Option<Box<Pooled>> {
         let conn = self.conn.take()?;
-        self.shared.cancel_keys.point(&self.key, None);
+        self.pointer.point(None);
         self.pool.stats.active.fetch_sub(1, Ordering::Relaxed);
-        Some(*conn)
+        Some(conn)
     }
 
     /// Gives the connection back between transactions, as it is (it is idle, and no session

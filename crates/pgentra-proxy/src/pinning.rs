@@ -77,7 +77,13 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
 /// `standard_conforming_strings` (and a client could change it): the text is read both ways,
 /// and pins if either reading does.
 pub(crate) fn pins(sql: &str) -> Option<PinReason> {
-    [false, true].into_iter().find_map(|backslashes| {
+    // Without a backslash the two readings are the same: one is enough.
+    let readings: &[bool] = if sql.contains('\\') {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    readings.iter().copied().find_map(|backslashes| {
         let mut reader = Reader::default();
         let strings = Strings { backslashes };
         tokenize(sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end())

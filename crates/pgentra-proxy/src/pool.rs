@@ -140,15 +140,22 @@ pub(crate) struct Pooled {
     pub(crate) retire_at: Instant,
     /// When it was last returned (or opened).
     pub(crate) idle_since: Instant,
-    _slots: Slots,
+    slots: Slots,
 }
 
 /// A place in the pool's size and in the upstream's total cap. Giving it back wakes the
 /// clients waiting for one.
 pub(crate) struct Slots {
     _pool: OwnedSemaphorePermit,
-    _upstream: Option<OwnedSemaphorePermit>,
+    upstream: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
+}
+
+impl Slots {
+    /// The upstream's notice of room, when the upstream has a cap.
+    fn capped(&self) -> Option<Arc<Notify>> {
+        self.upstream.as_ref().map(|_| Arc::clone(&self.freed))
+    }
 }
 
 impl Drop for Slots {
@@ -171,8 +178,8 @@ pub(crate) struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// The upstream's total cap (`None`: no cap).
     upstream: Option<Arc<Semaphore>>,
-    /// Woken when a connection of this upstream closes, so that waiters of a pool held back by
-    /// the total cap look again.
+    /// Woken when a connection of this upstream closes, or goes idle under the cap, so that
+    /// waiters of a pool held back by the total cap look again.
     freed: Arc<Notify>,
 }
 
@@ -263,6 +270,10 @@ impl Pools {
         pool: &Pool,
         until: tokio::time::Instant,
     ) -> Option<Checkout> {
+        // The common case first: an idle connection, with nothing to wait for.
+        if let Some(idle) = pool.shelf.lock().idle.pop() {
+            return Some(Checkout::Idle(idle));
+        }
         let started = Instant::now();
         let mut counted = false;
         let stats = &pool.stats;
@@ -284,7 +295,7 @@ impl Pools {
                 let mut shelf = pool.shelf.lock();
                 if let Some(idle) = shelf.idle.pop() {
                     done(counted);
-                    return Some(Checkout::Idle(Box::new(idle)));
+                    return Some(Checkout::Idle(idle));
                 }
                 shelf.waiters.retain(|waiter| !waiter.is_closed());
                 stats.returning.load(Ordering::SeqCst) <= shelf.waiters.len() as u64
@@ -297,7 +308,7 @@ impl Pools {
                 let mut shelf = pool.shelf.lock();
                 if let Some(idle) = shelf.idle.pop() {
                     done(counted);
-                    return Some(Checkout::Idle(Box::new(idle)));
+                    return Some(Checkout::Idle(idle));
                 }
                 let (sender, receiver) = oneshot::channel();
                 shelf.waiters.push_back(sender);
@@ -313,7 +324,7 @@ impl Pools {
                 conn = &mut handed => match conn {
                     Ok(conn) => {
                         done(counted);
-                        return Some(Checkout::Idle(Box::new(conn)));
+                        return Some(Checkout::Idle(conn));
                     }
                     Err(_) => false,
                 },
@@ -325,7 +336,7 @@ impl Pools {
             handed.close();
             if let Ok(conn) = handed.try_recv() {
                 done(counted);
-                return Some(Checkout::Idle(Box::new(conn)));
+                return Some(Checkout::Idle(conn));
             }
             if timed_out {
                 done(counted);
@@ -338,16 +349,16 @@ impl Pools {
     /// pool makes room.
     pub(crate) fn try_slots(&self, pool: &Pool) -> Option<Slots> {
         let own = Arc::clone(&pool.slots).try_acquire_owned().ok()?;
-        let slots = |upstream| Slots {
+        let taken = |upstream| Slots {
             _pool: own,
-            _upstream: upstream,
+            upstream,
             freed: Arc::clone(&self.freed),
         };
         let Some(upstream) = &self.upstream else {
-            return Some(slots(None));
+            return Some(taken(None));
         };
         if let Ok(permit) = Arc::clone(upstream).try_acquire_owned() {
-            return Some(slots(Some(permit)));
+            return Some(taken(Some(permit)));
         }
         let victim = self
             .all()
@@ -357,11 +368,11 @@ impl Pools {
         let (other, idle) = victim?;
         // Closed here, not in the background: its permit must be free now.
         other.count_close(CloseReason::Evicted);
-        let Pooled { server, _slots, .. } = *idle;
-        drop(_slots);
+        let Pooled { server, slots, .. } = *idle;
+        drop(slots);
         terminate_soon(server);
         let permit = Arc::clone(upstream).try_acquire_owned().ok()?;
-        Some(slots(Some(permit)))
+        Some(taken(Some(permit)))
     }
 
     /// Closes idle connections past their lifetime or idle timeout (keeping each pool's
@@ -369,7 +380,7 @@ impl Pools {
     pub(crate) fn retire(&self) {
         let now = Instant::now();
         for pool in self.all() {
-            let expired: Vec<(Pooled, CloseReason)> = {
+            let expired: Vec<(Box<Pooled>, CloseReason)> = {
                 let mut shelf = pool.shelf.lock();
                 let idle = &mut shelf.idle;
                 let mut kept = Vec::with_capacity(idle.len());
@@ -403,7 +414,7 @@ impl Pools {
     /// Closes every idle connection (the proxy is stopping).
     pub(crate) fn close_all(&self) {
         for pool in self.all() {
-            let idle: Vec<Pooled> = pool.shelf.lock().idle.drain(..).collect();
+            let idle: Vec<Box<Pooled>> = pool.shelf.lock().idle.drain(..).collect();
             for conn in idle {
                 pool.close(conn, CloseReason::Shutdown);
             }
@@ -442,9 +453,12 @@ const WELCOMES: usize = 16;
 #[derive(Default)]
 struct Shelf {
     /// Most recently returned last (handed out first: its caches are warm).
-    idle: Vec<Pooled>,
+    // Boxed: a connection moves between the shelf and its clients without being moved out of
+    // (or into) an allocation each time.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Pooled>>,
     /// In the order they came.
-    waiters: VecDeque<oneshot::Sender<Pooled>>,
+    waiters: VecDeque<oneshot::Sender<Box<Pooled>>>,
 }
 
 impl Pool {
@@ -455,22 +469,22 @@ impl Pool {
         server: ServerConn,
         slots: Slots,
         token_expiry: std::time::SystemTime,
-    ) -> Pooled {
+    ) -> Box<Pooled> {
         let until_expiry = token_expiry
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         let now = Instant::now();
-        Pooled {
+        Box::new(Pooled {
             retire_at: now + until_expiry.min(self.settings.server_lifetime),
             idle_since: now,
             server,
-            _slots: slots,
-        }
+            slots,
+        })
     }
 
     fn take_oldest_idle(&self) -> Option<Box<Pooled>> {
         let mut shelf = self.shelf.lock();
-        (!shelf.idle.is_empty()).then(|| Box::new(shelf.idle.remove(0)))
+        (!shelf.idle.is_empty()).then(|| shelf.idle.remove(0))
     }
 
     /// The `ParameterStatus` messages for a client with `tracked` values, if a connection of
@@ -513,7 +527,7 @@ impl Pool {
     }
 
     /// Puts a reset connection back: to the first client waiting, or on the shelf.
-    pub(crate) fn put(&self, mut conn: Pooled) {
+    pub(crate) fn put(&self, mut conn: Box<Pooled>) {
         conn.idle_since = Instant::now();
         let mut shelf = self.shelf.lock();
         while let Some(waiter) = shelf.waiters.pop_front() {
@@ -523,12 +537,19 @@ impl Pool {
                 Err(back) => conn = back,
             }
         }
+        // Under the upstream's cap, clients of other pools may wait for room that this idle
+        // connection can make: they look again.
+        let capped = conn.slots.capped();
         shelf.idle.push(conn);
+        drop(shelf);
+        if let Some(freed) = capped {
+            freed.notify_waiters();
+        }
     }
 
     /// Closes a connection for `reason`: its slots free at once, the server is told in the
     /// background.
-    pub(crate) fn close(&self, conn: Pooled, reason: CloseReason) {
+    pub(crate) fn close(&self, conn: Box<Pooled>, reason: CloseReason) {
         self.count_close(reason);
         terminate_soon(conn.server);
     }

@@ -210,7 +210,20 @@ async fn role(connector: &mut Connector<'_>, user: Option<&str>) -> Result<Strin
             "the client's user name is not a role it may pick (--client-roles): the token's role is used"
         );
     }
-    Ok(connector.creds().await.map_err(refused)?.user().to_owned())
+    // The identity's role does not change with its tokens: the last token's will do, so a
+    // client its pool serves from connections logged in before needs no fresh token (and is
+    // served while the token endpoint fails).
+    let last = connector
+        .shared
+        .auth
+        .subscribe()
+        .borrow()
+        .as_ref()
+        .map(|c| c.user().to_owned());
+    match last {
+        Some(role) => Ok(role),
+        None => Ok(connector.creds().await.map_err(refused)?.user().to_owned()),
+    }
 }
 
 /// The pool of a client's session (its role, database and the startup parameters that shape

@@ -21,18 +21,28 @@
 //! cut off after one second (the IMDS client otherwise retries for over a minute on a machine
 //! that has no managed-identity endpoint). `AZURE_POD_IDENTITY_AUTHORITY_HOST`, as in the other
 //! Azure SDKs, sends IMDS requests to another host (an emulator or a pod identity proxy).
+//!
+//! Every credential that asks a token endpoint over HTTP (all but the two CLIs) does so through
+//! a transport that notes the endpoint's failed answers (status and a short excerpt of the body,
+//! never anything from the request), so that the [provider](crate::EntraAuth) can report them
+//! at once while the credential retries.
+
+mod observed;
+
+pub(crate) use observed::{AnswerRecorder, Answers};
 
 use crate::error::{CredentialAttempt, Error};
 use azure_core::credentials::{
     AccessToken, Secret as AzureSecret, TokenCredential, TokenRequestOptions,
 };
-use azure_core::http::{AsyncRawResponse, ClientOptions, HttpClient, Request, Transport, Url};
+use azure_core::http::{AsyncRawResponse, ClientOptions, HttpClient, Request, Url};
 use azure_identity::{
     AzureCliCredential, AzureCliCredentialOptions, AzureDeveloperCliCredential,
     AzureDeveloperCliCredentialOptions, ClientSecretCredential, ClientSecretCredentialOptions,
     Executor, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
     WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
+use observed::Observed;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -130,6 +140,8 @@ pub struct CredentialChain {
     entries: Vec<Entry>,
     /// Index of the entry that first returned a token, or `usize::MAX`.
     selected: AtomicUsize,
+    /// Where the credentials' transports record their token endpoints' failed answers.
+    answers: AnswerRecorder,
 }
 
 impl fmt::Debug for CredentialChain {
@@ -169,17 +181,24 @@ impl CredentialChain {
                 .collect(),
         );
         let kinds = selected_kinds(vars.get("AZURE_TOKEN_CREDENTIALS"))?;
+        let answers = AnswerRecorder::new();
         let entries = kinds
             .into_iter()
             .map(|kind| Entry {
                 kind,
-                credential: build(kind, &vars),
+                credential: build(kind, &vars, &answers),
             })
             .collect();
         Ok(Self {
             entries,
             selected: AtomicUsize::new(usize::MAX),
+            answers,
         })
+    }
+
+    /// The failed answers of the chain's token endpoints (see the [module docs](self)).
+    pub(crate) fn answers(&self) -> &AnswerRecorder {
+        &self.answers
     }
 
     /// The credentials in the chain, in the order they are tried.
@@ -308,9 +327,13 @@ fn selected_kinds(filter: Option<&str>) -> crate::Result<Vec<CredentialKind>> {
     Ok(kinds)
 }
 
-fn build(kind: CredentialKind, vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
+fn build(
+    kind: CredentialKind,
+    vars: &Vars,
+    answers: &AnswerRecorder,
+) -> Result<Arc<dyn TokenCredential>, String> {
     let built: azure_core::Result<Arc<dyn TokenCredential>> = match kind {
-        CredentialKind::Environment => return environment(vars),
+        CredentialKind::Environment => return environment(vars, answers),
         CredentialKind::WorkloadIdentity => {
             let (Some(file), Some(tenant), Some(client)) = (
                 vars.get("AZURE_FEDERATED_TOKEN_FILE"),
@@ -328,20 +351,24 @@ fn build(kind: CredentialKind, vars: &Vars) -> Result<Arc<dyn TokenCredential>, 
                 token_file_path: Some(file.into()),
                 ..Default::default()
             };
-            options.credential_options.client_options = client_options(vars);
+            options.credential_options.client_options = client_options(vars, answers);
             WorkloadIdentityCredential::new(Some(options)).map(|c| c as _)
         }
         CredentialKind::ManagedIdentity => {
-            let mut client_options = ClientOptions::default();
+            let mut http = azure_core::http::new_http_client(None);
             if let Some(host) = vars.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") {
                 let target = Url::parse(host).map_err(|e| {
                     format!("AZURE_POD_IDENTITY_AUTHORITY_HOST={host:?} is not a URL: {e}")
                 })?;
-                client_options.transport = Some(Transport::new(Arc::new(ImdsRedirect {
+                http = Arc::new(ImdsRedirect {
                     target,
-                    inner: azure_core::http::new_http_client(None),
-                })));
+                    inner: http,
+                });
             }
+            let client_options = ClientOptions {
+                transport: Some(Observed::transport(http, answers)),
+                ..ClientOptions::default()
+            };
             ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
                 user_assigned_id: vars
                     .get("AZURE_CLIENT_ID")
@@ -366,7 +393,7 @@ fn build(kind: CredentialKind, vars: &Vars) -> Result<Arc<dyn TokenCredential>, 
     configured(built)
 }
 
-fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
+fn environment(vars: &Vars, answers: &AnswerRecorder) -> Result<Arc<dyn TokenCredential>, String> {
     let (Some(tenant), Some(client)) = (vars.get("AZURE_TENANT_ID"), vars.get("AZURE_CLIENT_ID"))
     else {
         return Err(
@@ -376,7 +403,7 @@ fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
     };
     if let Some(secret) = vars.get("AZURE_CLIENT_SECRET") {
         let options = ClientSecretCredentialOptions {
-            client_options: client_options(vars),
+            client_options: client_options(vars, answers),
         };
         return configured(
             ClientSecretCredential::new(
@@ -389,7 +416,7 @@ fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
         );
     }
     match vars.get("AZURE_CLIENT_CERTIFICATE_PATH") {
-        Some(path) => certificate(vars, tenant, client, path),
+        Some(path) => certificate(vars, answers, tenant, client, path),
         None => Err("not configured: AZURE_CLIENT_ID is set but neither AZURE_CLIENT_SECRET nor AZURE_CLIENT_CERTIFICATE_PATH is".into()),
     }
 }
@@ -397,6 +424,7 @@ fn environment(vars: &Vars) -> Result<Arc<dyn TokenCredential>, String> {
 #[cfg(feature = "client-certificate")]
 fn certificate(
     vars: &Vars,
+    answers: &AnswerRecorder,
     tenant: &str,
     client: &str,
     path: &str,
@@ -405,7 +433,7 @@ fn certificate(
     let bytes = std::fs::read(path)
         .map_err(|e| format!("cannot read AZURE_CLIENT_CERTIFICATE_PATH {path}: {e}"))?;
     let mut options = ClientCertificateCredentialOptions {
-        client_options: client_options(vars),
+        client_options: client_options(vars, answers),
         ..Default::default()
     };
     options.password = vars
@@ -425,6 +453,7 @@ fn certificate(
 #[cfg(not(feature = "client-certificate"))]
 fn certificate(
     _vars: &Vars,
+    _answers: &AnswerRecorder,
     _tenant: &str,
     _client: &str,
     _path: &str,
@@ -440,9 +469,16 @@ fn configured(
 }
 
 /// Client options that honour `AZURE_AUTHORITY_HOST` from `vars` (azure_identity would
-/// otherwise read it from the process environment).
-fn client_options(vars: &Vars) -> ClientOptions {
-    let mut options = ClientOptions::default();
+/// otherwise read it from the process environment), with a transport that records failed
+/// answers in `answers`.
+fn client_options(vars: &Vars, answers: &AnswerRecorder) -> ClientOptions {
+    let mut options = ClientOptions {
+        transport: Some(Observed::transport(
+            azure_core::http::new_http_client(None),
+            answers,
+        )),
+        ..ClientOptions::default()
+    };
     if let Some(host) = vars.get("AZURE_AUTHORITY_HOST") {
         let mut custom = azure_core::cloud::CustomConfiguration::default();
         custom.authority_host = host.to_owned();

@@ -22,6 +22,12 @@
 //! - With no usable token, the first caller wakes the background task and every concurrent
 //!   caller waits for that one credential call (single flight), for at most the timeout. While
 //!   the credential is failing, callers get its last error at once instead of waiting.
+//! - When the token endpoint refuses that call (the [default chain](crate::credential)'s
+//!   selected credential got an HTTP error answer), waiting callers get the endpoint's answer
+//!   at once, as [`Error::Credential`], rather than waiting out `azure_identity`'s own retries
+//!   (over a minute for managed identity), which go on in the background: if one succeeds,
+//!   later callers get its token. If the timeout cuts the call off, its error is that answer
+//!   too.
 //!
 //! The background task runs on a small runtime on a dedicated thread owned by the provider,
 //! which is why [`EntraAuth::credentials_blocking`] works inside and outside a tokio runtime,
@@ -129,7 +135,7 @@ impl EntraAuth {
 
     /// Credentials for a new connection. Returns at once when a usable token is cached;
     /// otherwise waits (at most the timeout) for the one credential call that every concurrent
-    /// caller shares.
+    /// caller shares, or until the token endpoint refuses it (see the [module docs](self)).
     pub async fn credentials(&self) -> Result<DbCredentials> {
         if let Some(creds) = self.inner.shared.usable() {
             return Ok(creds);

@@ -8,7 +8,7 @@ use ::bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What an exchange resolved with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,15 +105,7 @@ impl Side {
         if !read {
             return Poll::Pending;
         }
-        let mut buffer = [0u8; READ_SIZE];
-        let mut filled = ReadBuf::new(&mut buffer);
-        match Pin::new(&mut *stream).poll_read(cx, &mut filled) {
-            Poll::Ready(Ok(())) => {
-                input.extend_from_slice(filled.filled());
-                Poll::Ready(Ok(Io::Read(filled.filled().len())))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => Poll::Pending,
-        }
+        input.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(stream), cx, input).map_ok(Io::Read)
     }
 }

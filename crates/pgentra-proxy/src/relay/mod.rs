@@ -37,7 +37,7 @@ use timeouts::Clock;
 use tokio::sync::watch;
 
 /// Bytes read at a time from either side.
-const READ_SIZE: usize = 16 * 1024;
+const READ_SIZE: usize = 8 * 1024;
 /// Answers a client may be owed before the proxy stops reading from it (it reads on once the
 /// server has answered): pipelines are bounded in memory, as by a socket's buffer.
 const MAX_OWED: usize = 16_384;
@@ -133,7 +133,7 @@ pub(crate) async fn relay<'a>(
         tracked: session.tracked,
         welcome: session.welcome,
         translator: transaction.then(Translator::default),
-        client_in: BytesMut::with_capacity(READ_SIZE),
+        client_in: BytesMut::new(),
         client_frames: Frames::default(),
         client_out: Side::default(),
         discarding: false,

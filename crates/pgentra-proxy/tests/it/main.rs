@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cancel;
+mod large;
 mod leaving;
 mod pooling;
 mod refusals;

@@ -454,6 +454,61 @@ async fn pool_size_and_the_upstream_cap_hold() {
     proxy.stop().await;
 }
 
+/// With an upstream cap of one connection, a client of a second pool (another startup
+/// `options`) that waits while the first pool's client holds the connection takes its place as
+/// soon as it is idle, in both pooled modes, rather than wait for the queue timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_cap_makes_room_across_pools() {
+    let emulator = Emulator::shared();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let (proxy, _) = pooled(emulator, |config| {
+            config.pool.mode = mode;
+            config.max_server_connections = 1;
+            config.pool.queue_timeout = Duration::from_secs(5);
+        })
+        .await;
+        let mut first = logged_in(&proxy).await;
+        raw_query(&mut first, "begin").await.unwrap();
+        let addr = proxy.addr();
+        let second = tokio::spawn(async move {
+            let mut second = TcpStream::connect(addr).await.unwrap();
+            let params = [
+                ("database", "postgres"),
+                ("user", USER),
+                ("options", "-c geqo=off"),
+            ];
+            // The first client of its pool takes a connection at its login: it waits.
+            second.write_all(&startup_message(&params)).await.unwrap();
+            let messages = read_until_ready(&mut second).await;
+            assert_logged_in(&messages);
+            let geqo = raw_value(&mut second, "show geqo").await;
+            (second, geqo)
+        });
+        pool_until(&proxy, "the second client waiting", |p| {
+            p["clients_waiting"] == 1
+        })
+        .await;
+        // The first client's connection goes idle: its transaction ends (and, in session
+        // pooling, the client leaves).
+        let released = Instant::now();
+        raw_query(&mut first, "commit").await.unwrap();
+        if mode == PoolMode::Session {
+            drop(first);
+        }
+        let (second, geqo) = within(SHORT, "the second client", second).await.unwrap();
+        assert_eq!(geqo, "off", "{mode:?}");
+        let waited = released.elapsed();
+        assert!(waited < Duration::from_secs(2), "{mode:?}: {waited:?}");
+        let metrics = proxy.metrics().await;
+        assert!(
+            metrics.contains("reason=\"evicted\"} 1"),
+            "{mode:?}: {metrics}"
+        );
+        drop(second);
+        proxy.stop().await;
+    }
+}
+
 /// A connection past its lifetime is not handed out again, and one idle past the idle timeout
 /// is closed; both are counted by reason.
 #[tokio::test(flavor = "multi_thread")]

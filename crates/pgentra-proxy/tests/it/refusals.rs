@@ -304,6 +304,43 @@ async fn a_failing_token_endpoint_gets_the_client_a_fatal() {
     );
 }
 
+/// After the cached token expired, a token endpoint that answers HTTP 500 costs a client that
+/// needs a new server connection a FATAL within a second or two that names the answer (not
+/// the provider's timeout, after 20–30 s); a session on a connection logged in before goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_endpoint_failing_after_expiry_fails_new_logins_fast() {
+    let emulator = short_lived_emulator().await;
+    let endpoint = own_token_endpoint(&emulator);
+    let auth = imds_auth(&endpoint.imds_authority(), Duration::from_secs(20));
+    let mut config = config(&emulator);
+    config.login_timeout = Duration::from_secs(20);
+    let proxy = Running::start(config, auth.clone()).await;
+    let mut first = logged_in(&proxy).await;
+    assert_eq!(raw_value(&mut first, "select 1").await, "1");
+    endpoint.fail_next(u32::MAX, 500);
+    let expiry = auth.stats().expires_at.expect("a token");
+    // The token's time runs out (the server would refuse it a moment later).
+    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(200)).await;
+    let mut second = logged_in(&proxy).await;
+    let started = Instant::now();
+    second
+        .write_all(&message(b'Q', b"select 1\0"))
+        .await
+        .unwrap();
+    let answers = read_until_ready(&mut second).await;
+    let elapsed = started.elapsed();
+    let refused = error_of(&answers).expect("a FATAL");
+    assert_eq!(refused.get(b'S'), Some("FATAL"), "{refused:?}");
+    assert_eq!(refused.get(b'C'), Some("08001"), "{refused:?}");
+    let message = refused.get(b'M').unwrap_or_default();
+    assert!(message.contains("500"), "{message}");
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}: {message}");
+    assert_eq!(raw_value(&mut first, "select 2").await, "2");
+    drop(first);
+    proxy.stop().await;
+}
+
 /// psql, the client of the report, shows the proxy's message instead of "server closed the
 /// connection unexpectedly", with the default timeouts made short and equal.
 #[tokio::test(flavor = "multi_thread")]

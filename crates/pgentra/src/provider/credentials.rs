@@ -3,13 +3,14 @@
 
 use crate::claims::UsernameSource;
 use crate::clock::unix_seconds;
-use crate::credential::CredentialChain;
+use crate::credential::{Answers, CredentialChain};
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 use azure_core::credentials::{AccessToken, TokenCredential};
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
+use tokio::sync::watch;
 
 /// Credentials for one PostgreSQL login: the role name and the token to send as its password.
 ///
@@ -100,6 +101,41 @@ impl Source {
                 .map(|token| (token, name.clone()))
                 .map_err(|e| Error::credential(name, &e)),
         }
+    }
+
+    /// For a chain whose credential is already selected, the number of failed answers its
+    /// token endpoints have given so far: a fetch then calls the selected credential only, so
+    /// every failed answer recorded during it is that credential's. `None` for a custom
+    /// credential, and for a chain still choosing (where a failing credential only means that
+    /// the chain tries the next one).
+    pub(super) fn answers_mark(&self) -> Option<u64> {
+        match self {
+            Self::Chain(chain) => chain.selected().map(|_| chain.answers().count()),
+            Self::Custom { .. } => None,
+        }
+    }
+
+    /// A receiver that wakes at each failed answer of the chain's token endpoints; `None` for a
+    /// custom credential.
+    pub(super) fn answers(&self) -> Option<watch::Receiver<Answers>> {
+        match self {
+            Self::Chain(chain) => Some(chain.answers().subscribe()),
+            Self::Custom { .. } => None,
+        }
+    }
+
+    /// The selected credential's error for the latest of `answers` if it came after `mark`
+    /// (see [`answers_mark`](Self::answers_mark)); `note` is added to the endpoint's answer.
+    pub(super) fn answered_since(&self, answers: &Answers, mark: u64, note: &str) -> Option<Error> {
+        let Self::Chain(chain) = self else {
+            return None;
+        };
+        let kind = chain.selected()?;
+        let answer = answers.last.as_ref().filter(|_| answers.count > mark)?;
+        Some(Error::Credential {
+            credential: kind.name().to_owned(),
+            reason: format!("{answer}{note}"),
+        })
     }
 
     /// The credential's name: for the chain, the one that answered (if any has yet).

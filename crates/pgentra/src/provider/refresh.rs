@@ -1,6 +1,11 @@
 //! The provider's state and its background task, the only code that calls the credential:
 //! when to fetch, what a fetched token must satisfy, how failures back off, and how callers
 //! wait for a token.
+//!
+//! A caller with no usable token waits for the running fetch, unless the credential is the
+//! chain's selected one and its token endpoint has refused a request during that fetch: then
+//! the caller gets the endpoint's answer at once, while the credential's own retries go on in
+//! the background (`azure_identity` retries 429 and 5xx answers for up to a minute or more).
 
 use super::builder::Settings;
 use super::cache::Cache;
@@ -9,6 +14,7 @@ use super::{DbCredentials, Stats};
 use crate::claims::{Claims, MissingRole, UsernameSource};
 use crate::clock::{Clock, from_unix_seconds};
 use crate::cloud::MANAGEMENT_SCOPE;
+use crate::credential::Answers;
 use crate::error::{Error, ErrorChain, Result};
 use crate::secret::Secret;
 use crate::sync::lock;
@@ -25,8 +31,9 @@ const MIN_TOKEN_LIFE: Duration = Duration::from_secs(1);
 pub(super) enum Status {
     /// No token requested yet.
     Idle,
-    /// A credential call is running.
-    Fetching,
+    /// A credential call is running. `answers_mark` is the chain's count of failed answers when
+    /// it started, if its credential was already selected (see [`Source::answers_mark`]).
+    Fetching { answers_mark: Option<u64> },
     /// The last call succeeded.
     Ready,
     /// The last call failed; the next one is due at `retry_at`.
@@ -202,13 +209,23 @@ impl Shared {
         }
     }
 
-    /// Fetches with the configured timeout.
-    async fn fetch_bounded(&self) -> Result<DbCredentials> {
+    /// Fetches with the configured timeout (see [`cut_off_error`](Self::cut_off_error)).
+    async fn fetch_bounded(&self, answers_mark: Option<u64>) -> Result<DbCredentials> {
         let deadline = self.clock.now() + self.settings.timeout;
         tokio::select! {
             result = self.fetch() => result,
-            () = self.clock.sleep_until(deadline) => Err(self.timeout_error()),
+            () = self.clock.sleep_until(deadline) => Err(self.cut_off_error(answers_mark)),
         }
+    }
+
+    /// The error for a fetch the timeout cut off: the token endpoint's latest answer if it
+    /// refused the fetch, otherwise [`Error::Timeout`].
+    fn cut_off_error(&self, answers_mark: Option<u64>) -> Error {
+        let note = format!("; still no token after {:?}", self.settings.timeout);
+        answers_mark
+            .zip(self.source.answers())
+            .and_then(|(mark, answers)| self.source.answered_since(&answers.borrow(), mark, &note))
+            .unwrap_or_else(|| self.timeout_error())
     }
 }
 
@@ -266,8 +283,11 @@ async fn refresh_loop(shared: Arc<Shared>) {
         if !shared.fetch_due() {
             continue;
         }
-        shared.status.send_replace(Status::Fetching);
-        match shared.fetch_bounded().await {
+        let answers_mark = shared.source.answers_mark();
+        shared
+            .status
+            .send_replace(Status::Fetching { answers_mark });
+        match shared.fetch_bounded(answers_mark).await {
             Ok(creds) => {
                 failures = 0;
                 shared.store(creds);
@@ -280,18 +300,30 @@ async fn refresh_loop(shared: Arc<Shared>) {
     }
 }
 
-/// A caller's wait for a usable token, run on the provider's runtime.
+/// A caller's wait for a usable token, run on the provider's runtime: it ends with a token, the
+/// last fetch's error, a failed answer of the token endpoint during the running fetch (see the
+/// [module docs](self)), or the timeout.
 pub(super) async fn acquire(shared: Arc<Shared>) -> Result<DbCredentials> {
     let deadline = shared.clock.now() + shared.settings.timeout;
     let mut timeout = shared.clock.sleep_until(deadline);
     let mut status = shared.status.subscribe();
+    let mut answers = shared.source.answers();
     loop {
         if let Some(creds) = shared.usable() {
             return Ok(creds);
         }
+        // Marks the latest answer seen whatever the status, so that it wakes no one twice.
+        let latest = answers.as_mut().map(|a| a.borrow_and_update().clone());
         match &*status.borrow_and_update() {
             Status::Failed { error, .. } => return Err(error.clone()),
-            Status::Fetching => {}
+            Status::Fetching { answers_mark } => {
+                let answered = answers_mark
+                    .zip(latest.as_ref())
+                    .and_then(|(mark, latest)| shared.source.answered_since(latest, mark, ""));
+                if let Some(error) = answered {
+                    return Err(error);
+                }
+            }
             Status::Idle | Status::Ready => shared.demand.notify_one(),
         }
         tokio::select! {
@@ -300,7 +332,19 @@ pub(super) async fn acquire(shared: Arc<Shared>) -> Result<DbCredentials> {
                     return Err(Error::ProviderStopped);
                 }
             }
+            () = answer_recorded(answers.as_mut()) => {}
             () = &mut timeout => return Err(shared.timeout_error()),
         }
     }
+}
+
+/// Returns when `answers` has a new failed answer; never if there is no such receiver.
+async fn answer_recorded(answers: Option<&mut watch::Receiver<Answers>>) {
+    if let Some(answers) = answers
+        && answers.changed().await.is_ok()
+    {
+        return;
+    }
+    // No chain, or its recorder is gone (it lives as long as the provider).
+    std::future::pending().await
 }

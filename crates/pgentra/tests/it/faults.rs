@@ -5,6 +5,9 @@
 //!   fails, and the refresh succeeds once the endpoint is back.
 //! - The token endpoint is down past the token's expiry: logins fail at once with the
 //!   credential's reason, and recover by themselves within one backoff step.
+//! - The token endpoint refuses the managed-identity credential's refresh as the token runs
+//!   out: callers get the endpoint's answer at once, not after azure_identity's retries or the
+//!   timeout, and the retries still running recover when the endpoint is back.
 //! - The token endpoint hangs: callers and pool logins wait no longer than the timeout.
 //! - The gateway restarts mid-run: open connections die, and the pools log in again.
 //! - The provider's clock jumps past the token's expiry: a refresh happens, and new logins use
@@ -20,7 +23,8 @@
 //! token endpoint on every call. The managed-identity credential would hide a clock-driven
 //! outage: it caches tokens until 5 minutes before their real expiry, and retries 429 and 500
 //! answers for over a minute of real time. It is used where time is real (the hang, the
-//! restart).
+//! restart), and with 60-second tokens, which its cache does not keep, where those retries are
+//! the point (the refused refresh).
 
 use pgentra::clock::{Clock, ManualClock};
 use pgentra::conninfo::ConnInfo;
@@ -400,6 +404,186 @@ async fn an_endpoint_down_past_expiry_fails_logins_fast_then_recovers_by_itself(
     assert_eq!(fresh_login(&pool).await.as_deref(), Ok(USER));
     assert_eq!(gateway.logins(), logins + 1);
     assert_eq!(gateway.rejected(), rejected);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The token endpoint refuses managed identity while the token runs out
+// ---------------------------------------------------------------------------------------------
+
+/// The lifetime of the emulator's tokens in the managed-identity scenarios below: under the
+/// 5 minutes in which azure_identity's own cache stops serving a token, so each credential call
+/// asks the endpoint. The provider refreshes such a token 27 to 30 s before its expiry and stops
+/// serving it 15 s before.
+const SHORT_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The provider's timeout there: far above [`FAST`], and above the 12 to 15 s of provider time
+/// between the refresh point and the end of the token's use, which the scenarios jump over.
+const MI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How soon a caller must get the token endpoint's answer (real time).
+const FAST: Duration = Duration::from_secs(2);
+
+/// A managed-identity provider whose token ran out while its refresh is being refused.
+struct Refused {
+    auth: EntraAuth,
+    first: DbCredentials,
+    refresh_at: SystemTime,
+}
+
+/// The managed-identity credential (IMDS, redirected to the emulator) behind a provider on
+/// `clock` gets a 60 s token. From the refresh point on, the endpoint answers 500: the refresh
+/// is refused and azure_identity retries it (for over a minute); meanwhile callers get the
+/// cached token. Then provider time reaches the end of the token's use, the refresh still
+/// running, and four callers get the endpoint's answer within [`FAST`], not after the timeout
+/// (which, on the manual clock, never comes by itself).
+async fn refused_as_the_token_runs_out(emulator: &Emulator, clock: &ManualClock) -> Refused {
+    let identity = emulator.identity();
+    emulator.issuer().set_lifetime(SHORT_LIFETIME);
+    let auth = EntraAuth::builder()
+        .credential_chain(managed_identity(emulator))
+        .clock(clock.clone())
+        .timeout(MI_TIMEOUT)
+        .build()
+        .unwrap();
+    let first = credentials(&auth).await.unwrap();
+    assert_eq!(first.user(), MANAGED_IDENTITY);
+    let refresh_at = settled(clock, &auth, 1, 0).await;
+    let lifetime = first
+        .expires_at()
+        .duration_since(first.fetched_at())
+        .unwrap();
+    let usable_until = first.expires_at() - lifetime / 4;
+    assert!(
+        usable_until - MI_TIMEOUT < refresh_at,
+        "the jump must not cut the refresh off"
+    );
+
+    let calls = identity.requests(Endpoint::Imds);
+    identity.fail_next(u32::MAX, 500);
+    clock.set(refresh_at);
+    // A retry comes only after a refused request's answer.
+    until(
+        "the refresh to be refused and retried",
+        || identity.requests(Endpoint::Imds) >= calls + 2,
+        || {
+            format!(
+                "{} IMDS requests",
+                identity.requests(Endpoint::Imds) - calls
+            )
+        },
+    )
+    .await;
+    // Refused refreshes are invisible while the token is usable.
+    let served = credentials(&auth).await.unwrap();
+    assert_eq!(served.password(), first.password());
+
+    clock.set(usable_until);
+    let started = Instant::now();
+    let results = bounded(
+        "four callers",
+        futures::future::join_all((0..4).map(|_| auth.credentials())),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited < FAST,
+        "callers waited {waited:?} (timeout {MI_TIMEOUT:?}) for the endpoint's answer"
+    );
+    for result in results {
+        let err = result.expect_err("no usable token, and the endpoint refuses");
+        assert_endpoint_answer(&err, "");
+    }
+    eprintln!("four callers failed after {waited:?}");
+    // The refresh is not over: azure_identity keeps retrying it.
+    assert_eq!(auth.stats().fetch_failures, 0);
+    Refused {
+        auth,
+        first,
+        refresh_at,
+    }
+}
+
+/// Asserts that `err` is the managed-identity credential's with the emulator's 500 answer (and
+/// `note`), and holds nothing from the request.
+fn assert_endpoint_answer(err: &Error, note: &str) {
+    let expected = "the token endpoint answered HTTP 500 Internal Server Error: \
+        {\"error\":\"injected_fault\",\"error_description\":\"fault injected by the pgentra emulator (HTTP 500 Internal Server Error)\"}";
+    assert!(
+        matches!(err, Error::Credential { credential, reason }
+            if credential == "ManagedIdentityCredential" && *reason == format!("{expected}{note}")),
+        "{err:?}"
+    );
+    assert!(err.is_token_acquisition());
+    let text = format!("{err} | {err:?}");
+    assert_no_token(&text);
+    for request_part in [
+        "ossrdbms",
+        "metadata",
+        "Metadata",
+        "api-version",
+        "127.0.0.1",
+    ] {
+        assert!(!text.contains(request_part), "{text}");
+    }
+}
+
+/// The refresh of a managed-identity token is refused with 500s and the token runs out:
+/// callers get the endpoint's answer at once instead of waiting out azure_identity's retries.
+/// When the endpoint is back, the retry still running gets a token, which later callers get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_reaches_callers_at_once_and_its_retries_recover() {
+    let (_exclusive, emulator) = exclusive().await;
+    let clock = ManualClock::new(SystemTime::now());
+    let refused = refused_as_the_token_runs_out(emulator, &clock).await;
+    let auth = &refused.auth;
+
+    // Subscribed first: the running retry may succeed at any moment after clear_faults.
+    let mut tokens = auth.subscribe();
+    emulator.issuer().set_lifetime(HOUR);
+    emulator.identity().clear_faults();
+    // azure_identity's retries wait 1.3 s, 2.7 s, 5.4 s ... (real time).
+    let renewed = tokio::time::timeout(3 * PATIENCE, tokens.changed())
+        .await
+        .expect("the retry gets a token once the endpoint is back")
+        .map(|()| tokens.borrow_and_update().clone().unwrap())
+        .unwrap();
+    assert_ne!(renewed.password(), refused.first.password());
+    let creds = credentials(auth).await.unwrap();
+    assert_eq!(creds.password(), renewed.password());
+    assert_eq!(creds.user(), MANAGED_IDENTITY);
+    let stats = auth.stats();
+    assert_eq!((stats.tokens_fetched, stats.fetch_failures), (2, 0));
+}
+
+/// As above, but the endpoint stays down until the provider's timeout cuts the refresh off:
+/// callers then get the endpoint's answer (not "did not return a token within 20s") until the
+/// next retry, which recovers once the endpoint is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_cut_off_by_the_timeout_reports_the_endpoint_answer() {
+    let (_exclusive, emulator) = exclusive().await;
+    let clock = ManualClock::new(SystemTime::now());
+    let refused = refused_as_the_token_runs_out(emulator, &clock).await;
+    let auth = &refused.auth;
+
+    clock.set(refused.refresh_at + MI_TIMEOUT);
+    let retry_at = settled(&clock, auth, 1, 1).await;
+    let started = Instant::now();
+    let err = credentials(auth).await.unwrap_err();
+    assert!(started.elapsed() < FAST, "{:?}", started.elapsed());
+    assert_endpoint_answer(&err, &format!("; still no token after {MI_TIMEOUT:?}"));
+
+    let mut tokens = auth.subscribe();
+    emulator.issuer().set_lifetime(HOUR);
+    emulator.identity().clear_faults();
+    clock.set(retry_at);
+    let renewed = next_token(&mut tokens).await;
+    assert_ne!(renewed.password(), refused.first.password());
+    assert_eq!(
+        credentials(auth).await.unwrap().password(),
+        renewed.password()
+    );
+    let stats = auth.stats();
+    assert_eq!((stats.tokens_fetched, stats.fetch_failures), (2, 1));
 }
 
 // ---------------------------------------------------------------------------------------------
