@@ -8,7 +8,7 @@
 //! - A [`ServerGuard`] is a server connection a client holds: counted `active`, with the
 //!   client's cancel key pointing at it. It is given back by [`ServerGuard::release_idle`]
 //!   (between transactions) or [`ServerGuard::release`] (with what the client left behind);
-//!   dropped unreleased (a relay that failed or was cancelled), it is closed.
+//!   dropped unreleased (a session the drain timeout ended), it is closed.
 
 use crate::cancel::{self, CancelTarget, Pointer};
 use crate::connector::{own_queries, own_query};
@@ -85,7 +85,9 @@ impl<'a> ClientGuard<'a> {
             return false;
         }
         self.pinned = Some(reason);
-        self.pool.stats.pin(reason);
+        let stats = &self.pool.stats;
+        stats.pins[reason.index()].fetch_add(1, Ordering::Relaxed);
+        stats.pinned.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -258,8 +260,14 @@ impl<'a> ServerGuard<'a> {
 
 impl Drop for ServerGuard<'_> {
     fn drop(&mut self) {
+        // Unreleased: the session failed, or the drain timeout ended it.
         if let Some(conn) = self.take() {
-            self.pool.close(conn, CloseReason::ClientLeft);
+            let reason = if self.shared.is_draining() {
+                CloseReason::Shutdown
+            } else {
+                CloseReason::ClientLeft
+            };
+            self.pool.close(conn, reason);
         }
     }
 }

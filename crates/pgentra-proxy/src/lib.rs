@@ -1,6 +1,6 @@
-//! A local PostgreSQL proxy that logs in to Azure Database for PostgreSQL with Microsoft Entra
-//! ID tokens, so that any client — psql, pgAdmin, DBeaver, Grafana, ORMs in any language —
-//! connects without a password.
+//! A local PostgreSQL proxy and pooler that logs in to Azure Database for PostgreSQL with
+//! Microsoft Entra ID tokens, so that any client — psql, pgAdmin, DBeaver, Grafana, ORMs in any
+//! language — connects without a password.
 //!
 //! Clients connect to a loopback address or a Unix socket. Each connection goes through the
 //! proxy's stages in order, each returning a typed result or a typed [`Refusal`] (which the
@@ -9,13 +9,18 @@
 //! 1. [`startup`]: SSL and GSS requests (TLS with clients when configured), protocol version,
 //!    cancel requests, the startup message — bounded in size and by the login timeout;
 //! 2. the optional local password, throttled;
-//! 3. a session slot (`max_connections`), the role (see below), a token from
-//!    [`pgentra::EntraAuth`] (cached, refreshed ahead, single-flight) and the upstream login
-//!    over verified TLS — all within the login timeout;
-//! 4. the welcome: the server's answers with a proxy-issued cancel key;
-//! 5. the relay of bytes both ways until either side ends the session.
+//! 3. a session slot (`max_connections`), the role (see below) and the settings of its pool
+//!    ([`ProxyConfig::pool_settings`]: the proxy's, then its instance's, database's and role's);
+//! 4. a server connection of its own ([`PoolMode::None`]), or a place in a pool, welcomed with
+//!    a proxy-issued cancel key; a new server connection needs a token from
+//!    [`pgentra::EntraAuth`] (cached, refreshed ahead, single-flight) and a login over verified
+//!    TLS;
+//! 5. the relay — one for both pooled modes, which differ only in when the server connection
+//!    goes back: between transactions ([`PoolMode::Transaction`]) or at the end
+//!    ([`PoolMode::Session`]).
 //!
-//! One process serves several upstream servers, one listener each.
+//! One process serves several upstream servers, one listener each. `docs/architecture.md` in
+//! the repository follows a client message through these stages file by file.
 //!
 //! # The role
 //!
@@ -276,8 +281,8 @@ impl Proxy {
                     open = shared.metrics.connections_open(),
                     "drain timeout: closing the remaining sessions"
                 );
-                let _ = shared.kill.send(true);
-                // The relays end at once; give them a moment to close their sockets.
+                shared.end_sessions();
+                // The sessions end at once; give them a moment to close their sockets.
                 let _ = tokio::time::timeout(Duration::from_secs(1), shared.all_closed()).await;
             }
         }

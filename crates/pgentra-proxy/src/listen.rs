@@ -58,15 +58,17 @@ pub(crate) async fn accept_loop(
             }
         };
         shared.metrics.connection_opened();
-        let shared = Arc::clone(&shared);
-        let instance = Arc::clone(&instance);
-        tokio::spawn(async move {
-            match Arc::clone(&shared.pending).try_acquire_owned() {
-                Ok(pending) => session::serve(conn, pending, instance, Arc::clone(&shared)).await,
-                Err(error) => session::refuse_pending(conn, &shared, error).await,
+        let session = {
+            let shared = Arc::clone(&shared);
+            let instance = Arc::clone(&instance);
+            async move {
+                match Arc::clone(&shared.pending).try_acquire_owned() {
+                    Ok(pending) => session::serve(conn, pending, instance, shared).await,
+                    Err(error) => session::refuse_pending(conn, &shared, error).await,
+                }
             }
-            shared.connection_closed();
-        });
+        };
+        shared.spawn_session(session);
     }
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);

@@ -85,105 +85,126 @@ impl Metrics {
 
     /// The Prometheus text exposition of these counters and the provider's.
     pub(crate) fn render(&self, token: &pgentra::provider::Stats) -> String {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        for (name, kind, help, samples) in FAMILIES {
             let _ = writeln!(out, "# HELP pgentra_proxy_{name} {help}");
             let _ = writeln!(out, "# TYPE pgentra_proxy_{name} {kind}");
-            for (labels, value) in samples {
+            for (labels, value) in samples(self, token) {
                 let _ = writeln!(out, "pgentra_proxy_{name}{labels} {value}");
             }
-        };
-        #[allow(clippy::cast_precision_loss)] // counters stay far below 2^53
-        let f = |v: u64| v as f64;
-        metric(
-            "connections_open",
-            "gauge",
-            "Client connections open now.",
-            &[("", f(self.connections_open()))],
-        );
-        metric(
-            "connections_total",
-            "counter",
-            "Client connections accepted.",
-            &[("", f(load(&self.opened)))],
-        );
-        let refused: Vec<(String, f64)> = Reason::ALL
-            .iter()
-            .zip(&self.refused)
-            .map(|(reason, count)| {
-                let label = reason.label();
-                (format!("{{reason=\"{label}\"}}"), f(load(count)))
-            })
-            .collect();
-        let refused: Vec<(&str, f64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "connections_refused_total",
-            "counter",
-            "Clients refused, and sessions the proxy ended with a FATAL, by reason.",
-            &refused,
-        );
-        metric(
-            "bytes_total",
-            "counter",
-            "Bytes relayed by ended sessions, by direction.",
-            &[
-                ("{direction=\"to_upstream\"}", f(load(&self.to_upstream))),
-                ("{direction=\"to_client\"}", f(load(&self.to_client))),
-            ],
-        );
-        metric(
-            "cancel_requests_total",
-            "counter",
-            "Cancel requests received.",
-            &[("", f(load(&self.cancels)))],
-        );
-        metric(
-            "upstream_login_failures_total",
-            "counter",
-            "Upstream logins that failed (token, connection or server refusal).",
-            &[("", f(load(&self.login_failures)))],
-        );
+        }
+        out
+    }
+
+    /// The login latency histogram's samples.
+    fn login_histogram(&self) -> Vec<(String, f64)> {
         let mut histogram: Vec<(String, f64)> = LOGIN_BUCKETS
             .iter()
             .zip(&self.login_buckets)
-            .map(|(bound, count)| (format!("_bucket{{le=\"{bound}\"}}"), f(load(count))))
+            .map(|(bound, n)| (format!("_bucket{{le=\"{bound}\"}}"), count(load(n))))
             .collect();
-        histogram.push(("_bucket{le=\"+Inf\"}".into(), f(load(&self.logins))));
-        histogram.push(("_sum".into(), f(load(&self.login_micros)) / 1e6));
-        histogram.push(("_count".into(), f(load(&self.logins))));
-        let histogram: Vec<(&str, f64)> = histogram.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
-            "upstream_login_seconds",
-            "histogram",
-            "Time to log in to the upstream server: TCP, TLS, the token check and the server's answers.",
-            &histogram,
-        );
-        metric(
-            "token_refreshes_total",
-            "counter",
-            "Tokens obtained from the credential.",
-            &[("", f(token.tokens_fetched))],
-        );
-        metric(
-            "token_failures_total",
-            "counter",
-            "Credential calls that failed.",
-            &[("", f(token.fetch_failures))],
-        );
-        let expires_in = token
-            .expires_at
-            .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        metric(
-            "token_expires_in_seconds",
-            "gauge",
-            "Seconds until the cached token expires (0 without one).",
-            &[("", expires_in)],
-        );
-        out
+        let logins = count(load(&self.logins));
+        histogram.push(("_bucket{le=\"+Inf\"}".into(), logins));
+        histogram.push(("_sum".into(), count(load(&self.login_micros)) / 1e6));
+        histogram.push(("_count".into(), logins));
+        histogram
     }
 }
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// One unlabelled sample.
+fn one(value: f64) -> Vec<(String, f64)> {
+    vec![(String::new(), value)]
+}
+
+/// One family's samples: the labels (with their braces) and the value.
+type Family = fn(&Metrics, &pgentra::provider::Stats) -> Vec<(String, f64)>;
+
+/// The proxy's own families, and the token provider's.
+const FAMILIES: [(&str, &str, &str, Family); 10] = [
+    (
+        "connections_open",
+        "gauge",
+        "Client connections open now.",
+        |m, _| one(count(m.connections_open())),
+    ),
+    (
+        "connections_total",
+        "counter",
+        "Client connections accepted.",
+        |m, _| one(count(load(&m.opened))),
+    ),
+    (
+        "connections_refused_total",
+        "counter",
+        "Clients refused, and sessions the proxy ended with a FATAL, by reason.",
+        |m, _| {
+            (Reason::ALL.iter().zip(&m.refused))
+                .map(|(reason, n)| (format!("{{reason=\"{}\"}}", reason.label()), count(load(n))))
+                .collect()
+        },
+    ),
+    (
+        "bytes_total",
+        "counter",
+        "Bytes relayed by ended sessions, by direction.",
+        |m, _| {
+            vec![
+                (
+                    "{direction=\"to_upstream\"}".into(),
+                    count(load(&m.to_upstream)),
+                ),
+                (
+                    "{direction=\"to_client\"}".into(),
+                    count(load(&m.to_client)),
+                ),
+            ]
+        },
+    ),
+    (
+        "cancel_requests_total",
+        "counter",
+        "Cancel requests received.",
+        |m, _| one(count(load(&m.cancels))),
+    ),
+    (
+        "upstream_login_failures_total",
+        "counter",
+        "Upstream logins that failed (token, connection or server refusal).",
+        |m, _| one(count(load(&m.login_failures))),
+    ),
+    (
+        "upstream_login_seconds",
+        "histogram",
+        "Time to log in to the upstream server: TCP, TLS, the token check and the server's answers.",
+        |m, _| m.login_histogram(),
+    ),
+    (
+        "token_refreshes_total",
+        "counter",
+        "Tokens obtained from the credential.",
+        |_, token| one(count(token.tokens_fetched)),
+    ),
+    (
+        "token_failures_total",
+        "counter",
+        "Credential calls that failed.",
+        |_, token| one(count(token.fetch_failures)),
+    ),
+    (
+        "token_expires_in_seconds",
+        "gauge",
+        "Seconds until the cached token expires (0 without one).",
+        |_, token| {
+            let left = (token.expires_at)
+                .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok());
+            one(left.map_or(0.0, |d| d.as_secs_f64()))
+        },
+    ),
+];
 
 /// A Prometheus label value, escaped (backslash, double quote and newline).
 fn label(value: &str) -> String {

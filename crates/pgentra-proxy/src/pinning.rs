@@ -10,6 +10,8 @@
 //! the server does inside is not visible; a `ParameterStatus` the server reports during a
 //! transaction pins as well (see the transaction relay).
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
+
 /// Why a session was pinned, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PinReason {
@@ -70,13 +72,30 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
 /// Why `sql` pins its session, if it does. (`SET` of a parameter the proxy tracks does not:
 /// the server reports its new value, and the proxy sets it again on the next connection.)
 ///
-/// The text is read once, word by word, with a few words of state per statement: the cost
-/// is linear in the text, and the memory constant, whatever a client sends.
+/// Every rule acts on a word that contains one of [`TRIGGERS`] (in any case): a statement
+/// with none of them — most of what applications run — is not read further. Otherwise the text
+/// is read once, word by word, with a few words of state per statement: the cost is linear in
+/// the text, and the memory constant, whatever a client sends.
 ///
 /// Whether a backslash escapes in a string literal depends on the session's
 /// `standard_conforming_strings` (and a client could change it): the text is read both ways,
 /// and pins if either reading does.
-pub(crate) fn pins(sql: &str) -> Option<PinReason> {
+pub(crate) fn pins(sql: &[u8]) -> Option<PinReason> {
+    static WORDS: std::sync::LazyLock<AhoCorasick> = std::sync::LazyLock::new(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(TRIGGERS)
+            .expect("the trigger words make an automaton")
+    });
+    if !WORDS.is_match(sql) {
+        return None;
+    }
+    // Valid text is read as it is (the check is quick on ASCII); only invalid text is copied.
+    let sql = match std::str::from_utf8(sql) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(sql),
+    };
     // Without a backslash the two readings are the same: one is enough.
     let readings: &[bool] = if sql.contains('\\') {
         &[false, true]
@@ -86,9 +105,24 @@ pub(crate) fn pins(sql: &str) -> Option<PinReason> {
     readings.iter().copied().find_map(|backslashes| {
         let mut reader = Reader::default();
         let strings = Strings { backslashes };
-        tokenize(sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end())
+        tokenize(&sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end())
     })
 }
+
+/// Parts of the words the rules act on: `SET`, `RESET` and `set_config`; `LISTEN`; `PREPARE`
+/// and `DEALLOCATE`; `LOAD`; `DISCARD`; `TEMP`, `TEMPORARY` and `pg_temp`; `WITH HOLD`; the
+/// advisory lock functions.
+const TRIGGERS: [&str; 9] = [
+    "set",
+    "listen",
+    "prepare",
+    "deallocate",
+    "load",
+    "discard",
+    "temp",
+    "hold",
+    "advisory",
+];
 
 /// How string literals are read.
 #[derive(Debug, Clone, Copy)]
@@ -243,44 +277,23 @@ fn tokenize<'a>(
         let c = bytes[i];
         let found = match c {
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
+                i = find(bytes, i, b"\n").unwrap_or(bytes.len());
                 None
             }
             b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                // Block comments nest in PostgreSQL.
-                let mut nesting = 0usize;
-                while i < bytes.len() {
-                    if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
-                        nesting += 1;
-                        i += 2;
-                    } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
-                        nesting -= 1;
-                        i += 2;
-                        if nesting == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
+                i = block_comment_end(bytes, i);
                 None
             }
             b'\'' => {
                 let backslashes = strings.backslashes || std::mem::take(&mut escaped);
-                let end = skip_quoted(bytes, i, b'\'', backslashes);
-                let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
+                let (end, inner) = quoted(sql, i, b'\'', backslashes);
                 i = end;
-                if depth > 0 {
-                    sql_text(inner, depth, strings, on)
-                } else {
-                    None
-                }
+                (depth > 0)
+                    .then(|| sql_text(inner, depth, strings, on))
+                    .flatten()
             }
             b'"' => {
-                let end = skip_quoted(bytes, i, b'"', false);
-                let inner = text(i + 1, end.saturating_sub(1).max(i + 1));
+                let (end, inner) = quoted(sql, i, b'"', false);
                 i = end;
                 on(inner)
             }
@@ -303,13 +316,14 @@ fn tokenize<'a>(
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric()
-                        || matches!(bytes[i], b'_' | b'$' | b'.')
-                        || bytes[i] >= 0x80)
-                {
-                    i += 1;
-                }
+                i += bytes[i..]
+                    .iter()
+                    .position(|b| {
+                        !(b.is_ascii_alphanumeric()
+                            || matches!(b, b'_' | b'$' | b'.')
+                            || *b >= 0x80)
+                    })
+                    .unwrap_or(bytes.len() - i);
                 let word = text(start, i);
                 // E'...', B'...', X'...' and N'...' strings: the prefix is not a word.
                 if bytes.get(i) == Some(&b'\'') && word.len() == 1 && "eEbBxXnN".contains(word) {
@@ -329,6 +343,35 @@ fn tokenize<'a>(
         }
     }
     None
+}
+
+/// The literal quoted with `quote` that starts at `start`: the index after it, and its text.
+fn quoted(sql: &str, start: usize, quote: u8, backslashes: bool) -> (usize, &str) {
+    let end = skip_quoted(sql.as_bytes(), start, quote, backslashes);
+    // Both ends are next to an ASCII quote, so at character boundaries.
+    let inner = sql.get(start + 1..end.saturating_sub(1).max(start + 1));
+    (end, inner.unwrap_or_default())
+}
+
+/// The index after the block comment starting at `start` (comments nest in PostgreSQL).
+fn block_comment_end(bytes: &[u8], start: usize) -> usize {
+    let mut nesting = 0usize;
+    let mut i = start;
+    while i < bytes.len() {
+        if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
+            nesting += 1;
+            i += 2;
+        } else if bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/') {
+            nesting -= 1;
+            i += 2;
+            if nesting == 0 {
+                break;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i
 }
 
 /// How deep bodies within bodies are read; deeper text is not SQL anyone writes, and the bound
@@ -463,7 +506,7 @@ mod tests {
             ("select e'it\\'s'; listen x", PinReason::Listen),
         ];
         for (sql, reason) in pinning {
-            assert_eq!(pins(sql), Some(reason), "{sql}");
+            assert_eq!(pins(sql.as_bytes()), Some(reason), "{sql}");
         }
         for sql in [
             "SET LOCAL statement_timeout = '1s'",
@@ -493,7 +536,7 @@ mod tests {
             "select temp from t",
             "select * from pg_temporal",
         ] {
-            assert_eq!(pins(sql), None, "{sql}");
+            assert_eq!(pins(sql.as_bytes()), None, "{sql}");
         }
     }
 }

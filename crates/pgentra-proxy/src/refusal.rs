@@ -177,6 +177,13 @@ impl Reason {
 
 const CHECK_HINT: &str = "Run `pgentra check` against the server to find the failing step.";
 
+/// The message of a refusal no group answers (none: a test checks every refusal).
+const UNEXPLAINED: &str = "pgentra proxy: an unexplained refusal";
+
+fn fatal(code: &str, message: &str, hint: Option<&str>) -> ErrorFields {
+    ErrorFields::fatal(code, message, hint)
+}
+
 impl Refusal {
     /// The metrics label of this refusal.
     pub(crate) fn reason(&self) -> Reason {
@@ -210,9 +217,15 @@ impl Refusal {
 
     /// The `FATAL` error the client gets.
     pub fn fields(&self) -> ErrorFields {
-        let fatal =
-            |code: &str, message: &str, hint: Option<&str>| ErrorFields::fatal(code, message, hint);
-        match self {
+        (self.startup_fields())
+            .or_else(|| self.upstream_fields())
+            .or_else(|| self.session_fields())
+            .unwrap_or_else(|| fatal("XX000", UNEXPLAINED, None))
+    }
+
+    /// The `FATAL` of a refusal of the client's startup, or of its slot.
+    fn startup_fields(&self) -> Option<ErrorFields> {
+        Some(match self {
             // PostgreSQL's own text for its own limit, so clients that match on it still do.
             Self::TooManyClients { limit } => fatal(
                 "53300",
@@ -251,6 +264,13 @@ impl Refusal {
                     "The pgentra proxy gives a client {limit:?} to log in (--login-timeout)."
                 )),
             ),
+            _ => return None,
+        })
+    }
+
+    /// The `FATAL` of a refusal about the token or the server.
+    fn upstream_fields(&self) -> Option<ErrorFields> {
+        Some(match self {
             Self::TokenTimeout(limit) => fatal(
                 "08001",
                 &format!(
@@ -310,6 +330,13 @@ impl Refusal {
                     "All of the pool's server connections are in use: raise the pool size, or let clients wait longer.",
                 ),
             ),
+            _ => return None,
+        })
+    }
+
+    /// The `FATAL` of a refusal that ends a session after its login.
+    fn session_fields(&self) -> Option<ErrorFields> {
+        Some(match self {
             Self::ClientProtocol(what) => fatal("08P01", what, None),
             Self::ServerLost { upstream, what } => fatal(
                 "08006",
@@ -368,7 +395,8 @@ impl Refusal {
                 ),
             ),
             Self::Internal(what) => fatal("XX000", &format!("pgentra proxy: {what}"), None),
-        }
+            _ => return None,
+        })
     }
 }
 
@@ -430,6 +458,7 @@ mod tests {
             let code = fields.get(b'C').unwrap();
             assert_eq!(code.len(), 5, "{refusal:?}");
             assert!(!fields.get(b'M').unwrap().is_empty());
+            assert_ne!(fields.get(b'M'), Some(UNEXPLAINED), "{refusal:?}");
             reasons.push(refusal.reason());
         }
         for reason in Reason::ALL {

@@ -56,18 +56,16 @@ pub(crate) async fn serve(
         }
     };
     let mut client = conn.into_stream();
-    let kill = shared.kill.subscribe();
     match session {
         LoggedIn::Dedicated { mut server, key } => {
             let to = CancelTarget::of(&instance.target, &server);
             let connect = shared.config.connect_timeout;
-            let relayed =
-                relay::bytes::relay(&mut client, &mut server.stream, to, connect, kill).await;
+            let relayed = relay::bytes::relay(&mut client, &mut server.stream, to, connect).await;
             shared.metrics.bytes(relayed.to_server, relayed.to_client);
             drop(key);
         }
         LoggedIn::Pooled(session) => {
-            let end = relay::relay(&mut client, *session, kill).await;
+            let end = relay::relay(&mut client, *session).await;
             shared
                 .metrics
                 .bytes(end.relayed.to_server, end.relayed.to_client);

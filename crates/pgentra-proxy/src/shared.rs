@@ -7,9 +7,12 @@ use crate::metrics::Metrics;
 use crate::password::PasswordGate;
 use crate::pool::Pools;
 use crate::server::Target;
+use parking_lot::Mutex;
 use pgentra::EntraAuth;
+use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
 
 pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
@@ -24,8 +27,8 @@ pub(crate) struct Shared {
     pub(crate) password: Option<PasswordGate>,
     pub(crate) client_tls: Option<tokio_rustls::TlsAcceptor>,
     draining: watch::Sender<bool>,
-    /// Set when the drain timeout has passed: sessions still running end.
-    pub(crate) kill: watch::Sender<bool>,
+    /// The sessions' tasks, which the drain timeout ends.
+    sessions_running: Mutex<JoinSet<()>>,
     /// Woken each time a client connection closes.
     closed: Notify,
 }
@@ -50,7 +53,7 @@ impl Shared {
             metrics: Arc::default(),
             cancel_keys: CancelKeys::default(),
             draining: watch::Sender::new(false),
-            kill: watch::Sender::new(false),
+            sessions_running: Mutex::new(JoinSet::new()),
             closed: Notify::new(),
         }
     }
@@ -73,10 +76,28 @@ impl Shared {
         self.draining.subscribe()
     }
 
-    /// Counts a client connection that has closed.
-    pub(crate) fn connection_closed(&self) {
-        self.metrics.connection_closed();
-        self.closed.notify_waiters();
+    /// Runs a client connection's session in a task of its own, until it ends or the drain
+    /// timeout ends it ([`end_sessions`](Self::end_sessions)); the connection is counted as
+    /// closed then, whichever way it ends.
+    pub(crate) fn spawn_session(
+        self: &Arc<Self>,
+        session: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let shared = Arc::clone(self);
+        let session = async move {
+            let _counted = Closed(shared);
+            session.await;
+        };
+        let mut running = self.sessions_running.lock();
+        // Sessions that ended are reaped as new ones start, so the set holds the running ones.
+        while running.try_join_next().is_some() {}
+        running.spawn(session);
+    }
+
+    /// Ends every session still running: their server connections are closed, and their
+    /// clients' connections (the drain timeout has passed).
+    pub(crate) fn end_sessions(&self) {
+        self.sessions_running.lock().abort_all();
     }
 
     /// Resolves once no client connection is open.
@@ -88,6 +109,16 @@ impl Shared {
             }
             closed.await;
         }
+    }
+}
+
+/// Counts a client connection as closed when dropped: when its session ends, or is ended.
+struct Closed(Arc<Shared>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.metrics.connection_closed();
+        self.0.closed.notify_waiters();
     }
 }
 

@@ -36,7 +36,7 @@ impl Statement {
         definition.hash(&mut hasher);
         let query = definition.split(|b| *b == 0).next().unwrap_or_default();
         Arc::new(Self {
-            pins: pinning::pins(&String::from_utf8_lossy(query)),
+            pins: pinning::pins(query),
             hash: hasher.finish(),
             definition,
         })

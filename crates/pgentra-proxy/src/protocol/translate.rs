@@ -10,6 +10,7 @@
 //! Nothing here does I/O: each message becomes bytes for the server, answers owed
 //! ([`Owed`]) and at most one answer of the proxy's own for the client.
 
+use super::messages::{bind, own_message, server_name_str, split_name};
 use super::owed::{Expect, Owed};
 use super::statements::{ClientStatements, Prepared, Statement, Unnamed};
 use crate::pinning::PinReason;
@@ -85,7 +86,7 @@ impl Translator {
         &mut self,
         tag: u8,
         message: &[u8],
-        mut server: Server<'_>,
+        server: Server<'_>,
         client: &mut BytesMut,
         limit: usize,
     ) -> Result<Option<PinReason>, Refusal> {
@@ -101,7 +102,7 @@ impl Translator {
                 server.prepared.unnamed = Unnamed::Empty;
                 server.output.put_slice(message);
                 server.owed.query(undo);
-                return Ok(crate::pinning::pins(&String::from_utf8_lossy(sql)));
+                return Ok(crate::pinning::pins(sql));
             }
             // A fast-path function call: what the function does is not known, so it pins. Its
             // answer ends with ReadyForQuery, as a query's.
@@ -117,34 +118,12 @@ impl Translator {
             (b'B', _) => {
                 let (portal, rest) = split_name(body).ok_or_else(|| malformed("Bind"))?;
                 let (name, rest) = split_name(rest).ok_or_else(|| malformed("Bind"))?;
-                let statement = self.statements.get(name).cloned();
-                let server_name =
-                    self.server_statement(name, statement.as_ref(), &mut server, limit);
-                if server_name == name {
-                    server.send(message, Expect::Bind);
-                } else {
-                    server.send(&bind(portal, &server_name, rest), Expect::Bind);
-                }
-                return Ok(statement.and_then(|s| s.pins));
+                return Ok(self.bind(message, portal, name, rest, server, limit));
             }
             (b'D', Some(b'S')) => {
                 let (name, _) = split_name(&body[1..]).ok_or_else(|| malformed("Describe"))?;
-                let statement = self.statements.get(name).cloned();
-                let server_name =
-                    self.server_statement(name, statement.as_ref(), &mut server, limit);
-                let expect = Expect::DescribeStatement { parameters: false };
-                if server_name == name {
-                    server.send(message, expect);
-                } else {
-                    server.send(
-                        &own_message(|buf| {
-                            frontend::describe(b'S', &server_name_str(&server_name), buf)
-                        }),
-                        expect,
-                    );
-                }
+                self.describe(message, name, server, limit);
             }
-            (b'D', _) => server.send(message, Expect::DescribePortal),
             // The client's statements are its own: closing one touches no server (the
             // statement stays prepared there for others). Closing a name that does not exist
             // "is not an error", as in PostgreSQL.
@@ -156,14 +135,6 @@ impl Translator {
                 };
                 client.put_slice(server.owed.own(CLOSE_COMPLETE, undo).unwrap_or_default());
             }
-            (b'C', _) => {
-                let expect = Expect::Close {
-                    pass: true,
-                    undo: Undo::None,
-                };
-                server.send(message, expect);
-            }
-            (b'E', _) => server.send(message, Expect::Execute),
             (b'S', _) => {
                 server.output.put_slice(message);
                 // What follows is translated before the server has answered what precedes:
@@ -173,14 +144,48 @@ impl Translator {
                     server.prepared.unnamed = Unnamed::Unknown;
                 }
             }
-            (b'c' | b'f', _) => {
+            // Portals, Execute, copy ends and Flush pass as they are.
+            (tag, kind) => {
                 server.output.put_slice(message);
-                server.owed.copy_end();
+                server.owed.sent(tag, kind.copied());
             }
-            // Flush (and CopyData, which the relay streams): nothing is owed for it.
-            _ => server.output.put_slice(message),
         }
         Ok(None)
+    }
+
+    /// The client's `Bind` of its statement `name` to `portal`, naming the server's statement;
+    /// what pins the client, if running the statement does.
+    fn bind(
+        &mut self,
+        message: &[u8],
+        portal: &[u8],
+        name: &[u8],
+        rest: &[u8],
+        mut server: Server<'_>,
+        limit: usize,
+    ) -> Option<PinReason> {
+        let statement = self.statements.get(name).cloned();
+        let server_name = self.server_statement(name, statement.as_ref(), &mut server, limit);
+        if server_name == name {
+            server.send(message, Expect::Bind);
+        } else {
+            server.send(&bind(portal, &server_name, rest), Expect::Bind);
+        }
+        statement.and_then(|s| s.pins)
+    }
+
+    /// The client's `Describe` of its statement `name`, naming the server's statement.
+    fn describe(&mut self, message: &[u8], name: &[u8], mut server: Server<'_>, limit: usize) {
+        let statement = self.statements.get(name).cloned();
+        let server_name = self.server_statement(name, statement.as_ref(), &mut server, limit);
+        let expect = Expect::DescribeStatement { parameters: false };
+        if server_name == name {
+            server.send(message, expect);
+        } else {
+            let name = server_name_str(&server_name);
+            let describe = own_message(|buf| frontend::describe(b'S', &name, buf));
+            server.send(&describe, expect);
+        }
     }
 
     /// The client's `Parse` of `name` (`""`: the unnamed statement).
@@ -377,39 +382,6 @@ fn unnamed(wanted: Option<&Arc<Statement>>, server: &mut Server<'_>) {
         }
         _ => {}
     }
-}
-
-/// A message of the proxy's own, built by a `postgres_protocol` frontend function.
-fn own_message(build: impl FnOnce(&mut BytesMut) -> std::io::Result<()>) -> BytesMut {
-    let mut buf = BytesMut::new();
-    // The builders fail only for names with a NUL or over 2 GB; the proxy's names are short
-    // ASCII.
-    let _ = build(&mut buf);
-    buf
-}
-
-/// A name of the proxy's own (ASCII), as the builders take it.
-fn server_name_str(name: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(name)
-}
-
-/// The client's `Bind` of `portal` with the server's statement name instead of its own: the
-/// parameters (`rest`) pass byte for byte, undecoded, so no builder that takes typed values
-/// can make it.
-fn bind(portal: &[u8], statement: &[u8], rest: &[u8]) -> Bytes {
-    let mut body = BytesMut::with_capacity(portal.len() + statement.len() + rest.len() + 2);
-    body.put_slice(portal);
-    body.put_u8(0);
-    body.put_slice(statement);
-    body.put_u8(0);
-    body.put_slice(rest);
-    pgentra_wire::message(b'B', &body)
-}
-
-/// A NUL-terminated name at the start of `body`, and what follows it.
-fn split_name(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = body.iter().position(|b| *b == 0)?;
-    Some((&body[..end], &body[end + 1..]))
 }
 
 #[cfg(test)]

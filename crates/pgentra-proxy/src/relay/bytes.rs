@@ -7,12 +7,11 @@
 //! client that left, so the query is cancelled — PostgreSQL would notice only when it next
 //! reads or writes — and the session ends. When the server closes, the session ends at once.
 
-use super::{Relayed, turns_true};
+use super::Relayed;
 use crate::cancel::{self, CancelTarget};
 use crate::startup::Stream;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 
 /// Relay buffer per direction: small, since idle sessions are the common case and the kernel
 /// buffers the rest.
@@ -20,15 +19,13 @@ const BUFFER: usize = 4096;
 /// How long the server may go on after the client's side ended before its query is cancelled.
 pub(crate) const CLIENT_GONE_GRACE: Duration = Duration::from_millis(500);
 
-/// Relays until the server closes, the client's side ends (and the server follows, or its
-/// query is cancelled), or `kill` turns true. `cancel` is where the server's queries are
-/// cancelled.
+/// Relays until the server closes, or the client's side ends (and the server follows, or its
+/// query is cancelled). `cancel` is where the server's queries are cancelled.
 pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Box<dyn Stream>,
     server: &mut S,
     cancel: CancelTarget,
     connect_timeout: Duration,
-    mut kill: watch::Receiver<bool>,
 ) -> Relayed {
     let mut relayed = Relayed::default();
     {
@@ -50,7 +47,6 @@ pub(crate) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                     cancel::spawn_send(cancel, connect_timeout);
                     break;
                 }
-                () = turns_true(&mut kill) => break,
             }
         }
     }

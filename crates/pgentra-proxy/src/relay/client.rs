@@ -37,62 +37,60 @@ fn wanted(head: Head, translated: bool) -> Wanted {
 
 impl Relay<'_> {
     /// Handles the client's bytes read so far — messages, and parts of streamed ones — until
-    /// more are needed or the server must catch up first.
+    /// more are needed or the server must catch up first (taking them from the buffer once, at
+    /// the end).
     pub(super) async fn on_client(&mut self) -> Result<(), Stop> {
-        while !self.client_in.is_empty() && !self.paused() {
+        let mut at = 0;
+        while at < self.client_in.len() && !self.paused() {
             let translated = self.translator.is_some();
             let frame = self
                 .client_frames
-                .next(&self.client_in, |head| wanted(head, translated))
+                .next(&self.client_in[at..], |head| wanted(head, translated))
                 .map_err(|error| Stop::Refuse(Refusal::ClientProtocol(invalid_length(error))))?;
             let Some(frame) = frame else {
-                // Room grows with what arrives, not with what a header claims.
-                self.client_in.reserve(super::READ_SIZE);
-                return Ok(());
+                break;
             };
-            match frame {
-                Frame::Part(n) => {
-                    if !self.discarding {
-                        self.server_out.put(&self.client_in[..n]);
-                    }
+            if let Frame::Start(head) | Frame::Whole(head) = frame {
+                if !FRONTEND.contains(&head.tag) {
+                    return Err(Stop::Refuse(Refusal::ClientProtocol(format!(
+                        "invalid frontend message type {}",
+                        head.tag
+                    ))));
                 }
-                Frame::Start(head) | Frame::Whole(head) => {
-                    if !FRONTEND.contains(&head.tag) {
-                        return Err(Stop::Refuse(Refusal::ClientProtocol(format!(
-                            "invalid frontend message type {}",
-                            head.tag
-                        ))));
-                    }
-                    if head.tag == b'X' {
-                        return Err(Stop::ClientDone);
-                    }
-                    // Flush and copy messages outside a COPY are owed nothing, and PostgreSQL
-                    // ignores the latter ("we probably got here because a COPY failed, and the
-                    // frontend is still sending data"): with no connection held they need none.
-                    self.discarding =
-                        self.server.is_none() && matches!(head.tag, b'H' | b'd' | b'c' | b'f');
-                    if !self.discarding {
-                        if self.server.is_none() {
-                            self.checkout().await?;
-                        }
-                        match frame {
-                            Frame::Whole(_) => self.client_message(head)?,
-                            _ => {
-                                self.owed.sent(head.tag, None);
-                                self.server_out.put(&self.client_in[..frame.bytes()]);
-                            }
-                        }
-                    }
+                if head.tag == b'X' {
+                    // Nothing after it is read, by PostgreSQL either.
+                    self.goodbye = true;
+                    self.client_in.clear();
+                    return Ok(());
+                }
+                // Flush and copy messages outside a COPY are owed nothing, and PostgreSQL
+                // ignores the latter ("we probably got here because a COPY failed, and the
+                // frontend is still sending data"): with no connection held they need none.
+                self.discarding =
+                    self.server.is_none() && matches!(head.tag, b'H' | b'd' | b'c' | b'f');
+                if !self.discarding && self.server.is_none() {
+                    self.checkout().await?;
                 }
             }
-            self.client_in.advance(frame.bytes());
+            let bytes = &self.client_in[at..at + frame.bytes()];
+            match frame {
+                _ if self.discarding => {}
+                Frame::Whole(head) => self.client_message(at, head)?,
+                Frame::Start(head) => {
+                    self.owed.sent(head.tag, None);
+                    self.server_out.put(bytes);
+                }
+                Frame::Part(_) => self.server_out.put(bytes),
+            }
+            at += frame.bytes();
         }
+        self.client_in.advance(at);
         Ok(())
     }
 
-    /// One whole client message, with a server connection held.
-    fn client_message(&mut self, head: Head) -> Result<(), Stop> {
-        let message = &self.client_in[..head.len];
+    /// One whole client message, at `at` in the buffer, with a server connection held.
+    fn client_message(&mut self, at: usize, head: Head) -> Result<(), Stop> {
+        let message = &self.client_in[at..at + head.len];
         if self.owed.skipping() && head.tag != b'S' {
             // "...reads and discards messages until a Sync is reached": owed nothing.
             self.server_out.put(message);

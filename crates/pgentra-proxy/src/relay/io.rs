@@ -39,6 +39,11 @@ impl Side {
         self.out.extend_from_slice(bytes);
     }
 
+    /// Drops what waits to be written (the side is gone).
+    pub(super) fn clear(&mut self) {
+        self.out.clear();
+    }
+
     /// Bytes waiting to be written.
     pub(super) fn pending(&self) -> usize {
         self.out.len()
@@ -75,26 +80,8 @@ impl Side {
         wake_below: Option<usize>,
     ) -> Poll<std::io::Result<Io>> {
         let was = self.out.len();
-        while !self.out.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, &self.out) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(n)) => {
-                    self.out.advance(n);
-                    self.unflushed = true;
-                    self.written += n as u64;
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => break,
-            }
-        }
-        if self.out.is_empty() && self.unflushed {
-            match Pin::new(&mut *stream).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => {}
-            }
+        if let Err(error) = self.poll_write(cx, stream) {
+            return Poll::Ready(Err(error));
         }
         if let Some(mark) = wake_below
             && was >= mark
@@ -105,7 +92,36 @@ impl Side {
         if !read {
             return Poll::Pending;
         }
+        // Room grows with what arrives, not with what a message's header claims.
         input.reserve(READ_SIZE);
         tokio_util::io::poll_read_buf(Pin::new(stream), cx, input).map_ok(Io::Read)
+    }
+
+    /// Writes (and flushes) what waits, as far as the stream takes it now.
+    fn poll_write<S: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+    ) -> std::io::Result<()> {
+        while !self.out.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.out.advance(n);
+                    self.unflushed = true;
+                    self.written += n as u64;
+                }
+                Poll::Ready(Err(error)) => return Err(error),
+                Poll::Pending => return Ok(()),
+            }
+        }
+        if self.unflushed {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(error)) => return Err(error),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
     }
 }

@@ -82,16 +82,13 @@ pub(crate) struct End<'a> {
 
 /// Why the relay stopped.
 enum Stop {
-    /// The client sent `Terminate` or closed its connection.
-    ClientDone,
-    /// The client's connection failed.
-    ClientGone,
+    /// The client left: it closed its connection, or it said goodbye (`Terminate`) and was
+    /// answered what it asked before.
+    ClientLeft,
     /// The server connection broke, or answered out of turn.
     ServerGone(String),
     /// The proxy ends the session with this `FATAL`.
     Refuse(Refusal),
-    /// The drain timeout passed.
-    Killed,
 }
 
 struct Relay<'a> {
@@ -108,6 +105,12 @@ struct Relay<'a> {
     client_out: Side,
     /// The body of a streamed client message goes nowhere (`CopyData` with no connection).
     discarding: bool,
+    /// The client said goodbye (`Terminate`): it sends nothing more, and the session ends once
+    /// what it asked before is answered — its last statements run, as in PostgreSQL, which
+    /// reads `Terminate` only after them.
+    goodbye: bool,
+    /// The client's connection is gone after its goodbye: answers still coming are dropped.
+    client_closed: bool,
     server: Option<ServerGuard<'a>>,
     owed: Owed<Undo>,
     server_in: BytesMut,
@@ -119,11 +122,7 @@ struct Relay<'a> {
 }
 
 /// Relays a client's session until it ends.
-pub(crate) async fn relay<'a>(
-    stream: &mut Box<dyn Stream>,
-    session: Session<'a>,
-    kill: watch::Receiver<bool>,
-) -> End<'a> {
+pub(crate) async fn relay<'a>(stream: &mut Box<dyn Stream>, session: Session<'a>) -> End<'a> {
     let transaction = session.client.pool.settings.mode == PoolMode::Transaction;
     let mut relay = Relay {
         shared: session.shared,
@@ -137,6 +136,8 @@ pub(crate) async fn relay<'a>(
         client_frames: Frames::default(),
         client_out: Side::default(),
         discarding: false,
+        goodbye: false,
+        client_closed: false,
         server: session.held,
         owed: Owed::default(),
         server_in: BytesMut::new(),
@@ -144,35 +145,43 @@ pub(crate) async fn relay<'a>(
         server_out: Side::default(),
         reported_untracked: false,
     };
-    let stop = relay.run(stream, kill).await;
+    let stop = relay.run(stream).await;
     relay.finish(stop)
 }
 
 impl<'a> Relay<'a> {
-    async fn run(&mut self, stream: &mut Box<dyn Stream>, kill: watch::Receiver<bool>) -> Stop {
-        let mut kill = kill;
+    async fn run(&mut self, stream: &mut Box<dyn Stream>) -> Stop {
         let mut draining = self.shared.draining();
-        let mut killed = pin!(turns_true(&mut kill));
         let mut draining = pin!(turns_true(&mut draining));
         let mut timer = pin!(tokio::time::sleep(timeouts::FAR));
         loop {
-            if let Err(stop) = self.on_client().await {
+            if !self.client_in.is_empty()
+                && let Err(stop) = self.on_client().await
+            {
                 return stop;
+            }
+            if self.goodbye && (self.owed.is_empty() || self.owed.copy_in()) {
+                return Stop::ClientLeft;
+            }
+            if self.client_closed {
+                self.client_out.clear();
             }
             self.release_between_transactions();
             let armed = self.clock.arm(timer.as_mut(), &self.state());
             // Each side is read only while the other takes what it sent; a side held back is
             // woken when the other has taken enough.
-            let client_reads = !self.paused();
+            let client_reads = !self.paused() && !self.goodbye;
             let server_reads = self.client_out.pending() < MAX_UNREAD;
             let wake_client = (!client_reads).then_some(MAX_UNSENT);
             let wake_server = (!server_reads).then_some(MAX_UNREAD);
             let held = self.server.is_some();
             let server_stream = self.server.as_mut().map(|guard| &mut guard.server().stream);
+            let client_stream = (!self.client_closed).then_some(&mut *stream);
             tokio::select! {
-                io = self.client_out.exchange(Some(&mut *stream), &mut self.client_in, client_reads, wake_server) => {
+                io = self.client_out.exchange(client_stream, &mut self.client_in, client_reads, wake_server) => {
                     match io {
-                        Ok(Io::Read(0)) | Err(_) => return self.client_left(),
+                        Ok(Io::Read(0)) | Err(_) if self.goodbye => self.client_closed = true,
+                        Ok(Io::Read(0)) | Err(_) => return Stop::ClientLeft,
                         Ok(Io::Read(_)) => self.clock.client_read(),
                         Ok(Io::Drained) => {}
                     }
@@ -194,7 +203,6 @@ impl<'a> Relay<'a> {
                         return stop;
                     }
                 }
-                () = &mut killed => return Stop::Killed,
                 // A client holding no connection is told to go at once; one in a transaction
                 // is told when it ends.
                 () = &mut draining, if !held => return Stop::Refuse(Refusal::SessionShutdown),
@@ -206,15 +214,6 @@ impl<'a> Relay<'a> {
     /// or the server is not taking what it was sent.
     fn paused(&self) -> bool {
         self.server_out.pending() >= MAX_UNSENT || self.owed.len() >= MAX_OWED
-    }
-
-    /// The client's connection ended: done when it owed nothing and left nothing half-sent.
-    fn client_left(&self) -> Stop {
-        if self.client_in.is_empty() && !self.client_frames.mid_message() {
-            Stop::ClientDone
-        } else {
-            Stop::ClientGone
-        }
     }
 
     /// In transaction pooling, gives the connection back once the server is idle outside a
@@ -251,8 +250,7 @@ impl<'a> Relay<'a> {
                 }),
                 Some(CloseReason::Broken),
             ),
-            Stop::Killed => (None, Some(CloseReason::Shutdown)),
-            Stop::ClientDone | Stop::ClientGone => (None, None),
+            Stop::ClientLeft => (None, None),
         };
         let release = self.server.take().map(|guard| {
             let how = match closed {

@@ -28,33 +28,40 @@ fn wanted(head: Head) -> Wanted {
 }
 
 impl Relay<'_> {
-    /// Handles the server's bytes read so far.
+    /// Handles the server's bytes read so far (taking them from the buffer once, at the end).
     pub(super) fn on_server(&mut self) -> Result<(), Stop> {
-        loop {
-            let frame = self
-                .server_frames
-                .next(&self.server_in, wanted)
-                .map_err(|_| Stop::ServerGone("sent a malformed message".into()))?;
-            let Some(frame) = frame else {
-                return Ok(());
+        let mut at = 0;
+        let handled = loop {
+            let frame = match self.server_frames.next(&self.server_in[at..], wanted) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break Ok(()),
+                Err(_) => break Err(Stop::ServerGone("sent a malformed message".into())),
             };
+            let bytes = &self.server_in[at..at + frame.bytes()];
             match frame {
-                Frame::Part(n) => self.client_out.put(&self.server_in[..n]),
+                Frame::Part(_) => self.client_out.put(bytes),
                 Frame::Start(head) => {
                     if self.owed.received(head.tag, &[]).map_err(out_of_turn)? != Received::Pass {
-                        return Err(Stop::ServerGone("streamed an answer to the proxy".into()));
+                        break Err(Stop::ServerGone("streamed an answer to the proxy".into()));
                     }
-                    self.client_out.put(&self.server_in[..frame.bytes()]);
+                    self.client_out.put(bytes);
                 }
-                Frame::Whole(head) => self.server_message(head)?,
+                Frame::Whole(head) => {
+                    if let Err(stop) = self.server_message(at, head) {
+                        break Err(stop);
+                    }
+                }
             }
-            self.server_in.advance(frame.bytes());
-        }
+            at += frame.bytes();
+        };
+        self.server_in.advance(at);
+        handled
     }
 
-    /// One whole server message: passed on or dropped, as the answer it is.
-    fn server_message(&mut self, head: Head) -> Result<(), Stop> {
-        let message = &self.server_in[..head.len];
+    /// One whole server message, at `at` in the buffer: passed on or dropped, as the answer
+    /// it is.
+    fn server_message(&mut self, at: usize, head: Head) -> Result<(), Stop> {
+        let message = &self.server_in[at..at + head.len];
         let body = &message[5..];
         let guard = self.server.as_mut().expect("read from a held connection");
         let server = guard.server();

@@ -58,8 +58,13 @@ pub(super) struct Clock {
     query: Option<Duration>,
     transaction: Option<Duration>,
     stall: Option<Duration>,
-    /// When the client last sent anything.
+    /// Since when the client is idle (or stalled): when it last sent anything, or when its
+    /// last answer came, whichever is later — taken only when a timeout runs from it.
     client_at: Instant,
+    /// The client sent something since the last [`arm`](Self::arm).
+    client_read: bool,
+    /// Nothing was owed at the last [`arm`](Self::arm).
+    was_settled: bool,
     /// Since when an answer is owed (or since the last `ReadyForQuery`, while more are owed).
     busy_at: Option<Instant>,
     /// Since when a transaction runs.
@@ -78,6 +83,8 @@ impl Clock {
             transaction: settings.transaction_timeout,
             stall: settings.client_stall_timeout,
             client_at: Instant::now(),
+            client_read: false,
+            was_settled: true,
             busy_at: None,
             transaction_at: None,
             cancelled_at: None,
@@ -85,9 +92,9 @@ impl Clock {
         }
     }
 
-    /// The client sent something.
+    /// The client sent something (its time is taken when a timeout needs it).
     pub(super) fn client_read(&mut self) {
-        self.client_at = Instant::now();
+        self.client_read = true;
     }
 
     /// A `ReadyForQuery` came; `more` answers are still owed (a pipeline): the next query's
@@ -102,8 +109,28 @@ impl Clock {
     /// Starts and stops the clocks that follow the relay's state, and sets `timer` to the
     /// nearest deadline; whether one is set.
     pub(super) fn arm(&mut self, timer: Pin<&mut Sleep>, state: &State) -> bool {
+        // The common case: no timeout but the stall's is set, and no message half-sent.
+        let others = self.client_idle.is_some()
+            || self.idle_transaction.is_some()
+            || self.query.is_some()
+            || self.transaction.is_some();
+        if !others && !(state.held && state.partial && self.stall.is_some()) {
+            self.client_read = false;
+            self.armed = None;
+            return false;
+        }
         let mut now = None;
         let mut now = || *now.get_or_insert_with(Instant::now);
+        // The client's clock restarts when it sends something or its answers are done; its
+        // time is taken only for a timeout that runs from it.
+        let stalls = state.held && state.partial && self.stall.is_some();
+        let idles =
+            state.settled && (self.client_idle.is_some() || self.idle_transaction.is_some());
+        let was_settled = std::mem::replace(&mut self.was_settled, state.settled);
+        let answered = state.settled && !was_settled;
+        if (std::mem::take(&mut self.client_read) || answered) && (stalls || idles) {
+            self.client_at = now();
+        }
         if self.query.is_some() {
             match (state.owed, self.busy_at) {
                 (true, None) => self.busy_at = Some(now()),

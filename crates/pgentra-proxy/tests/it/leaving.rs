@@ -184,3 +184,42 @@ async fn without_pooling_a_query_left_running_is_cancelled() {
     drop(other);
     proxy.stop().await;
 }
+
+/// A client that sends its last statement and `Terminate` together and closes at once loses
+/// no data: its statement runs, as PostgreSQL runs what precedes a `Terminate`, and its
+/// connection goes back to the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_says_goodbye_after_its_statement_loses_nothing() {
+    let emulator = Emulator::shared();
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let proxy = small_proxy(emulator, mode).await;
+        let table = format!("goodbye_{}_{}", mode.as_str(), std::process::id());
+        let mut setup = logged_in(&proxy).await;
+        raw_query(&mut setup, &format!("create table {table} (x int)"))
+            .await
+            .unwrap();
+        drop(setup);
+        let mut client = logged_in(&proxy).await;
+        let mut last = format!("insert into {table} select 1 from pg_sleep(0.2)").into_bytes();
+        last.push(0);
+        let mut goodbye = message(b'Q', &last).to_vec();
+        goodbye.extend_from_slice(&message(b'X', b""));
+        client.write_all(&goodbye).await.unwrap();
+        drop(client);
+        let mut check = logged_in(&proxy).await;
+        let rows = format!("select count(*) from {table}");
+        within(SHORT, "the last statement to commit", async {
+            while raw_value(&mut check, &rows).await != "1" {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        raw_query(&mut check, &format!("drop table {table}"))
+            .await
+            .unwrap();
+        drop(check);
+        let pool = pool_until(&proxy, "the counts", |_| true).await;
+        assert_eq!(pool["server_closes"]["client_left"], 0, "{mode:?}: {pool}");
+        proxy.stop().await;
+    }
+}

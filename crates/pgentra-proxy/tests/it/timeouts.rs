@@ -76,7 +76,12 @@ async fn a_client_idle_between_transactions_is_disconnected() {
         let proxy = one_connection(emulator, mode, |p| p.client_idle_timeout = Some(LIMIT)).await;
         let table = table_for(&proxy, &format!("idle_{}", mode.as_str())).await;
         let mut client = logged_in(&proxy).await;
-        raw_query(&mut client, "select 1").await.unwrap();
+        // A query longer than the timeout is not idleness: the clock starts when it is
+        // answered.
+        raw_query(&mut client, "select pg_sleep(1.5)")
+            .await
+            .unwrap();
+        assert_eq!(raw_value(&mut client, "select 1").await, "1", "{mode:?}");
         let fatal = fatal_within(&mut client, SHORT).await;
         assert_eq!(fatal.get(b'C'), Some("57P05"), "{mode:?}: {fatal:?}");
         assert_eq!(

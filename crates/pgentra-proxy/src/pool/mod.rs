@@ -13,15 +13,18 @@
 //! first message: a client that leaves without a query never takes one, and a client that
 //! reconnects at once finds its old connection back in the pool.
 
-use crate::config::{PoolConfig, PoolMode};
-use crate::pinning::PinReason;
+mod stats;
+
+pub(crate) use stats::{CloseReason, PoolSnapshot, PoolStats};
+
+use crate::config::PoolConfig;
 use crate::server::ServerConn;
 use crate::tracked::Tracked;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -33,104 +36,6 @@ pub(crate) struct PoolKey {
     /// The startup parameters that are not tracked (`options`, `search_path`, ...), sorted:
     /// they go into the server's startup message, so they shape the whole session.
     pub(crate) params: Vec<(String, Bytes)>,
-}
-
-/// Why a server connection was closed, as a metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CloseReason {
-    /// Past its lifetime, or its token's expiry.
-    Lifetime,
-    /// Idle past the idle timeout.
-    Idle,
-    /// The server closed it, or it failed a check.
-    Broken,
-    /// The client left in the middle of a query, a `COPY`, or a cancel request.
-    ClientLeft,
-    /// The reset or rollback failed.
-    ResetFailed,
-    /// Made room under the upstream's cap for another pool.
-    Evicted,
-    /// The proxy is stopping.
-    Shutdown,
-}
-
-impl CloseReason {
-    pub(crate) const ALL: [Self; 7] = [
-        Self::Lifetime,
-        Self::Idle,
-        Self::Broken,
-        Self::ClientLeft,
-        Self::ResetFailed,
-        Self::Evicted,
-        Self::Shutdown,
-    ];
-
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::Lifetime => "lifetime",
-            Self::Idle => "idle_timeout",
-            Self::Broken => "broken",
-            Self::ClientLeft => "client_left",
-            Self::ResetFailed => "reset_failed",
-            Self::Evicted => "evicted",
-            Self::Shutdown => "shutdown",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
-
-/// A pool's counters.
-#[derive(Debug, Default)]
-pub(crate) struct PoolStats {
-    pub(crate) opened: AtomicU64,
-    pub(crate) reused: AtomicU64,
-    pub(crate) resets: AtomicU64,
-    pub(crate) waits: AtomicU64,
-    pub(crate) wait_micros: AtomicU64,
-    pub(crate) waiting: AtomicU64,
-    pub(crate) active: AtomicU64,
-    /// Client sessions logged in on this pool now.
-    pub(crate) clients: AtomicU64,
-    /// Sessions pinned to their server connection now (transaction pooling).
-    pub(crate) pinned: AtomicU64,
-    /// Connections on their way back (their reset running).
-    returning: AtomicU64,
-    pins: [AtomicU64; PinReason::ALL.len()],
-    closed: [AtomicU64; CloseReason::ALL.len()],
-}
-
-impl PoolStats {
-    /// Counts a session pinned for `reason`.
-    pub(crate) fn pin(&self, reason: PinReason) {
-        self.pins[reason.index()].fetch_add(1, Ordering::Relaxed);
-        self.pinned.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// What a pool looks like now, for `/metrics` and `/pools`.
-#[derive(Debug, Clone)]
-pub(crate) struct PoolSnapshot {
-    pub(crate) mode: PoolMode,
-    pub(crate) role: String,
-    pub(crate) database: String,
-    /// Names of the startup parameters that shape this pool's sessions.
-    pub(crate) params: Vec<String>,
-    pub(crate) size: usize,
-    pub(crate) clients: u64,
-    pub(crate) pinned: u64,
-    pub(crate) active: u64,
-    pub(crate) idle: u64,
-    pub(crate) waiting: u64,
-    pub(crate) opened: u64,
-    pub(crate) reused: u64,
-    pub(crate) resets: u64,
-    pub(crate) waits: u64,
-    pub(crate) wait_seconds: f64,
-    pub(crate) closed: Vec<(&'static str, u64)>,
-    pub(crate) pins: Vec<(&'static str, u64)>,
 }
 
 /// A server connection and the slots it takes, in a pool or with a client.
@@ -220,40 +125,7 @@ impl Pools {
 
     /// Every pool's state, ordered by role and database.
     pub(crate) fn snapshots(&self) -> Vec<PoolSnapshot> {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut all: Vec<PoolSnapshot> = self
-            .all()
-            .iter()
-            .map(|pool| {
-                let stats = &pool.stats;
-                PoolSnapshot {
-                    role: pool.key.role.clone(),
-                    database: pool.key.database.clone(),
-                    params: pool.key.params.iter().map(|(n, _)| n.clone()).collect(),
-                    mode: pool.settings.mode,
-                    size: pool.settings.size,
-                    clients: load(&stats.clients),
-                    pinned: load(&stats.pinned),
-                    active: load(&stats.active),
-                    idle: pool.idle_count() as u64,
-                    waiting: load(&stats.waiting),
-                    opened: load(&stats.opened),
-                    reused: load(&stats.reused),
-                    resets: load(&stats.resets),
-                    waits: load(&stats.waits),
-                    #[allow(clippy::cast_precision_loss)] // far below 2^53 µs
-                    wait_seconds: load(&stats.wait_micros) as f64 / 1e6,
-                    closed: CloseReason::ALL
-                        .iter()
-                        .map(|r| (r.label(), load(&stats.closed[r.index()])))
-                        .collect(),
-                    pins: PinReason::ALL
-                        .iter()
-                        .map(|r| (r.label(), load(&stats.pins[r.index()])))
-                        .collect(),
-                }
-            })
-            .collect();
+        let mut all: Vec<PoolSnapshot> = self.all().iter().map(|pool| pool.snapshot()).collect();
         all.sort_by(|a, b| (&a.role, &a.database).cmp(&(&b.role, &b.database)));
         all
     }
@@ -297,8 +169,9 @@ impl Pools {
                     done(counted);
                     return Some(Checkout::Idle(idle));
                 }
-                shelf.waiters.retain(|waiter| !waiter.is_closed());
-                stats.returning.load(Ordering::SeqCst) <= shelf.waiters.len() as u64
+                // The other clients waiting (this one is among them from its second look).
+                let waiting = stats.waiting.load(Ordering::Relaxed) - u64::from(counted);
+                stats.returning.load(Ordering::SeqCst) <= waiting
             };
             if may_open && let Some(slots) = self.try_slots(pool) {
                 done(counted);
@@ -382,6 +255,9 @@ impl Pools {
         for pool in self.all() {
             let expired: Vec<(Box<Pooled>, CloseReason)> = {
                 let mut shelf = pool.shelf.lock();
+                // Clients that stopped waiting left their places in the queue; a connection
+                // put back skips them, and here they go.
+                shelf.waiters.retain(|waiter| !waiter.is_closed());
                 let idle = &mut shelf.idle;
                 let mut kept = Vec::with_capacity(idle.len());
                 let mut out = Vec::new();
