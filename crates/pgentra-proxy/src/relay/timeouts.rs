@@ -114,7 +114,8 @@ impl Clock {
             || self.idle_transaction.is_some()
             || self.query.is_some()
             || self.transaction.is_some();
-        if !others && !(state.held && state.partial && self.stall.is_some()) {
+        let stalling = state.held && state.partial && self.stall.is_some();
+        if !(others || stalling) {
             self.client_read = false;
             self.armed = None;
             return false;
@@ -123,12 +124,11 @@ impl Clock {
         let mut now = || *now.get_or_insert_with(Instant::now);
         // The client's clock restarts when it sends something or its answers are done; its
         // time is taken only for a timeout that runs from it.
-        let stalls = state.held && state.partial && self.stall.is_some();
         let idles =
             state.settled && (self.client_idle.is_some() || self.idle_transaction.is_some());
         let was_settled = std::mem::replace(&mut self.was_settled, state.settled);
         let answered = state.settled && !was_settled;
-        if (std::mem::take(&mut self.client_read) || answered) && (stalls || idles) {
+        if (std::mem::take(&mut self.client_read) || answered) && (stalling || idles) {
             self.client_at = now();
         }
         if self.query.is_some() {
