@@ -78,6 +78,57 @@ pub(crate) enum Checkout {
     Open(Slots),
 }
 
+/// A client's place in a pool's queue: given up when dropped, unless a connection was handed
+/// to it ([`Pool::put`] counts that).
+struct Place<'a> {
+    pool: &'a Pool,
+    receiver: oneshot::Receiver<Box<Pooled>>,
+    handed: bool,
+}
+
+impl Place<'_> {
+    /// Leaves the queue: a connection handed over just now is taken, not dropped.
+    fn leave(mut self) -> Option<Box<Pooled>> {
+        self.receiver.close();
+        let conn = self.receiver.try_recv().ok()?;
+        self.handed = true;
+        Some(conn)
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.handed {
+            self.pool.shelf.lock().queued -= 1;
+        }
+    }
+}
+
+/// A client counted as waiting for a connection, and the time it waited, until dropped.
+struct Waiting<'a> {
+    stats: &'a PoolStats,
+    since: Instant,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(stats: &'a PoolStats) -> Self {
+        stats.waits.fetch_add(1, Ordering::Relaxed);
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let micros = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
 /// The server connections of one upstream, pool by pool, and its total cap.
 pub(crate) struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
@@ -146,16 +197,8 @@ impl Pools {
         if let Some(idle) = pool.shelf.lock().idle.pop() {
             return Some(Checkout::Idle(idle));
         }
-        let started = Instant::now();
-        let mut counted = false;
-        let stats = &pool.stats;
-        let done = |counted: bool| {
-            if counted {
-                stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
-            }
-        };
+        // Counted as waiting from the first wait on, until this ends however it ends.
+        let mut waiting = None;
         loop {
             // Registered before looking, so that nothing that happens meanwhile is missed.
             let changed = pool.changed.notified();
@@ -164,39 +207,35 @@ impl Pools {
             changed.as_mut().enable();
             freed.as_mut().enable();
             let may_open = {
-                let mut shelf = pool.shelf.lock();
-                if let Some(idle) = shelf.idle.pop() {
-                    done(counted);
-                    return Some(Checkout::Idle(idle));
-                }
-                // The other clients waiting (this one is among them from its second look).
-                let waiting = stats.waiting.load(Ordering::Relaxed) - u64::from(counted);
-                stats.returning.load(Ordering::SeqCst) <= waiting
+                let shelf = pool.shelf.lock();
+                // A client waits rather than log in a new connection while more are on their
+                // way back than clients wait for them.
+                let returning = pool.stats.returning.load(Ordering::SeqCst);
+                shelf.idle.is_empty() && returning <= shelf.queued as u64
             };
             if may_open && let Some(slots) = self.try_slots(pool) {
-                done(counted);
                 return Some(Checkout::Open(slots));
             }
-            let mut handed = {
+            let mut place = {
                 let mut shelf = pool.shelf.lock();
                 if let Some(idle) = shelf.idle.pop() {
-                    done(counted);
                     return Some(Checkout::Idle(idle));
                 }
                 let (sender, receiver) = oneshot::channel();
                 shelf.waiters.push_back(sender);
-                receiver
+                shelf.queued += 1;
+                Place {
+                    pool,
+                    receiver,
+                    handed: false,
+                }
             };
-            if !counted {
-                counted = true;
-                stats.waits.fetch_add(1, Ordering::Relaxed);
-                stats.waiting.fetch_add(1, Ordering::Relaxed);
-            }
+            waiting.get_or_insert_with(|| Waiting::new(&pool.stats));
             let timed_out = tokio::select! {
                 biased;
-                conn = &mut handed => match conn {
+                conn = &mut place.receiver => match conn {
                     Ok(conn) => {
-                        done(counted);
+                        place.handed = true;
                         return Some(Checkout::Idle(conn));
                     }
                     Err(_) => false,
@@ -205,14 +244,10 @@ impl Pools {
                 () = &mut freed => false,
                 () = tokio::time::sleep_until(until) => true,
             };
-            // Leaving the queue: a connection handed over just now is taken, not dropped.
-            handed.close();
-            if let Ok(conn) = handed.try_recv() {
-                done(counted);
+            if let Some(conn) = place.leave() {
                 return Some(Checkout::Idle(conn));
             }
             if timed_out {
-                done(counted);
                 return None;
             }
         }
@@ -333,8 +368,10 @@ struct Shelf {
     // (or into) an allocation each time.
     #[allow(clippy::vec_box)]
     idle: Vec<Box<Pooled>>,
-    /// In the order they came.
+    /// In the order they came (with the places of clients that stopped waiting, skipped).
     waiters: VecDeque<oneshot::Sender<Box<Pooled>>>,
+    /// Clients waiting and not yet handed a connection.
+    queued: usize,
 }
 
 impl Pool {
@@ -409,7 +446,10 @@ impl Pool {
         while let Some(waiter) = shelf.waiters.pop_front() {
             // A client that stopped waiting gives it back.
             match waiter.send(conn) {
-                Ok(()) => return,
+                Ok(()) => {
+                    shelf.queued -= 1;
+                    return;
+                }
                 Err(back) => conn = back,
             }
         }

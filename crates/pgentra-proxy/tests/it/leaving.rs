@@ -89,6 +89,20 @@ async fn client_leaving(proxy: &Running, how: Leaving, table: &str, marker: &str
     stream
 }
 
+/// Waits, through `client`, until no other session runs a query with `marker` in it.
+async fn until_none_runs(client: &mut TcpStream, marker: &str) {
+    let running = format!(
+        "select count(*) from pg_stat_activity where state = 'active' \
+         and pid <> pg_backend_pid() and strpos(query, '{marker}') > 0"
+    );
+    within(SHORT, "the queries left behind to stop", async {
+        while raw_value(client, &running).await != "0" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Two clients leave `how`, in `mode`: within a second nothing of them is held, a third client
 /// gets a server connection (and a session slot) at once, and no query of theirs still runs.
 async fn two_leave_and_a_third_is_served(mode: PoolMode, how: Leaving) {
@@ -120,16 +134,7 @@ async fn two_leave_and_a_third_is_served(mode: PoolMode, how: Leaving) {
     );
     // A third client logs in and runs at once; the queries left behind stop.
     let mut third = logged_in(&proxy).await;
-    let running = format!(
-        "select count(*) from pg_stat_activity where state = 'active' \
-         and pid <> pg_backend_pid() and strpos(query, '{marker}') > 0"
-    );
-    within(SHORT, "the queries left behind to stop", async {
-        while raw_value(&mut third, &running).await != "0" {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_none_runs(&mut third, &marker).await;
     // Nothing they sent took effect.
     let rows = raw_value(&mut third, &format!("select count(*) from {table}")).await;
     assert_eq!(rows, "0", "{mode:?} {how:?}");
@@ -171,16 +176,7 @@ async fn without_pooling_a_query_left_running_is_cancelled() {
     let stream = client_leaving(&proxy, Leaving::WhileItsQueryRuns, "unused", &marker).await;
     drop(stream);
     let mut other = logged_in(&proxy).await;
-    let running = format!(
-        "select count(*) from pg_stat_activity where state = 'active' \
-         and pid <> pg_backend_pid() and strpos(query, '{marker}') > 0"
-    );
-    within(SHORT, "the query left behind to stop", async {
-        while raw_value(&mut other, &running).await != "0" {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    until_none_runs(&mut other, &marker).await;
     drop(other);
     proxy.stop().await;
 }

@@ -69,6 +69,20 @@ async fn table_for(proxy: &Running, name: &str) -> String {
     table
 }
 
+/// A client of `proxy` in a transaction that inserted a row into a table of its own (which the
+/// next client finds empty if the transaction was rolled back); the table's name.
+async fn in_a_transaction(proxy: &Running, name: &str) -> (String, TcpStream) {
+    let table = table_for(proxy, name).await;
+    let mut client = logged_in(proxy).await;
+    raw_query(
+        &mut client,
+        &format!("begin; insert into {table} values (1)"),
+    )
+    .await
+    .unwrap();
+    (table, client)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_idle_between_transactions_is_disconnected() {
     let emulator = Emulator::shared();
@@ -99,14 +113,8 @@ async fn a_client_idle_in_a_transaction_is_disconnected_and_rolled_back() {
     for mode in MODES {
         let proxy =
             one_connection(emulator, mode, |p| p.idle_transaction_timeout = Some(LIMIT)).await;
-        let table = table_for(&proxy, &format!("idle_txn_{}", mode.as_str())).await;
-        let mut client = logged_in(&proxy).await;
-        raw_query(
-            &mut client,
-            &format!("begin; insert into {table} values (1)"),
-        )
-        .await
-        .unwrap();
+        let (table, mut client) =
+            in_a_transaction(&proxy, &format!("idle_txn_{}", mode.as_str())).await;
         let fatal = fatal_within(&mut client, SHORT).await;
         assert_eq!(fatal.get(b'C'), Some("25P03"), "{mode:?}: {fatal:?}");
         next_client_is_served_clean(&proxy, &table).await;
@@ -151,14 +159,8 @@ async fn a_transaction_past_its_timeout_ends_the_session() {
     let emulator = Emulator::shared();
     for mode in MODES {
         let proxy = one_connection(emulator, mode, |p| p.transaction_timeout = Some(LIMIT)).await;
-        let table = table_for(&proxy, &format!("txn_timeout_{}", mode.as_str())).await;
-        let mut client = logged_in(&proxy).await;
-        raw_query(
-            &mut client,
-            &format!("begin; insert into {table} values (1)"),
-        )
-        .await
-        .unwrap();
+        let (table, mut client) =
+            in_a_transaction(&proxy, &format!("txn_timeout_{}", mode.as_str())).await;
         // Busy in the transaction, and not idle for long: only its length ends it.
         let mut text = b"select pg_sleep(0.2)".to_vec();
         text.push(0);
@@ -184,14 +186,8 @@ async fn a_client_that_stalls_mid_message_loses_its_connection() {
     let emulator = Emulator::shared();
     for mode in MODES {
         let proxy = one_connection(emulator, mode, |p| p.client_stall_timeout = Some(LIMIT)).await;
-        let table = table_for(&proxy, &format!("stall_{}", mode.as_str())).await;
-        let mut client = logged_in(&proxy).await;
-        raw_query(
-            &mut client,
-            &format!("begin; insert into {table} values (1)"),
-        )
-        .await
-        .unwrap();
+        let (table, mut client) =
+            in_a_transaction(&proxy, &format!("stall_{}", mode.as_str())).await;
         // The start of a CopyData that never ends (streamed to the server as it comes), in a
         // COPY the server waits in.
         let mut text = format!("copy {table} from stdin").into_bytes();

@@ -198,6 +198,13 @@ async fn credentials(auth: &EntraAuth) -> pgentra::Result<DbCredentials> {
     bounded("credentials", auth.credentials()).await
 }
 
+/// Four callers of `auth.credentials()` at once: their results, and how long they took.
+async fn four_callers(auth: &EntraAuth) -> (Vec<pgentra::Result<DbCredentials>>, Duration) {
+    let started = Instant::now();
+    let calls = futures::future::join_all((0..4).map(|_| auth.credentials()));
+    (bounded("four callers", calls).await, started.elapsed())
+}
+
 /// Waits for the next token `tokens` yields.
 async fn next_token(tokens: &mut watch::Receiver<Option<DbCredentials>>) -> DbCredentials {
     bounded("a new token", tokens.changed())
@@ -478,13 +485,7 @@ async fn refused_as_the_token_runs_out(emulator: &Emulator, clock: &ManualClock)
     assert_eq!(served.password(), first.password());
 
     clock.set(usable_until);
-    let started = Instant::now();
-    let results = bounded(
-        "four callers",
-        futures::future::join_all((0..4).map(|_| auth.credentials())),
-    )
-    .await;
-    let waited = started.elapsed();
+    let (results, waited) = four_callers(&auth).await;
     assert!(
         waited < FAST,
         "callers waited {waited:?} (timeout {MI_TIMEOUT:?}) for the endpoint's answer"
@@ -618,13 +619,7 @@ async fn a_hanging_endpoint_is_cut_off_by_the_timeout() {
 
     let hung = providers.iter().map(|(auth, endpoint, _)| async move {
         let calls = identity.requests(*endpoint);
-        let started = Instant::now();
-        let results = bounded(
-            "four callers",
-            futures::future::join_all((0..4).map(|_| auth.credentials())),
-        )
-        .await;
-        let waited = started.elapsed();
+        let (results, waited) = four_callers(auth).await;
         for result in results {
             let err = result.expect_err("no token while the endpoint hangs");
             assert!(
