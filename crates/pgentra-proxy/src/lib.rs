@@ -59,6 +59,7 @@ mod config;
 mod connector;
 mod guard;
 mod listen;
+mod login_settings;
 mod maintain;
 mod metrics;
 mod params;

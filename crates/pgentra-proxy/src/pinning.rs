@@ -28,7 +28,9 @@ pub(crate) enum PinReason {
     HoldCursor,
     /// SQL-level `PREPARE` or `DEALLOCATE`.
     Prepare,
-    /// `LOAD`, `DISCARD`, or a fast-path function call (whose function is not known).
+    /// `LOAD`, `DISCARD`, a fast-path function call (whose function is not known), or text
+    /// the proxy does not read: Unicode escapes (`U&"\0073et_config"`), and backslash escapes
+    /// in a string run as SQL (`EXECUTE E'\163et …'`), which could spell any name.
     Other,
 }
 
@@ -111,8 +113,8 @@ pub(crate) fn pins(sql: &[u8]) -> Option<PinReason> {
 
 /// Parts of the words the rules act on: `SET`, `RESET` and `set_config`; `LISTEN`; `PREPARE`
 /// and `DEALLOCATE`; `LOAD`; `DISCARD`; `TEMP`, `TEMPORARY` and `pg_temp`; `WITH HOLD`; the
-/// advisory lock functions.
-const TRIGGERS: [&str; 9] = [
+/// advisory lock functions. And the escapes that could spell any of them: `U&` and a backslash.
+const TRIGGERS: [&str; 11] = [
     "set",
     "listen",
     "prepare",
@@ -122,6 +124,8 @@ const TRIGGERS: [&str; 9] = [
     "temp",
     "hold",
     "advisory",
+    "u&",
+    "\\",
 ];
 
 /// How string literals are read.
@@ -288,9 +292,7 @@ fn tokenize<'a>(
                 let backslashes = strings.backslashes || std::mem::take(&mut escaped);
                 let (end, inner) = quoted(sql, i, b'\'', backslashes);
                 i = end;
-                (depth > 0)
-                    .then(|| sql_text(inner, depth, strings, on))
-                    .flatten()
+                literal(inner, backslashes, depth, strings, on)
             }
             b'"' => {
                 let (end, inner) = quoted(sql, i, b'"', false);
@@ -316,21 +318,15 @@ fn tokenize<'a>(
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                i += bytes[i..]
-                    .iter()
-                    .position(|b| {
-                        !(b.is_ascii_alphanumeric()
-                            || matches!(b, b'_' | b'$' | b'.')
-                            || *b >= 0x80)
-                    })
-                    .unwrap_or(bytes.len() - i);
+                i = word_end(bytes, i);
                 let word = text(start, i);
-                // E'...', B'...', X'...' and N'...' strings: the prefix is not a word.
-                if bytes.get(i) == Some(&b'\'') && word.len() == 1 && "eEbBxXnN".contains(word) {
-                    escaped = word.eq_ignore_ascii_case("e");
-                    None
-                } else {
-                    on(word)
+                match prefix(word, &bytes[i..]) {
+                    Some(Prefix::String { escapes }) => {
+                        escaped = escapes;
+                        None
+                    }
+                    Some(Prefix::Unicode) => Some(PinReason::Other),
+                    None => on(word),
                 }
             }
             _ => {
@@ -343,6 +339,51 @@ fn tokenize<'a>(
         }
     }
     None
+}
+
+/// A string literal's text, `inner`: read as SQL inside a body (PL/pgSQL's `EXECUTE '…'`),
+/// unless its escapes are read (`backslashes`) and it has one (`EXECUTE E'\163et …'`): its
+/// text is then not what runs, and it pins.
+fn literal<'a>(
+    inner: &'a str,
+    backslashes: bool,
+    depth: usize,
+    strings: Strings,
+    on: &mut impl FnMut(&'a str) -> Option<PinReason>,
+) -> Option<PinReason> {
+    match depth {
+        0 => None,
+        _ if backslashes && inner.contains('\\') => Some(PinReason::Other),
+        _ => sql_text(inner, depth, strings, on),
+    }
+}
+
+/// The index after the word (or number, or name with its schema) that starts at `start`.
+fn word_end(bytes: &[u8], start: usize) -> usize {
+    let len = bytes[start..].iter().position(|b| {
+        !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'.') || *b >= 0x80)
+    });
+    start + len.unwrap_or(bytes.len() - start)
+}
+
+/// A word that prefixes what follows it rather than standing alone.
+enum Prefix {
+    /// `E'…'`, `B'…'`, `X'…'` or `N'…'`: a string constant, whose backslashes escape after `E`.
+    String { escapes: bool },
+    /// `U&"…"` or `U&'…'` (with any `UESCAPE`): Unicode escapes could spell any name, so the
+    /// text is not read, and it pins.
+    Unicode,
+}
+
+/// What `word` prefixes, given the text that follows it (`rest`).
+fn prefix(word: &str, rest: &[u8]) -> Option<Prefix> {
+    match rest {
+        [b'\'', ..] if word.len() == 1 && "eEbBxXnN".contains(word) => Some(Prefix::String {
+            escapes: word.eq_ignore_ascii_case("e"),
+        }),
+        [b'&', b'\'' | b'"', ..] if word.eq_ignore_ascii_case("u") => Some(Prefix::Unicode),
+        _ => None,
+    }
 }
 
 /// The literal quoted with `quote` that starts at `start`: the index after it, and its text.
@@ -436,7 +477,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn session_state_pins_and_transaction_state_does_not() {
+    fn statements_that_leave_session_state_pin() {
         let pinning = [
             ("SET search_path = app", PinReason::Set),
             ("set session work_mem to '64MB'", PinReason::Set),
@@ -508,6 +549,40 @@ mod tests {
         for (sql, reason) in pinning {
             assert_eq!(pins(sql.as_bytes()), Some(reason), "{sql}");
         }
+    }
+
+    #[test]
+    fn escapes_that_could_spell_a_name_pin() {
+        let pinning = [
+            (
+                "select U&\"\\0073et_config\"('role', 'low', false)",
+                PinReason::Other,
+            ),
+            ("select u&\"\\0070g_advisory_lock\"(1)", PinReason::Other),
+            (
+                "create table U&\"pg\\005ftemp\".t (x int)",
+                PinReason::Other,
+            ),
+            (
+                "select U&\"!0073et_config\" UESCAPE '!'('a.b', '1', false)",
+                PinReason::Other,
+            ),
+            (
+                "do $$ begin execute E'\\163et role low'; end $$",
+                PinReason::Other,
+            ),
+            (
+                "do $$ begin execute U&'\\0073et role low'; end $$",
+                PinReason::Other,
+            ),
+        ];
+        for (sql, reason) in pinning {
+            assert_eq!(pins(sql.as_bytes()), Some(reason), "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_state_words_in_strings_and_comments_do_not_pin() {
         for sql in [
             "SET LOCAL statement_timeout = '1s'",
             "SET application_name = 'billing'",
@@ -535,6 +610,9 @@ mod tests {
             "explain analyze select 1",
             "select temp from t",
             "select * from pg_temporal",
+            // Escapes in strings that are not run as SQL, and `&` after other words.
+            "select E'a\\nb', 'C:\\dir'",
+            "select u & 1, menu&'x'",
         ] {
             assert_eq!(pins(sql.as_bytes()), None, "{sql}");
         }

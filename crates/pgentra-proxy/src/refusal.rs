@@ -34,6 +34,9 @@ pub enum Refusal {
     },
     /// The client's startup packet breaks the protocol.
     InvalidStartup(String),
+    /// The client's startup parameters set the role (`role` or `session_authorization`, on
+    /// their own or in `options`): this setting, as it spelled it.
+    RoleSetting(String),
     /// The client did not finish its startup (or its password) within the login timeout.
     StartupTimeout(Duration),
     /// No token within the login deadline.
@@ -92,10 +95,13 @@ pub enum Refusal {
     },
     /// The proxy is draining, and a client between transactions is told to go.
     SessionShutdown,
-    /// A client in transaction pooling prepared more statements than the proxy keeps for one.
+    /// A client in transaction pooling prepared more statements (or bytes of them) than the
+    /// proxy keeps for one.
     TooManyStatements {
-        /// The limit.
+        /// The limit of statements.
         limit: usize,
+        /// The limit of their bytes.
+        bytes: usize,
     },
     /// The client was idle between transactions past `client_idle_timeout`.
     ClientIdleTimeout(Duration),
@@ -194,6 +200,7 @@ impl Refusal {
             Self::ClientPassword { .. } => Reason::ClientPassword,
             Self::ProtocolVersion { .. }
             | Self::InvalidStartup(_)
+            | Self::RoleSetting(_)
             | Self::ForwardedStartupTooLong { .. }
             | Self::ClientProtocol(_)
             | Self::TooManyStatements { .. } => Reason::Protocol,
@@ -256,6 +263,15 @@ impl Refusal {
                 None,
             ),
             Self::InvalidStartup(what) => fatal("08P01", what, None),
+            Self::RoleSetting(setting) => fatal(
+                "42501",
+                &format!(
+                    "the startup parameter {setting} would change the role the pgentra proxy logs in as"
+                ),
+                Some(
+                    "The proxy chooses the role (--user, --client-roles, or the token's): leave role and session_authorization out of the startup parameters and options.",
+                ),
+            ),
             // PostgreSQL's text for its authentication_timeout.
             Self::StartupTimeout(limit) => fatal(
                 "57014",
@@ -349,10 +365,11 @@ impl Refusal {
                 "terminating connection due to administrator command",
                 Some("The pgentra proxy is shutting down; connect again."),
             ),
-            Self::TooManyStatements { limit } => fatal(
+            Self::TooManyStatements { limit, bytes } => fatal(
                 "54000",
                 &format!(
-                    "the pgentra proxy keeps at most {limit} prepared statements per client in transaction pooling"
+                    "the pgentra proxy keeps at most {limit} prepared statements, of {} MiB in all, per client in transaction pooling",
+                    bytes >> 20
                 ),
                 Some("Close statements the client no longer needs, or use session pooling."),
             ),
@@ -413,6 +430,7 @@ mod tests {
             Refusal::ClientPassword { user: "u".into() },
             Refusal::ProtocolVersion { major: 2, minor: 0 },
             Refusal::InvalidStartup("x".into()),
+            Refusal::RoleSetting("role=x".into()),
             Refusal::StartupTimeout(Duration::from_secs(1)),
             Refusal::TokenTimeout(Duration::from_secs(1)),
             Refusal::Token(pgentra::Error::ProviderStopped),
@@ -443,7 +461,10 @@ mod tests {
                 what: "closed the connection".into(),
             },
             Refusal::SessionShutdown,
-            Refusal::TooManyStatements { limit: 1 },
+            Refusal::TooManyStatements {
+                limit: 1,
+                bytes: 1 << 20,
+            },
             Refusal::ClientIdleTimeout(Duration::from_secs(1)),
             Refusal::IdleInTransactionTimeout(Duration::from_secs(1)),
             Refusal::TransactionTimeout(Duration::from_secs(1)),

@@ -143,6 +143,9 @@ async fn login<'a>(
         Request::Login { params, .. } => params,
     };
     let user = param(&params, "user");
+    if let Some(setting) = crate::login_settings::role_change(&params) {
+        return Err(refused(Refusal::RoleSetting(setting)));
+    }
     if let Some(gate) = &shared.password {
         let user = user.unwrap_or_default();
         timeout_at(deadline, gate.check(conn.stream(), user))

@@ -62,12 +62,22 @@ impl Tracked {
             } else {
                 String::from_utf8_lossy(wanted).into_owned()
             };
-            sql.push_str(&format!(
-                "SET {name} TO '{}';",
-                value.replace('\\', "\\\\").replace('\'', "''")
-            ));
+            sql.push_str(&format!("SET {name} TO {};", literal(&value)));
         }
         sql
+    }
+}
+
+/// `value` as a string constant: a backslash stands for itself only in an escape string
+/// (`E'…'`), whatever the connection's `standard_conforming_strings` ("Any other character
+/// following a backslash is taken literally. Thus, to include a backslash character, write two
+/// backslashes (`\\`)", PostgreSQL docs 4.1.2.2).
+fn literal(value: &str) -> String {
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
     }
 }
 
@@ -86,7 +96,7 @@ mod tests {
         let mut current = defaults.clone();
         assert_eq!(
             client.set_statements(&current, &defaults),
-            "SET application_name TO 'it''s \\\\ app??';SET TimeZone TO 'UTC';"
+            "SET application_name TO E'it''s \\\\ app??';SET TimeZone TO 'UTC';"
         );
         current.set(0, client.get(0).unwrap().clone());
         current.set(3, Bytes::from_static(b"UTC"));

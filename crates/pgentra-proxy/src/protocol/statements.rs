@@ -17,6 +17,11 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+/// Bytes of statement definitions one server connection keeps prepared for the proxy's
+/// clients; past them the least recently used are closed. (PostgreSQL keeps each one's plan
+/// too, in the backend's memory.)
+pub(crate) const MAX_SERVER_STATEMENT_BYTES: usize = 16 << 20;
+
 /// A statement as the client's `Parse` defines it: what follows the name in the message (the
 /// query text, a NUL, the parameter types), compared and hashed by that content.
 #[derive(Debug)]
@@ -40,6 +45,11 @@ impl Statement {
             hash: hasher.finish(),
             definition,
         })
+    }
+
+    /// The bytes of its definition, as counted against the bounds.
+    pub(crate) fn size(&self) -> usize {
+        self.definition.len()
     }
 
     /// A `Parse` message preparing this statement as `name`.
@@ -71,6 +81,8 @@ impl Hash for Statement {
 #[derive(Debug, Default)]
 pub(crate) struct ClientStatements {
     named: HashMap<Bytes, Arc<Statement>>,
+    /// The bytes of the named statements' definitions.
+    bytes: usize,
     pub(crate) unnamed: Option<Arc<Statement>>,
 }
 
@@ -91,24 +103,32 @@ impl ClientStatements {
         statement: Arc<Statement>,
     ) -> Option<Arc<Statement>> {
         if name.is_empty() {
-            self.unnamed.replace(statement)
-        } else {
-            self.named.insert(name, statement)
+            return self.unnamed.replace(statement);
         }
+        self.bytes += statement.size();
+        let before = self.named.insert(name, statement);
+        self.bytes -= before.as_ref().map_or(0, |before| before.size());
+        before
     }
 
     /// Forgets `name`; the statement it named, if any.
     pub(crate) fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
         if name.is_empty() {
-            self.unnamed.take()
-        } else {
-            self.named.remove(name)
+            return self.unnamed.take();
         }
+        let removed = self.named.remove(name);
+        self.bytes -= removed.as_ref().map_or(0, |removed| removed.size());
+        removed
     }
 
     /// How many named statements the client has.
     pub(crate) fn len(&self) -> usize {
         self.named.len()
+    }
+
+    /// The bytes of the named statements' definitions.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -129,6 +149,8 @@ pub(crate) enum Unnamed {
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
     names: HashMap<Arc<Statement>, (Bytes, u64)>,
+    /// The bytes of their definitions.
+    bytes: usize,
     /// Counts uses, for the order of last use.
     clock: u64,
     /// Names are never reused on a connection, so an evicted statement's `Close` cannot
@@ -149,50 +171,59 @@ impl Prepared {
         })
     }
 
-    /// Records `statement` as prepared under a new name, which it returns; at `limit`, the
-    /// least recently used statement makes room, and it is returned with its name, to be
-    /// closed.
+    /// Records `statement` as prepared under a new name, which it returns; at `limit`
+    /// statements, or past [`MAX_SERVER_STATEMENT_BYTES`], the least recently used make room,
+    /// and they are returned with their names, to be closed.
     pub(crate) fn insert(
         &mut self,
         statement: Arc<Statement>,
         limit: usize,
-    ) -> (Bytes, Option<(Arc<Statement>, Bytes)>) {
-        let evicted = if self.names.len() >= limit {
-            let oldest = self
-                .names
-                .iter()
+    ) -> (Bytes, Vec<(Arc<Statement>, Bytes)>) {
+        let mut evicted = Vec::new();
+        while self.names.len() >= limit
+            || (!self.names.is_empty()
+                && self.bytes + statement.size() > MAX_SERVER_STATEMENT_BYTES)
+        {
+            let Some(oldest) = (self.names.iter())
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(statement, _)| Arc::clone(statement));
-            oldest.and_then(|statement| {
-                let (name, _) = self.names.remove(&statement)?;
-                Some((statement, name))
-            })
-        } else {
-            None
-        };
+                .map(|(statement, _)| Arc::clone(statement))
+            else {
+                break;
+            };
+            if let Some(name) = self.remove(&oldest) {
+                evicted.push((oldest, name));
+            }
+        }
         self.next_name += 1;
-        self.clock += 1;
         // Drawn when the proxy started (`Proxy::bind` fails without it).
         let secret = name_secret().unwrap_or_default();
         let name = Bytes::from(format!("__pgentra_{secret}_{}", self.next_name));
-        self.names.insert(statement, (name.clone(), self.clock));
+        self.restore(statement, name.clone());
         (name, evicted)
     }
 
-    /// Records again a statement whose eviction the server skipped: it is still prepared.
+    /// Records `statement` as prepared under `name`: again, when the server skipped its
+    /// eviction.
     pub(crate) fn restore(&mut self, statement: Arc<Statement>, name: Bytes) {
         self.clock += 1;
-        self.names.insert(statement, (name, self.clock));
+        let size = statement.size();
+        if self.names.insert(statement, (name, self.clock)).is_none() {
+            self.bytes += size;
+        }
     }
 
-    /// Forgets `statement` (its `Parse` failed, or never ran).
-    pub(crate) fn remove(&mut self, statement: &Arc<Statement>) {
-        self.names.remove(statement);
+    /// Forgets `statement` (its `Parse` failed, or never ran, or it makes room); the name it
+    /// had.
+    pub(crate) fn remove(&mut self, statement: &Arc<Statement>) -> Option<Bytes> {
+        let (name, _) = self.names.remove(statement)?;
+        self.bytes -= statement.size();
+        Some(name)
     }
 
     /// Forgets every named statement (`DISCARD ALL` or `DEALLOCATE ALL` ran).
     pub(crate) fn clear(&mut self) {
         self.names.clear();
+        self.bytes = 0;
     }
 
     /// How many statements are prepared here.
@@ -242,13 +273,53 @@ mod tests {
         // `a` used last: `b` goes.
         assert_eq!(prepared.get(&statement("select 1")), Some(name_a.clone()));
         let (name_c, evicted) = prepared.insert(Arc::clone(&c), 2);
-        assert_eq!(evicted, Some((Arc::clone(&b), name_b)));
+        assert_eq!(evicted, [(Arc::clone(&b), name_b)]);
         assert!(prepared.get(&b).is_none());
         assert_eq!(prepared.get(&c), Some(name_c.clone()));
         // A statement prepared again gets a name never used on this connection.
         let (name_b2, _) = prepared.insert(b, 2);
         assert!(![name_a, name_c].contains(&name_b2));
         assert_eq!(prepared.len(), 2);
+    }
+
+    #[test]
+    fn statements_past_the_byte_bound_make_room() {
+        let mut prepared = Prepared::default();
+        // Three of them fit in the bound, not four.
+        let padding = "x".repeat(MAX_SERVER_STATEMENT_BYTES * 3 / 10);
+        let big: Vec<_> = (0..4)
+            .map(|n| statement(&format!("select {n} -- {padding}")))
+            .collect();
+        for statement in &big[..3] {
+            assert!(prepared.insert(Arc::clone(statement), 100).1.is_empty());
+        }
+        // The fourth does not fit beside the other three: the oldest goes.
+        let (_, evicted) = prepared.insert(Arc::clone(&big[3]), 100);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].0, big[0]);
+        assert!(prepared.bytes <= MAX_SERVER_STATEMENT_BYTES);
+        // One larger than the bound empties the connection, and is kept alone.
+        let huge = statement(&"x".repeat(MAX_SERVER_STATEMENT_BYTES));
+        let (_, evicted) = prepared.insert(Arc::clone(&huge), 100);
+        assert_eq!(evicted.len(), 3);
+        assert_eq!((prepared.len(), prepared.bytes), (1, huge.size()));
+        prepared.clear();
+        assert_eq!(prepared.bytes, 0);
+    }
+
+    #[test]
+    fn a_client_s_bytes_follow_its_statements() {
+        let mut client = ClientStatements::default();
+        let (a, b) = (statement("select 1"), statement("select 22"));
+        client.insert(Bytes::from_static(b"s"), Arc::clone(&a));
+        client.insert(Bytes::from_static(b"t"), Arc::clone(&a));
+        client.insert(Bytes::new(), Arc::clone(&b));
+        assert_eq!(client.bytes(), 2 * a.size());
+        client.insert(Bytes::from_static(b"s"), Arc::clone(&b));
+        assert_eq!(client.bytes(), a.size() + b.size());
+        client.remove(b"t");
+        client.remove(b"absent");
+        assert_eq!(client.bytes(), b.size());
     }
 
     #[test]

@@ -307,14 +307,14 @@ async fn a_transaction_left_open_is_not_handed_on() {
 
 /// Startup parameters that differ between clients of one pool are each client's own:
 /// `application_name`, `TimeZone`, `DateStyle`, `client_encoding` — in the session and in the
-/// `ParameterStatus` messages of the welcome.
+/// `ParameterStatus` messages of the welcome, backslashes included (they were doubled).
 #[tokio::test(flavor = "multi_thread")]
 async fn each_client_gets_its_own_startup_parameters_on_a_shared_backend() {
     let emulator = Emulator::shared();
     let (proxy, _) = pooled(emulator, |_| {}).await;
     let mut pids = Vec::new();
     for (app, zone, style, encoding) in [
-        ("first", "Europe/Paris", "ISO, DMY", "LATIN1"),
+        (r"C:\first\x", "Europe/Paris", "ISO, DMY", "LATIN1"),
         ("second", "America/Chicago", "SQL, MDY", "UTF8"),
         ("third", "UTC", "ISO, MDY", "UTF8"),
     ] {

@@ -438,3 +438,60 @@ async fn protocol_violations_get_a_fatal_with_postgresql_s_sqlstate() {
     assert_eq!(emulator.gateway().logins(), logins, "the server was asked");
     proxy.stop().await;
 }
+
+/// The proxy chooses the role: a client's startup parameters cannot change it, whether as a
+/// `role` or `session_authorization` parameter or in `options` (`-c`, `--`, any case). Each
+/// gets FATAL 42501 before the server is asked; before, a client took a role its token's role
+/// was a member of, in every session. Other settings in `options` still pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_parameters_cannot_change_the_role() {
+    let emulator = Emulator::shared();
+    let cluster = emulator.cluster().expect("the emulator's own cluster");
+    let other = format!("proxy_other_role_{:08x}", fastrand::u32(..));
+    cluster
+        .psql(&format!(
+            "create role {other}; grant {other} to \"{USER}\";"
+        ))
+        .unwrap();
+    let (proxy, _) = pooled(emulator, |_| {}).await;
+    let options = [
+        format!("-c role={other}"),
+        format!("-c search_path=public --ROLE={other}"),
+        format!("-ec session_authorization={other}"),
+        format!("--session-authorization={other}"),
+    ];
+    let attempts = options
+        .iter()
+        .map(|value| ("options", value.as_str()))
+        .chain([("role", other.as_str()), ("Session_Authorization", USER)]);
+    for (name, value) in attempts {
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        let login = [("database", "postgres"), ("user", USER), (name, value)];
+        stream.write_all(&startup_message(&login)).await.unwrap();
+        let fatal = fatal_in(&read_until_closed(&mut stream, SHORT).await);
+        assert_eq!(fatal.get(b'C'), Some("42501"), "{name}={value}: {fatal:?}");
+        assert!(
+            fatal.get(b'M').unwrap().contains("would change the role"),
+            "{fatal:?}"
+        );
+    }
+    let client = connect(proxy.addr(), USER, |config| {
+        config.options("-c search_path=public,pg_temp");
+    })
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "select current_user::text, current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        (USER.to_owned(), "public,pg_temp".to_owned())
+    );
+    drop(client);
+    proxy.stop().await;
+    cluster.psql(&format!("drop role {other};")).unwrap();
+}

@@ -344,8 +344,9 @@ async fn the_prepared_statements_of_a_server_connection_are_bounded() {
 }
 
 /// Each kind of session state: the statement that leaves it, a query that is true where it is
-/// absent, and the pin reason counted.
-const SESSION_STATE: [(&str, &str, &str); 7] = [
+/// absent, and the pin reason counted. The last four spell their names with escapes (they
+/// reached the next client before).
+const SESSION_STATE: [(&str, &str, &str); 11] = [
     (
         "set work_mem = '7MB'",
         "select current_setting('work_mem') <> '7MB'",
@@ -380,6 +381,26 @@ const SESSION_STATE: [(&str, &str, &str); 7] = [
         "do $$ begin perform set_config('work_mem', '9MB', false); end $$",
         "select current_setting('work_mem') <> '9MB'",
         "set",
+    ),
+    (
+        r#"select U&"\0073et_config"('work_mem', '5MB', false)"#,
+        "select current_setting('work_mem') <> '5MB'",
+        "other",
+    ),
+    (
+        r#"select U&"\0070g_advisory_lock"(4244)"#,
+        "select count(*) = 0 from pg_locks where locktype = 'advisory' and objid = 4244",
+        "other",
+    ),
+    (
+        r#"create table U&"pg\005ftemp".unicode_table (x int)"#,
+        "select to_regclass('pg_temp.unicode_table') is null",
+        "other",
+    ),
+    (
+        r"do $$ begin execute E'\163et work_mem = ''6MB'''; end $$",
+        "select current_setting('work_mem') <> '6MB'",
+        "other",
     ),
 ];
 
@@ -445,7 +466,7 @@ async fn session_state_pins_its_client_and_never_reaches_another() {
 }
 
 /// Tracked parameters do not pin: a client's `SET application_name` (or `TimeZone`) follows it
-/// to the next server connection, and stays its own.
+/// to the next server connection, and stays its own, backslashes included (they were doubled).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tracked_set_follows_its_client_without_pinning() {
     let emulator = Emulator::shared();
@@ -457,25 +478,28 @@ async fn a_tracked_set_follows_its_client_without_pinning() {
         &[
             ("database", "postgres"),
             ("user", USER),
-            ("application_name", "b_app"),
+            ("application_name", r"C:\b_app\x"),
         ],
     )
     .await;
     let first = raw_value(
         &mut a,
-        "set application_name = 'a_app'; set time zone 'Asia/Tokyo'; select pg_backend_pid()",
+        r"set application_name = 'a\app'; set time zone 'Asia/Tokyo'; select pg_backend_pid()",
     )
     .await;
     // b takes that connection; a gets the other one, set to a's values first.
     raw_query(&mut b, "begin").await.unwrap();
     assert_eq!(raw_value(&mut b, "select pg_backend_pid()").await, first);
-    assert_eq!(raw_value(&mut b, "show application_name").await, "b_app");
+    assert_eq!(
+        raw_value(&mut b, "show application_name").await,
+        r"C:\b_app\x"
+    );
     assert_ne!(raw_value(&mut b, "show timezone").await, "Asia/Tokyo");
     let row = raw_query(&mut a, "select pg_backend_pid()::text, current_setting('application_name'), current_setting('TimeZone')").await.unwrap();
     assert_ne!(row[0][0].as_deref(), Some(first.as_str()), "a did not move");
     assert_eq!(
         row[0][1..],
-        [Some("a_app".to_owned()), Some("Asia/Tokyo".to_owned())]
+        [Some(r"a\app".to_owned()), Some("Asia/Tokyo".to_owned())]
     );
     raw_query(&mut b, "commit").await.unwrap();
     let pool = pool_until(&proxy, "the counts", |_| true).await;

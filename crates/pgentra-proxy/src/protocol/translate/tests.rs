@@ -348,6 +348,32 @@ fn a_client_holds_a_bounded_number_of_statements() {
     assert!(matches!(refused, Err(Refusal::TooManyStatements { .. })));
 }
 
+/// 300 statements of 512 KiB grew the proxy by 356 MiB: a client's statements are bounded in
+/// bytes too, and a connection keeps at most its bound prepared, whatever its clients hold.
+#[test]
+fn a_client_holds_a_bounded_number_of_statement_bytes() {
+    let mut conn = Conn::default();
+    let padding = "x".repeat(512 * 1024);
+    let fits = MAX_CLIENT_STATEMENT_BYTES / (padding.len() + 20);
+    for n in 0..fits {
+        conn.send(
+            b'P',
+            &parse(&format!("s{n}"), &format!("select {n} -- {padding}")),
+        );
+        for (tag, _) in conn.server_got() {
+            conn.answer(if tag == b'C' { b'3' } else { b'1' }, b"");
+        }
+        conn.to_client.clear();
+    }
+    assert!(conn.translator.statements.bytes() <= MAX_CLIENT_STATEMENT_BYTES);
+    let refused = conn.try_send(b'P', &parse("one more", &format!("select -1 -- {padding}")));
+    assert!(matches!(refused, Err(Refusal::TooManyStatements { .. })));
+    // A small one still fits, and a closed one makes room.
+    conn.send(b'P', &parse("small", "select 0"));
+    conn.send(b'C', b"Ss0\0");
+    conn.send(b'P', &parse("again", &format!("select -1 -- {padding}")));
+}
+
 #[test]
 fn statements_and_queries_that_leave_session_state_pin() {
     let mut conn = Conn::default();
