@@ -194,6 +194,7 @@ impl<U> Owed<U> {
     }
 
     /// The next answer of the proxy's own whose turn has come, after a server message.
+    #[inline]
     pub(crate) fn next_own(&mut self) -> Option<&'static [u8]> {
         self.drop_stale_copy_ends();
         match self.queue.front() {

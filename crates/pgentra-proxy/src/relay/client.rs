@@ -38,9 +38,11 @@ fn wanted(head: Head, translated: bool) -> Wanted {
 impl Relay<'_> {
     /// Handles the client's bytes read so far — messages, and parts of streamed ones — until
     /// more are needed or the server must catch up first (taking them from the buffer once, at
-    /// the end).
+    /// the end). Messages passed on as they are go to the server in one piece per run of them.
     pub(super) async fn on_client(&mut self) -> Result<(), Stop> {
         let mut at = 0;
+        // The server is owed the bytes from `passed` to `at` as they are.
+        let mut passed = 0;
         while at < self.client_in.len() && !self.paused() {
             let translated = self.translator.is_some();
             let frame = self
@@ -60,6 +62,7 @@ impl Relay<'_> {
                 if head.tag == b'X' {
                     // Nothing after it is read, by PostgreSQL either.
                     self.goodbye = true;
+                    self.server_out.put(&self.client_in[passed..at]);
                     self.client_in.clear();
                     return Ok(());
                 }
@@ -72,33 +75,49 @@ impl Relay<'_> {
                     self.checkout().await?;
                 }
             }
-            let bytes = &self.client_in[at..at + frame.bytes()];
-            match frame {
-                _ if self.discarding => {}
-                Frame::Whole(head) => self.client_message(at, head)?,
+            let verbatim = match frame {
+                _ if self.discarding => false,
+                Frame::Whole(head) => self.verbatim(at, head),
                 Frame::Start(head) => {
                     self.owed.sent(head.tag, None);
-                    self.server_out.put(bytes);
+                    true
                 }
-                Frame::Part(_) => self.server_out.put(bytes),
+                Frame::Part(_) => true,
+            };
+            if !verbatim {
+                self.server_out.put(&self.client_in[passed..at]);
+                passed = at + frame.bytes();
+                if let (false, Frame::Whole(head)) = (self.discarding, frame) {
+                    self.translate(at, head)?;
+                }
             }
             at += frame.bytes();
         }
+        self.server_out.put(&self.client_in[passed..at]);
         self.client_in.advance(at);
         Ok(())
     }
 
-    /// One whole client message, at `at` in the buffer, with a server connection held.
-    fn client_message(&mut self, at: usize, head: Head) -> Result<(), Stop> {
-        let message = &self.client_in[at..at + head.len];
+    /// Whether a whole client message, at `at` in the buffer, goes to the server as it is
+    /// (counted as sent): in session pooling, and while the server skips to a `Sync`.
+    fn verbatim(&mut self, at: usize, head: Head) -> bool {
         if self.owed.skipping() && head.tag != b'S' {
             // "...reads and discards messages until a Sync is reached": owed nothing.
-            self.server_out.put(message);
-            return Ok(());
+            return true;
         }
+        if self.translator.is_some() {
+            return false;
+        }
+        let kind = (head.len > 5).then(|| self.client_in[at + 5]);
+        self.owed.sent(head.tag, kind);
+        true
+    }
+
+    /// One whole client message, at `at` in the buffer, translated onto the server connection
+    /// held (transaction pooling).
+    fn translate(&mut self, at: usize, head: Head) -> Result<(), Stop> {
+        let message = &self.client_in[at..at + head.len];
         let Some(translator) = &mut self.translator else {
-            self.owed.sent(head.tag, message.get(5).copied());
-            self.server_out.put(message);
             return Ok(());
         };
         let limit = self.client.pool.settings.max_prepared_statements;

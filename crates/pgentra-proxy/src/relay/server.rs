@@ -5,7 +5,7 @@ use super::{Relay, Stop};
 use crate::protocol::frames::{Frame, Head, Wanted};
 use crate::protocol::owed::Received;
 use crate::protocol::statements::Unnamed;
-use ::bytes::Buf;
+use ::bytes::{Buf, Bytes};
 
 /// Longest server message held whole; the rest stream through.
 const MAX_SERVER_MESSAGE: usize = 64 << 20;
@@ -27,40 +27,71 @@ fn wanted(head: Head) -> Wanted {
     }
 }
 
+/// What becomes of a whole server message.
+enum Answer {
+    /// It goes to the client as it is.
+    Pass,
+    /// It goes to the client as these bytes instead (an error renamed or explained).
+    Replace(Bytes),
+    /// It was the proxy's, and goes nowhere.
+    Drop,
+}
+
 impl Relay<'_> {
     /// Handles the server's bytes read so far (taking them from the buffer once, at the end).
+    /// Messages passed on as they are go to the client in one piece per run of them.
     pub(super) fn on_server(&mut self) -> Result<(), Stop> {
         let mut at = 0;
+        // The client is owed the bytes from `passed` to `at` as they are.
+        let mut passed = 0;
         let handled = loop {
             let frame = match self.server_frames.next(&self.server_in[at..], wanted) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break Ok(()),
                 Err(_) => break Err(Stop::ServerGone("sent a malformed message".into())),
             };
-            let bytes = &self.server_in[at..at + frame.bytes()];
-            match frame {
-                Frame::Part(_) => self.client_out.put(bytes),
-                Frame::Start(head) => {
-                    if self.owed.received(head.tag, &[]).map_err(out_of_turn)? != Received::Pass {
-                        break Err(Stop::ServerGone("streamed an answer to the proxy".into()));
-                    }
-                    self.client_out.put(bytes);
-                }
-                Frame::Whole(head) => {
-                    if let Err(stop) = self.server_message(at, head) {
-                        break Err(stop);
-                    }
-                }
+            let answer = match frame {
+                Frame::Part(_) => Answer::Pass,
+                Frame::Start(head) => match self.owed.received(head.tag, &[]) {
+                    Ok(Received::Pass) => Answer::Pass,
+                    Ok(_) => break Err(Stop::ServerGone("streamed an answer to the proxy".into())),
+                    Err(error) => break Err(out_of_turn(error)),
+                },
+                Frame::Whole(head) => match self.server_message(at, head) {
+                    Ok(answer) => answer,
+                    Err(stop) => break Err(stop),
+                },
+            };
+            if !matches!(answer, Answer::Pass) {
+                self.client_out.put(&self.server_in[passed..at]);
+                passed = at + frame.bytes();
+            }
+            if let Answer::Replace(bytes) = answer {
+                self.client_out.put(&bytes);
             }
             at += frame.bytes();
+            // Answers of the proxy's own that were due after this one (a part of a message
+            // answers nothing).
+            if let Frame::Part(_) = frame {
+                continue;
+            }
+            if let Some(own) = self.owed.next_own() {
+                self.client_out.put(&self.server_in[passed..at]);
+                passed = at;
+                self.client_out.put(own);
+                while let Some(own) = self.owed.next_own() {
+                    self.client_out.put(own);
+                }
+            }
         };
+        self.client_out.put(&self.server_in[passed..at]);
         self.server_in.advance(at);
         handled
     }
 
-    /// One whole server message, at `at` in the buffer: passed on or dropped, as the answer
-    /// it is.
-    fn server_message(&mut self, at: usize, head: Head) -> Result<(), Stop> {
+    /// One whole server message, at `at` in the buffer: what becomes of it, as the answer it
+    /// is.
+    fn server_message(&mut self, at: usize, head: Head) -> Result<Answer, Stop> {
         let message = &self.server_in[at..at + head.len];
         let body = &message[5..];
         let guard = self.server.as_mut().expect("read from a held connection");
@@ -94,20 +125,17 @@ impl Relay<'_> {
         {
             translator.discarded(&mut server.prepared);
         }
-        if received != Received::Drop {
-            let renamed = match head.tag {
-                b'E' => self
-                    .clock
-                    .explain_cancel(body)
-                    .or_else(|| (self.translator.as_ref()).and_then(|t| t.rename_error(message))),
-                _ => None,
-            };
-            self.client_out.put(renamed.as_deref().unwrap_or(message));
+        if received == Received::Drop {
+            return Ok(Answer::Drop);
         }
-        while let Some(own) = self.owed.next_own() {
-            self.client_out.put(own);
-        }
-        Ok(())
+        let renamed = match head.tag {
+            b'E' => self
+                .clock
+                .explain_cancel(body)
+                .or_else(|| (self.translator.as_ref()).and_then(|t| t.rename_error(message))),
+            _ => None,
+        };
+        Ok(renamed.map_or(Answer::Pass, Answer::Replace))
     }
 }
 
