@@ -10,6 +10,39 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// Which side's exchange resolved first, with what.
+pub(super) enum Exchanged {
+    Client(std::io::Result<Io>),
+    Server(std::io::Result<Io>),
+}
+
+/// The client's exchange and the server's, polled together, the client's first when
+/// `client_first`: resolves with the first that is ready. The caller alternates the order, so
+/// that a side that is always ready cannot starve the other (tokio's `select!` draws a random
+/// number at every poll for that, a sixth of a session transaction's own work).
+pub(super) fn either<C, S>(
+    client_first: bool,
+    mut client: C,
+    mut server: S,
+) -> impl Future<Output = Exchanged>
+where
+    C: Future<Output = std::io::Result<Io>> + Unpin,
+    S: Future<Output = std::io::Result<Io>> + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        if client_first && let Poll::Ready(io) = Pin::new(&mut client).poll(cx) {
+            return Poll::Ready(Exchanged::Client(io));
+        }
+        if let Poll::Ready(io) = Pin::new(&mut server).poll(cx) {
+            return Poll::Ready(Exchanged::Server(io));
+        }
+        if client_first {
+            return Poll::Pending;
+        }
+        Pin::new(&mut client).poll(cx).map(Exchanged::Client)
+    })
+}
+
 /// What an exchange resolved with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Io {
@@ -63,7 +96,7 @@ impl Side {
         input: &'s mut BytesMut,
         read: bool,
         wake_below: Option<usize>,
-    ) -> impl Future<Output = std::io::Result<Io>> + 's {
+    ) -> impl Future<Output = std::io::Result<Io>> + Unpin + 's {
         let mut stream = stream;
         std::future::poll_fn(move |cx| match stream.as_deref_mut() {
             Some(stream) => self.poll_exchange(cx, stream, input, read, wake_below),

@@ -30,7 +30,7 @@ use crate::shared::{InstanceState, Shared};
 use crate::startup::Stream;
 use crate::tracked::Tracked;
 use ::bytes::{Bytes, BytesMut};
-use io::{Io, Side};
+use io::{Exchanged, Io, Side};
 
 use std::pin::pin;
 use timeouts::Clock;
@@ -154,6 +154,7 @@ impl<'a> Relay<'a> {
         let mut draining = self.shared.draining();
         let mut draining = pin!(turns_true(&mut draining));
         let mut timer = pin!(tokio::time::sleep(timeouts::FAR));
+        let mut client_first = false;
         loop {
             if !self.client_in.is_empty()
                 && let Err(stop) = self.on_client().await
@@ -167,7 +168,9 @@ impl<'a> Relay<'a> {
                 self.client_out.clear();
             }
             self.release_between_transactions();
-            let armed = self.clock.arm(timer.as_mut(), &self.state());
+            let partial = !self.client_in.is_empty() || self.client_frames.mid_message();
+            let armed = !self.clock.at_rest(self.server.is_some(), partial)
+                && self.clock.arm(timer.as_mut(), &self.state());
             // Each side is read only while the other takes what it sent; a side held back is
             // woken when the other has taken enough.
             let client_reads = !self.paused() && !self.goodbye;
@@ -177,27 +180,22 @@ impl<'a> Relay<'a> {
             let held = self.server.is_some();
             let server_stream = self.server.as_mut().map(|guard| &mut guard.server().stream);
             let client_stream = (!self.client_closed).then_some(&mut *stream);
+            client_first = !client_first;
+            let client = self.client_out.exchange(
+                client_stream,
+                &mut self.client_in,
+                client_reads,
+                wake_server,
+            );
+            let server = self.server_out.exchange(
+                server_stream,
+                &mut self.server_in,
+                server_reads,
+                wake_client,
+            );
             tokio::select! {
-                io = self.client_out.exchange(client_stream, &mut self.client_in, client_reads, wake_server) => {
-                    match io {
-                        Ok(Io::Read(0)) | Err(_) if self.goodbye => self.client_closed = true,
-                        Ok(Io::Read(0)) | Err(_) => return Stop::ClientLeft,
-                        Ok(Io::Read(_)) => self.clock.client_read(),
-                        Ok(Io::Drained) => {}
-                    }
-                }
-                io = self.server_out.exchange(server_stream, &mut self.server_in, server_reads, wake_client) => {
-                    match io {
-                        Ok(Io::Read(0)) => return Stop::ServerGone("closed the connection".into()),
-                        Ok(Io::Read(_)) => {
-                            if let Err(stop) = self.on_server() {
-                                return stop;
-                            }
-                        }
-                        Ok(Io::Drained) => {}
-                        Err(error) => return Stop::ServerGone(format!("failed: {error}")),
-                    }
-                }
+                // The timer first: a side always ready must not hold off the timeouts.
+                biased;
                 () = &mut timer, if armed => {
                     if let Err(stop) = self.on_timeout() {
                         return stop;
@@ -206,6 +204,19 @@ impl<'a> Relay<'a> {
                 // A client holding no connection is told to go at once; one in a transaction
                 // is told when it ends.
                 () = &mut draining, if !held => return Stop::Refuse(Refusal::SessionShutdown),
+                exchanged = io::either(client_first, client, server) => match exchanged {
+                    Exchanged::Client(Ok(Io::Read(0)) | Err(_)) if self.goodbye => self.client_closed = true,
+                    Exchanged::Client(Ok(Io::Read(0)) | Err(_)) => return Stop::ClientLeft,
+                    Exchanged::Client(Ok(Io::Read(_))) => self.clock.client_read(),
+                    Exchanged::Server(Ok(Io::Read(0))) => return Stop::ServerGone("closed the connection".into()),
+                    Exchanged::Server(Ok(Io::Read(_))) => {
+                        if let Err(stop) = self.on_server() {
+                            return stop;
+                        }
+                    }
+                    Exchanged::Server(Err(error)) => return Stop::ServerGone(format!("failed: {error}")),
+                    Exchanged::Client(Ok(Io::Drained)) | Exchanged::Server(Ok(Io::Drained)) => {}
+                },
             }
         }
     }

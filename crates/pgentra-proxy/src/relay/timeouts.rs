@@ -106,20 +106,27 @@ impl Clock {
         }
     }
 
-    /// Starts and stops the clocks that follow the relay's state, and sets `timer` to the
-    /// nearest deadline; whether one is set.
-    pub(super) fn arm(&mut self, timer: Pin<&mut Sleep>, state: &State) -> bool {
-        // The common case: no timeout but the stall's is set, and no message half-sent.
+    /// The common case, before the relay's state is taken: no timeout is set but the stall's,
+    /// and no message is half-sent (`partial`) on a connection held (`held`). Then no clock
+    /// runs, and none is armed.
+    #[inline]
+    pub(super) fn at_rest(&mut self, held: bool, partial: bool) -> bool {
         let others = self.client_idle.is_some()
             || self.idle_transaction.is_some()
             || self.query.is_some()
             || self.transaction.is_some();
-        let stalling = state.held && state.partial && self.stall.is_some();
-        if !(others || stalling) {
-            self.client_read = false;
-            self.armed = None;
+        if others || (held && partial && self.stall.is_some()) {
             return false;
         }
+        self.client_read = false;
+        self.armed = None;
+        true
+    }
+
+    /// Starts and stops the clocks that follow the relay's state, and sets `timer` to the
+    /// nearest deadline; whether one is set. (Past [`at_rest`](Self::at_rest).)
+    pub(super) fn arm(&mut self, timer: Pin<&mut Sleep>, state: &State) -> bool {
+        let stalling = state.held && state.partial && self.stall.is_some();
         let mut now = None;
         let mut now = || *now.get_or_insert_with(Instant::now);
         // The client's clock restarts when it sends something or its answers are done; its
