@@ -19,7 +19,8 @@ pub(super) enum Exchanged {
 /// The client's exchange and the server's, polled together, the client's first when
 /// `client_first`: resolves with the first that is ready. The caller alternates the order, so
 /// that a side that is always ready cannot starve the other (tokio's `select!` draws a random
-/// number at every poll for that, a sixth of a session transaction's own work).
+/// number at every poll for that: about 200 instructions per session transaction, 1.6 % of
+/// them, by callgrind).
 pub(super) fn either<C, S>(
     client_first: bool,
     mut client: C,
