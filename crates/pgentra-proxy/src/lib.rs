@@ -73,6 +73,7 @@ mod server;
 mod session;
 mod shared;
 pub mod startup;
+mod state_check;
 mod tracked;
 
 pub use config::{

@@ -7,10 +7,13 @@
 //! dollar-quoted), quoted identifiers — and each statement's leading keywords and function names
 //! decide. The bodies of `DO` blocks and dollar-quoted strings are read as SQL too (a function
 //! body may lock or `SET`), so detection errs on the side of pinning. What a function defined on
-//! the server does inside is not visible; a `ParameterStatus` the server reports during a
+//! the server does inside is not visible: a statement that calls one, or runs a `DO` block or a
+//! procedure, is *opaque*, and the relay checks the connection's state on the server after its
+//! transaction ([`crate::state_check`]). A `ParameterStatus` the server reports during a
 //! transaction pins as well (see the transaction relay).
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use known::KNOWN;
 
 /// Why a session was pinned, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,16 @@ impl PinReason {
     }
 }
 
+/// What running a statement does to its session, when not nothing the proxy can see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// It leaves state that outlives its transaction: the session is pinned.
+    Pins(PinReason),
+    /// It runs code the proxy cannot read (a function defined on the server, a `DO` block, a
+    /// procedure): the connection's state is checked after the transaction.
+    Opaque,
+}
+
 /// Functions whose effect outlives the transaction.
 const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
     ("pg_advisory_lock", PinReason::AdvisoryLock),
@@ -71,8 +84,9 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
     ("set_config", PinReason::Set),
 ];
 
-/// Why `sql` pins its session, if it does. (`SET` of a parameter the proxy tracks does not:
-/// the server reports its new value, and the proxy sets it again on the next connection.)
+/// What running `sql` does to its session: why it pins, or that it is opaque, if either.
+/// (`SET` of a parameter the proxy tracks does not pin: the server reports its new value, and
+/// the proxy sets it again on the next connection.)
 ///
 /// Every rule acts on a word that contains one of [`TRIGGERS`] (in any case): a statement
 /// with none of them — most of what applications run — is not read further. Otherwise the text
@@ -82,7 +96,7 @@ const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
 /// Whether a backslash escapes in a string literal depends on the session's
 /// `standard_conforming_strings` (and a client could change it): the text is read both ways,
 /// and pins if either reading does.
-pub(crate) fn pins(sql: &[u8]) -> Option<PinReason> {
+pub(crate) fn effect(sql: &[u8]) -> Option<Effect> {
     static WORDS: std::sync::LazyLock<AhoCorasick> = std::sync::LazyLock::new(|| {
         AhoCorasick::builder()
             .ascii_case_insensitive(true)
@@ -104,17 +118,26 @@ pub(crate) fn pins(sql: &[u8]) -> Option<PinReason> {
     } else {
         &[false]
     };
-    readings.iter().copied().find_map(|backslashes| {
+    let mut opaque = false;
+    let pins = readings.iter().copied().find_map(|backslashes| {
         let mut reader = Reader::default();
         let strings = Strings { backslashes };
-        tokenize(&sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end())
-    })
+        let pins =
+            tokenize(&sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end());
+        opaque |= reader.opaque;
+        pins
+    });
+    match pins {
+        Some(reason) => Some(Effect::Pins(reason)),
+        None => opaque.then_some(Effect::Opaque),
+    }
 }
 
 /// Parts of the words the rules act on: `SET`, `RESET` and `set_config`; `LISTEN`; `PREPARE`
 /// and `DEALLOCATE`; `LOAD`; `DISCARD`; `TEMP`, `TEMPORARY` and `pg_temp`; `WITH HOLD`; the
 /// advisory lock functions. And the escapes that could spell any of them: `U&` and a backslash.
-const TRIGGERS: [&str; 11] = [
+/// And what makes a statement opaque: a call (`(`), `DO` and `CALL` (whose call has one).
+const TRIGGERS: [&str; 13] = [
     "set",
     "listen",
     "prepare",
@@ -126,6 +149,8 @@ const TRIGGERS: [&str; 11] = [
     "advisory",
     "u&",
     "\\",
+    "(",
+    "do",
 ];
 
 /// How string literals are read.
@@ -155,6 +180,10 @@ struct Reader<'a> {
     explain: usize,
     /// In `CREATE ...`, before the kind of object.
     create_prefix: bool,
+    /// The word before `previous`.
+    before_previous: &'a str,
+    /// A statement read calls code the proxy cannot read (across statements).
+    opaque: bool,
 }
 
 fn is(word: &str, keyword: &str) -> bool {
@@ -165,7 +194,10 @@ impl<'a> Reader<'a> {
     fn word(&mut self, word: &'a str) -> Option<PinReason> {
         if word == ";" {
             let reason = self.end();
-            *self = Self::default();
+            *self = Self {
+                opaque: self.opaque,
+                ..Self::default()
+            };
             return reason;
         }
         // EXPLAIN [ANALYZE] [VERBOSE] [( options )] statement: the statement runs.
@@ -192,8 +224,10 @@ impl<'a> Reader<'a> {
         }
         self.count += 1;
         let previous = std::mem::replace(&mut self.previous, word);
+        let before_previous = std::mem::replace(&mut self.before_previous, previous);
         if self.count == 1 {
             match () {
+                () if is(word, "do") || is(word, "call") => self.opaque = true,
                 () if is(word, "listen") => return Some(PinReason::Listen),
                 () if is(word, "prepare") || is(word, "deallocate") => {
                     return Some(PinReason::Prepare);
@@ -229,11 +263,16 @@ impl<'a> Reader<'a> {
             return Some(PinReason::Temporary);
         }
         if word == "(" {
-            let name = previous.rsplit('.').next().unwrap_or(previous);
-            return SESSION_FUNCTIONS
+            let quoted = previous.starts_with('"');
+            let qualified = previous.trim_matches('"');
+            let name = qualified.rsplit('.').next().unwrap_or(qualified);
+            let session = SESSION_FUNCTIONS
                 .iter()
-                .find(|(function, _)| is(name, function))
-                .map(|(_, reason)| *reason);
+                .find(|(function, _)| is(name, function));
+            if let Some((_, reason)) = session {
+                return Some(*reason);
+            }
+            self.opaque |= calls_unknown(previous, before_previous, quoted);
         }
         None
     }
@@ -258,6 +297,40 @@ impl<'a> Reader<'a> {
             || crate::tracked::client_index(setting.0).is_some();
         (!tracked).then_some(PinReason::Set)
     }
+}
+
+/// Whether `name (`, after `before`, may call a function defined on the server: a name not
+/// among [`KNOWN`] (quoted, or in a schema other than `pg_catalog`, it is never taken for a
+/// built-in one). `INSERT INTO t (…)`, `TABLE t (…)` and `REFERENCES t (…)` name a table's
+/// columns; a `(`
+/// after anything else than a name (`= (`, `, (`) opens an expression. A built-in function
+/// that runs SQL given as text (`query_to_xml`) is not among them.
+fn calls_unknown(name: &str, before: &str, quoted: bool) -> bool {
+    if name.is_empty() || matches!(name, "," | "(" | ")" | ";" | ".") {
+        return false;
+    }
+    if ["into", "table", "references"]
+        .iter()
+        .any(|k| is(before, k))
+    {
+        return false;
+    }
+    let (schema, function) = match name.rsplit_once('.') {
+        Some((schema, function)) => (Some(schema), function),
+        None => (None, name),
+    };
+    quoted
+        || before == "."
+        || schema.is_some_and(|schema| !is(schema, "pg_catalog"))
+        || KNOWN
+            .binary_search_by(|known| cmp_ignore_case(known, function))
+            .is_err()
+}
+
+fn cmp_ignore_case(known: &str, word: &str) -> std::cmp::Ordering {
+    known
+        .bytes()
+        .cmp(word.bytes().map(|b| b.to_ascii_lowercase()))
 }
 
 /// Splits SQL into words, `(`, `)` and `;` (slices of `sql`), handing each to `on` until it
@@ -295,9 +368,14 @@ fn tokenize<'a>(
                 literal(inner, backslashes, depth, strings, on)
             }
             b'"' => {
+                let start = i;
                 let (end, inner) = quoted(sql, i, b'"', false);
                 i = end;
-                on(inner)
+                // A quoted name that is called keeps its quotes: it is never a built-in's.
+                match next_visible(bytes, end) {
+                    Some(b'(') => on(text(start, end)),
+                    _ => on(inner),
+                }
             }
             b'$' => match dollar_tag(bytes, i) {
                 Some(tag) => {
@@ -312,6 +390,19 @@ fn tokenize<'a>(
                     None
                 }
             },
+            // A `(` after what is not a name (`= (`, `, (`) follows a "," here, so that the
+            // word before is not taken for a function's name.
+            b'(' if !bytes[..i]
+                .iter()
+                .rev()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'"') || *b >= 0x80
+                }) =>
+            {
+                i += 1;
+                on(",").or_else(|| on("("))
+            }
             b';' | b'(' | b')' | b'.' => {
                 i += 1;
                 on(text(i - 1, i))
@@ -464,6 +555,15 @@ fn dollar_tag(bytes: &[u8], at: usize) -> Option<&[u8]> {
         .then(|| &bytes[at..at + len + 2])
 }
 
+/// The first byte from `from` that is not white space.
+fn next_visible(bytes: &[u8], from: usize) -> Option<u8> {
+    bytes
+        .get(from..)?
+        .iter()
+        .copied()
+        .find(|b| !b.is_ascii_whitespace())
+}
+
 fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
     bytes
         .get(from..)?
@@ -472,5 +572,6 @@ fn find(bytes: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
         .map(|at| from + at)
 }
 
+mod known;
 #[cfg(test)]
 mod tests;

@@ -72,6 +72,17 @@ pub(crate) struct ServerConn {
     pub(crate) prepared: Prepared,
 }
 
+/// What the server answered to the proxy's own messages.
+#[derive(Debug)]
+pub(crate) struct Answers {
+    /// The last `ReadyForQuery` status.
+    pub(crate) status: u8,
+    /// The rows (`DataRow` messages), in order.
+    pub(crate) rows: Vec<Bytes>,
+    /// The first error.
+    pub(crate) error: Option<ErrorFields>,
+}
+
 /// Why one of the proxy's own queries on a server connection failed.
 #[derive(Debug)]
 pub(crate) enum QueryError {
@@ -105,40 +116,64 @@ impl ServerConn {
         sql: &[&str],
         limit: Duration,
     ) -> Result<u8, QueryError> {
+        self.answers(sql, limit).await.map(|answers| answers.status)
+    }
+
+    /// As [`queries`](Self::queries), with the rows they returned.
+    pub(crate) async fn answers(
+        &mut self,
+        sql: &[&str],
+        limit: Duration,
+    ) -> Result<Answers, QueryError> {
+        let mut messages = BytesMut::new();
+        for sql in sql {
+            frontend::query(sql, &mut messages).map_err(|e| QueryError::Broken(e.to_string()))?;
+        }
+        let mut answers = self.exchange(&messages, sql.len(), limit).await?;
+        match answers.error.take() {
+            Some(error) => Err(QueryError::Server(error)),
+            None => Ok(answers),
+        }
+    }
+
+    /// Sends `messages` of the proxy's own and reads the answers up to the `ready`-th
+    /// `ReadyForQuery`, within `limit`. The parameters they change are recorded.
+    pub(crate) async fn exchange(
+        &mut self,
+        messages: &[u8],
+        ready: usize,
+        limit: Duration,
+    ) -> Result<Answers, QueryError> {
         // "A simple Query message also destroys the unnamed statement" (Extended Query).
         self.prepared.unnamed = Unnamed::Empty;
         let run = async {
-            let mut messages = BytesMut::new();
-            for sql in sql {
-                frontend::query(sql, &mut messages)
-                    .map_err(|e| QueryError::Broken(e.to_string()))?;
-            }
-            self.stream.write_all(&messages).await.map_err(broken)?;
+            self.stream.write_all(messages).await.map_err(broken)?;
             self.stream.flush().await.map_err(broken)?;
             let mut buffer = BytesMut::new();
-            let mut error = None;
-            let mut left = sql.len();
-            loop {
+            let mut answers = Answers {
+                status: b'E',
+                rows: Vec::new(),
+                error: None,
+            };
+            let mut left = ready;
+            while left > 0 {
                 let raw = read_message(&mut self.stream, &mut buffer)
                     .await
                     .map_err(|e| QueryError::Broken(e.to_string()))?;
                 match raw[0] {
                     b'S' => drop(self.params.report(&raw[5..])),
-                    b'E' if error.is_none() => error = ErrorFields::parse(&raw[5..]).ok(),
+                    b'E' if answers.error.is_none() => {
+                        answers.error = ErrorFields::parse(&raw[5..]).ok();
+                    }
+                    b'D' => answers.rows.push(raw),
                     b'Z' => {
                         left -= 1;
-                        if left > 0 {
-                            continue;
-                        }
-                        let status = raw.get(5).copied().unwrap_or(b'E');
-                        return match error {
-                            Some(error) => Err(QueryError::Server(error)),
-                            None => Ok(status),
-                        };
+                        answers.status = raw.get(5).copied().unwrap_or(b'E');
                     }
                     _ => {}
                 }
             }
+            Ok(answers)
         };
         tokio::time::timeout(limit, run)
             .await

@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// Why `sql` pins, if it does.
+fn pins(sql: &[u8]) -> Option<PinReason> {
+    match effect(sql) {
+        Some(Effect::Pins(reason)) => Some(reason),
+        _ => None,
+    }
+}
+
 #[test]
 fn statements_that_leave_session_state_pin() {
     let pinning = [
@@ -142,4 +150,60 @@ fn transaction_state_words_in_strings_and_comments_do_not_pin() {
     ] {
         assert_eq!(pins(sql.as_bytes()), None, "{sql}");
     }
+}
+
+#[test]
+fn code_the_proxy_cannot_read_is_opaque() {
+    for sql in [
+        "select app.set_tenant(7)",
+        "SELECT set_tenant($1)",
+        "select * from my_report(1)",
+        "select 1 where x = f (2)",
+        "select \"count\"(*) from t",
+        "select \"public\".count(x) from t",
+        "select public.lower('A')",
+        "select query_to_xml('select 1', true, false, '')",
+        "do $$ begin perform 1; end $$",
+        "DO LANGUAGE plpgsql 'begin null; end'",
+        "call archive_orders()",
+        "select 1; select g(1)",
+        "explain analyze select h()",
+        "insert into t (a) values (f(1))",
+    ] {
+        assert_eq!(effect(sql.as_bytes()), Some(Effect::Opaque), "{sql}");
+    }
+}
+
+#[test]
+fn built_in_functions_and_clauses_are_not_opaque() {
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, 3, 4, CURRENT_TIMESTAMP)",
+        "insert into \"users\" (\"id\", \"name\") values ($1, $2) returning (\"id\")",
+        "select count(*), max(x), coalesce(y, 0), pg_catalog.lower(z) from t where a in (1, 2)",
+        "select x from t where a = (select 1) and b = any ($1) and exists (select 1)",
+        "select nextval('s'), now(), to_char(now(), 'YYYY')",
+        "select row_number() over (partition by a order by b) from t",
+        "update t set (a, b) = (1, 2) where id = 3",
+        "create table t (id int references u (id), check (id > 0))",
+        "select cast(x as numeric(10, 2)) from t",
+        "select 'f(1)' from t -- g(2)",
+    ] {
+        assert_eq!(effect(sql.as_bytes()), None, "{sql}");
+    }
+}
+
+#[test]
+fn known_names_are_sorted_lowercase_and_unique() {
+    assert!(KNOWN.windows(2).all(|pair| pair[0] < pair[1]));
+    assert!(
+        KNOWN
+            .iter()
+            .all(|name| name.bytes().all(|b| !b.is_ascii_uppercase()))
+    );
+    assert!(
+        SESSION_FUNCTIONS
+            .iter()
+            .all(|(name, _)| !KNOWN.contains(name))
+    );
 }

@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::borrow::Cow;
 
 /// A message of the proxy's own, built by a `postgres_protocol` frontend function.
-pub(super) fn own_message(build: impl FnOnce(&mut BytesMut) -> std::io::Result<()>) -> BytesMut {
+pub(crate) fn own_message(build: impl FnOnce(&mut BytesMut) -> std::io::Result<()>) -> BytesMut {
     let mut buf = BytesMut::new();
     // The builders fail only for names with a NUL or over 2 GB; the proxy's names are short
     // ASCII.
@@ -23,7 +23,7 @@ pub(super) fn server_name_str(name: &[u8]) -> Cow<'_, str> {
 /// The client's `Bind` of `portal` with the server's statement name instead of its own: the
 /// parameters (`rest`) pass byte for byte, undecoded, so no builder that takes typed values
 /// can make it.
-pub(super) fn bind(portal: &[u8], statement: &[u8], rest: &[u8]) -> Bytes {
+pub(crate) fn bind(portal: &[u8], statement: &[u8], rest: &[u8]) -> Bytes {
     let mut body = BytesMut::with_capacity(portal.len() + statement.len() + rest.len() + 2);
     body.put_slice(portal);
     body.put_u8(0);

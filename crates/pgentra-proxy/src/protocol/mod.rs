@@ -4,7 +4,7 @@
 //! holds ([`translate`]). Each is tested from message transcripts, without a server.
 
 pub(crate) mod frames;
-mod messages;
+pub(crate) mod messages;
 pub(crate) mod owed;
 pub(crate) mod statements;
 pub(crate) mod translate;

@@ -11,7 +11,7 @@
 //! objects used in the statement have undergone definitional (DDL) changes … Also, if the value
 //! of `search_path` changes from one use to the next" (the `PREPARE` reference page).
 
-use crate::pinning::{self, PinReason};
+use crate::pinning::{self, Effect};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -28,8 +28,9 @@ pub(crate) const MAX_SERVER_STATEMENT_BYTES: usize = 16 << 20;
 pub(crate) struct Statement {
     definition: Bytes,
     hash: u64,
-    /// Whether running it leaves session state behind (read from its text once).
-    pub(crate) pins: Option<PinReason>,
+    /// Whether running it leaves session state behind, or runs code the proxy cannot read
+    /// (read from its text once).
+    pub(crate) effect: Option<Effect>,
 }
 
 impl Statement {
@@ -41,7 +42,7 @@ impl Statement {
         definition.hash(&mut hasher);
         let query = definition.split(|b| *b == 0).next().unwrap_or_default();
         Arc::new(Self {
-            pins: pinning::pins(query),
+            effect: pinning::effect(query),
             hash: hasher.finish(),
             definition,
         })
@@ -158,6 +159,8 @@ pub(crate) struct Prepared {
     next_name: u64,
     /// What the server's unnamed statement holds.
     pub(crate) unnamed: Unnamed,
+    /// The proxy's state check is prepared here ([`crate::state_check`]).
+    pub(crate) check: bool,
 }
 
 impl Prepared {
@@ -224,10 +227,10 @@ impl Prepared {
     pub(crate) fn clear(&mut self) {
         self.names.clear();
         self.bytes = 0;
+        self.check = false;
     }
 
     /// How many statements are prepared here.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.names.len()
     }
@@ -252,6 +255,7 @@ pub(crate) fn name_secret() -> std::io::Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pinning::PinReason;
 
     fn statement(sql: &str) -> Arc<Statement> {
         let mut definition = sql.as_bytes().to_vec();
@@ -324,8 +328,10 @@ mod tests {
 
     #[test]
     fn a_statement_knows_whether_it_pins() {
-        assert_eq!(statement("LISTEN jobs").pins, Some(PinReason::Listen));
-        assert_eq!(statement("select $1::int").pins, None);
+        let listen = Some(Effect::Pins(PinReason::Listen));
+        assert_eq!(statement("LISTEN jobs").effect, listen);
+        assert_eq!(statement("select $1::int").effect, None);
+        assert_eq!(statement("select app.f($1)").effect, Some(Effect::Opaque));
         assert_eq!(statement("select 1"), statement("select 1"));
         assert_ne!(statement("select 1"), statement("select 2"));
         let parse = statement("select 1").parse_message(b"s1");

@@ -13,7 +13,7 @@
 use super::messages::{bind, own_message, server_name_str, split_name};
 use super::owed::{Expect, Owed};
 use super::statements::{ClientStatements, Prepared, Statement, Unnamed};
-use crate::pinning::PinReason;
+use crate::pinning::{Effect, PinReason};
 use crate::refusal::Refusal;
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
@@ -84,7 +84,7 @@ impl Translator {
 
     /// Translates one whole client message for `server`; an answer of the proxy's own that is
     /// due at once goes to `client`. `limit` bounds the statements prepared per connection.
-    /// What pins the client, if anything.
+    /// What running it does to the client's session, if the proxy must act on it.
     pub(crate) fn message(
         &mut self,
         tag: u8,
@@ -92,7 +92,7 @@ impl Translator {
         server: Server<'_>,
         client: &mut BytesMut,
         limit: usize,
-    ) -> Result<Option<PinReason>, Refusal> {
+    ) -> Result<Option<Effect>, Refusal> {
         let body = &message[5..];
         let malformed = |what: &str| {
             Refusal::ClientProtocol(format!("invalid {what} message: a name is not terminated"))
@@ -105,14 +105,14 @@ impl Translator {
                 server.prepared.unnamed = Unnamed::Empty;
                 server.output.put_slice(message);
                 server.owed.query(undo);
-                return Ok(crate::pinning::pins(sql));
+                return Ok(crate::pinning::effect(sql));
             }
             // A fast-path function call: what the function does is not known, so it pins. Its
             // answer ends with ReadyForQuery, as a query's.
             (b'F', _) => {
                 server.output.put_slice(message);
                 server.owed.query(Undo::None);
-                return Ok(Some(PinReason::Other));
+                return Ok(Some(Effect::Pins(PinReason::Other)));
             }
             (b'P', _) => {
                 let (name, definition) = split_name(body).ok_or_else(|| malformed("Parse"))?;
@@ -157,7 +157,7 @@ impl Translator {
     }
 
     /// The client's `Bind` of its statement `name` to `portal`, naming the server's statement;
-    /// what pins the client, if running the statement does.
+    /// what running the statement does to the client's session.
     fn bind(
         &mut self,
         message: &[u8],
@@ -166,7 +166,7 @@ impl Translator {
         rest: &[u8],
         mut server: Server<'_>,
         limit: usize,
-    ) -> Option<PinReason> {
+    ) -> Option<Effect> {
         let statement = self.statements.get(name).cloned();
         let server_name = self.server_statement(name, statement.as_ref(), &mut server, limit);
         if server_name == name {
@@ -174,7 +174,7 @@ impl Translator {
         } else {
             server.send(&bind(portal, &server_name, rest), Expect::Bind);
         }
-        statement.and_then(|s| s.pins)
+        statement.and_then(|s| s.effect)
     }
 
     /// The client's `Describe` of its statement `name`, naming the server's statement.

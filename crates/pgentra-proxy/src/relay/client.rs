@@ -5,10 +5,12 @@
 use super::{Relay, Stop};
 use crate::connector::Connector;
 use crate::guard::ServerGuard;
-use crate::pinning::PinReason;
+use crate::pinning::{Effect, PinReason};
 use crate::protocol::frames::{Frame, Head, Malformed, Wanted};
 use crate::protocol::translate::Server;
 use crate::refusal::Refusal;
+use crate::startup::Stream;
+use crate::state_check::Found;
 use ::bytes::Buf;
 
 /// Longest client message the proxy holds whole (`Query`, `Parse`, `Bind`, ...; in session
@@ -127,11 +129,13 @@ impl Relay<'_> {
             owed: &mut self.owed,
             output: self.server_out.buf(),
         };
-        let pin = translator
+        let effect = translator
             .message(head.tag, message, server, self.client_out.buf(), limit)
             .map_err(Stop::Refuse)?;
-        if let Some(reason) = pin {
-            self.pin(reason);
+        match effect {
+            Some(Effect::Pins(reason)) => self.pin(reason),
+            Some(Effect::Opaque) => self.opaque = true,
+            None => {}
         }
         Ok(())
     }
@@ -160,6 +164,7 @@ impl Relay<'_> {
             translator.held();
         }
         self.reported_untracked = false;
+        self.opaque = false;
         self.server = Some(guard);
         Ok(())
     }
@@ -179,6 +184,27 @@ impl Relay<'_> {
         });
         if changed {
             self.pin(PinReason::Set);
+        }
+    }
+
+    /// After a transaction that ran code the proxy cannot read, the connection's state as the
+    /// server tells it ([`state_check`](crate::state_check)): what a client keeps pins it, and
+    /// the rest is reset. The client gets its answers first: the check costs it no wait.
+    pub(super) async fn check_state(&mut self, stream: &mut Box<dyn Stream>) -> Result<(), Stop> {
+        if !std::mem::take(&mut self.opaque) || self.client.pinned().is_some() {
+            return Ok(());
+        }
+        self.client_out.write_now(stream);
+        let Some(guard) = &mut self.server else {
+            return Ok(());
+        };
+        match crate::state_check::check(guard.server(), &self.tracked).await {
+            Ok(Found::Clean) => Ok(()),
+            Ok(Found::Pins(reason)) => {
+                self.pin(reason);
+                Ok(())
+            }
+            Err(why) => Err(Stop::ServerGone(why)),
         }
     }
 

@@ -88,6 +88,13 @@ impl Side {
         self.out.is_empty() && !self.unflushed
     }
 
+    /// Writes what waits to `stream`, as far as it takes it without waiting.
+    pub(super) fn write_now<S: AsyncWrite + Unpin + ?Sized>(&mut self, stream: &mut S) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // An error shows again at the next exchange, which ends the session.
+        let _ = self.poll_write(&mut cx, stream);
+    }
+
     /// Writes what waits to `stream` while reading from it into `input` (when `read`);
     /// resolves when something was read, or when what waits fell below `wake_below`. Pending
     /// for ever without a stream.

@@ -118,6 +118,9 @@ struct Relay<'a> {
     server_out: Side,
     /// A parameter the proxy does not track was reported while the connection was held.
     reported_untracked: bool,
+    /// The transaction ran code the proxy cannot read: the connection's state is checked
+    /// before it goes back.
+    opaque: bool,
     clock: Clock,
 }
 
@@ -144,6 +147,7 @@ pub(crate) async fn relay<'a>(stream: &mut Box<dyn Stream>, session: Session<'a>
         server_frames: Frames::default(),
         server_out: Side::default(),
         reported_untracked: false,
+        opaque: false,
     };
     let stop = relay.run(stream).await;
     relay.finish(stop)
@@ -167,7 +171,9 @@ impl<'a> Relay<'a> {
             if self.client_closed {
                 self.client_out.clear();
             }
-            self.release_between_transactions();
+            if let Err(stop) = self.release_between_transactions(stream).await {
+                return stop;
+            }
             let partial = !self.client_in.is_empty() || self.client_frames.mid_message();
             let armed = !self.clock.at_rest(self.server.is_some(), partial)
                 && self.clock.arm(timer.as_mut(), &self.state());
@@ -229,7 +235,10 @@ impl<'a> Relay<'a> {
 
     /// In transaction pooling, gives the connection back once the server is idle outside a
     /// transaction with nothing owed, sent or unread, unless the session is pinned.
-    fn release_between_transactions(&mut self) {
+    async fn release_between_transactions(
+        &mut self,
+        stream: &mut Box<dyn Stream>,
+    ) -> Result<(), Stop> {
         if self.translator.is_none()
             || self.server.is_none()
             || self.client.pinned().is_some()
@@ -239,14 +248,16 @@ impl<'a> Relay<'a> {
             || self.client_frames.mid_message()
             || self.server_frames.mid_message()
         {
-            return;
+            return Ok(());
         }
         self.check_reported();
+        self.check_state(stream).await?;
         if self.client.pinned().is_none()
             && let Some(guard) = self.server.take()
         {
             guard.release_idle();
         }
+        Ok(())
     }
 
     /// Ends the session: how the connection held, if any, goes back (the caller gives it back

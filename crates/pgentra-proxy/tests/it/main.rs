@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cancel;
+mod isolation;
 mod large;
 mod leaving;
 mod pooling;

@@ -18,11 +18,11 @@ struct Conn {
 
 impl Conn {
     /// The client sends `tag` with `body`; what pins, if anything.
-    fn send(&mut self, tag: u8, body: &[u8]) -> Option<PinReason> {
+    fn send(&mut self, tag: u8, body: &[u8]) -> Option<Effect> {
         self.try_send(tag, body).unwrap()
     }
 
-    fn try_send(&mut self, tag: u8, body: &[u8]) -> Result<Option<PinReason>, Refusal> {
+    fn try_send(&mut self, tag: u8, body: &[u8]) -> Result<Option<Effect>, Refusal> {
         let server = Server {
             prepared: &mut self.prepared,
             owed: &mut self.owed,
@@ -377,14 +377,18 @@ fn a_client_holds_a_bounded_number_of_statement_bytes() {
 #[test]
 fn statements_and_queries_that_leave_session_state_pin() {
     let mut conn = Conn::default();
+    let pins = |reason| Some(Effect::Pins(reason));
     assert_eq!(
         conn.send(b'Q', b"set search_path = evil\0"),
-        Some(PinReason::Set)
+        pins(PinReason::Set)
     );
     assert_eq!(conn.send(b'Q', b"select 1\0"), None);
-    assert_eq!(conn.send(b'F', b"\0\0\0\x01"), Some(PinReason::Other));
+    assert_eq!(conn.send(b'F', b"\0\0\0\x01"), pins(PinReason::Other));
     conn.send(b'P', &parse("l", "LISTEN jobs"));
-    assert_eq!(conn.send(b'B', &bind("l")), Some(PinReason::Listen));
+    assert_eq!(conn.send(b'B', &bind("l")), pins(PinReason::Listen));
+    // A function the server defines runs when the statement does: opaque then.
+    conn.send(b'P', &parse("f", "select app.f()"));
+    assert_eq!(conn.send(b'B', &bind("f")), Some(Effect::Opaque));
 }
 
 #[test]

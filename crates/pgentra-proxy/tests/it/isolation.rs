@@ -1,0 +1,186 @@
+//! Isolation between the clients of a transaction pool, against state the proxy cannot read in
+//! a statement's text: what functions defined on the server, `DO` blocks and SQL built at run
+//! time leave on a connection never reaches the next client of it, and a client cannot replace
+//! or drop another's prepared statements.
+
+use super::support::*;
+
+/// A proxy in transaction mode with one server connection, and a role the proxy's role may take
+/// and a function `run_<role>(sql)` that runs the SQL it is given (both created by the
+/// superuser).
+async fn one_connection(emulator: &Emulator) -> (Running, String) {
+    let cluster = emulator.cluster().expect("the emulator's own cluster");
+    let role = format!("proxy_low_role_{:08x}", fastrand::u32(..));
+    cluster
+        .psql(&format!(
+            "create role {role}; grant {role} to \"{USER}\";
+             create function public.run_{role}(sql text) returns void
+               language plpgsql as $$ begin execute sql; end $$;"
+        ))
+        .unwrap();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.size = 1;
+    })
+    .await;
+    (proxy, role)
+}
+
+/// What state a statement leaves behind, unseen in its text: the statement, a query true where
+/// the state is absent, and the pin reason counted (`None`: the connection's settings are reset
+/// instead, and the client is not pinned).
+fn unseen_state(role: &str) -> [(String, &'static str, Option<&'static str>); 8] {
+    [
+        (
+            format!("select run_{role}('set role {role}')"),
+            "select current_user = session_user",
+            Some("set"),
+        ),
+        (
+            format!("do $$ begin execute 'se' || 't role {role}'; end $$"),
+            "select current_user = session_user",
+            Some("set"),
+        ),
+        (
+            format!("select run_{role}('select pg_advisory_lock(4245)')"),
+            "select count(*) = 0 from pg_locks where locktype = 'advisory' and objid = 4245",
+            Some("advisory_lock"),
+        ),
+        (
+            format!("select run_{role}('listen fn_channel')"),
+            "select count(*) = 0 from pg_listening_channels()",
+            Some("listen"),
+        ),
+        (
+            format!("select run_{role}('create temp table fn_table (x int)')"),
+            "select to_regclass('pg_temp.fn_table') is null",
+            Some("temporary"),
+        ),
+        (
+            format!(
+                "select run_{role}('select set_config(''search_path'', ''pg_catalog'', false)')"
+            ),
+            "select current_setting('search_path') <> 'pg_catalog'",
+            None,
+        ),
+        (
+            format!("select run_{role}('select set_config(''app.tenant'', ''7'', false)')"),
+            "select coalesce(current_setting('app.tenant', true), '') <> '7'",
+            None,
+        ),
+        (
+            "do $$ begin execute 'select set_' || 'config(''app.tenant'', ''8'', false)'; end $$"
+                .into(),
+            "select coalesce(current_setting('app.tenant', true), '') <> '8'",
+            None,
+        ),
+    ]
+}
+
+/// Each kind of state a function, a `DO` block or run-time SQL leaves: a client that keeps it
+/// (a role, a lock, a listen, a temporary table) is pinned, and the next client waits for the
+/// connection's reset; settings are reset at once, and the next client of the same connection
+/// finds the defaults. Before the check, each reached the next client.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_left_by_code_the_proxy_cannot_read_never_reaches_the_next_client() {
+    let emulator = Emulator::shared();
+    let (proxy, role) = one_connection(emulator).await;
+    for (leave, absent, pinned) in unseen_state(&role) {
+        let mut a = logged_in(&proxy).await;
+        let mut b = logged_in(&proxy).await;
+        let pid = raw_value(&mut a, "select pg_backend_pid()").await;
+        raw_query(&mut a, &leave)
+            .await
+            .unwrap_or_else(|e| panic!("{leave}: {e:?}"));
+        let pool = pool_until(&proxy, "a released or pinned", |p| {
+            p["server_active"] == 0 || p["clients_pinned"] == 1
+        })
+        .await;
+        match pinned {
+            Some(reason) => {
+                assert_eq!(pool["clients_pinned"], 1, "{leave}: {pool}");
+                assert!(pool["pins"][reason].as_u64() >= Some(1), "{leave}: {pool}");
+                b.write_all(&message(b'Q', format!("{absent}\0").as_bytes()))
+                    .await
+                    .unwrap();
+                pool_until(&proxy, "b waiting", |p| p["clients_waiting"] == 1).await;
+                drop(a);
+                let rows = read_until_ready(&mut b).await;
+                let row = rows.iter().find(|(tag, _)| *tag == b'D').expect("a row");
+                assert_eq!(
+                    data_row(&row.1)[0].as_deref(),
+                    Some("t"),
+                    "{leave}: b found a's state"
+                );
+            }
+            None => {
+                assert_eq!(pool["clients_pinned"], 0, "{leave}: {pool}");
+                assert_eq!(
+                    raw_value(&mut b, absent).await,
+                    "t",
+                    "{leave}: b found a's setting"
+                );
+                drop(a);
+            }
+        }
+        assert_eq!(raw_value(&mut b, "select pg_backend_pid()").await, pid);
+        drop(b);
+        pool_until(&proxy, "nobody left", |p| {
+            p["clients"] == 0 && p["clients_pinned"] == 0
+        })
+        .await;
+    }
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["server_logins"], 1, "{pool}");
+    proxy.stop().await;
+}
+
+/// One client's `DO` block drops a statement another client prepared (its name is in
+/// `pg_prepared_statements`) and prepares its own under that name: the attacker is pinned, and
+/// the victim's statement runs its own text once it gets the connection (before, it returned
+/// the attacker's row). A run-time `DEALLOCATE ALL` does not leave the victim with 26000: its
+/// statement is prepared again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_cannot_replace_or_drop_another_clients_prepared_statement() {
+    let emulator = Emulator::shared();
+    let (proxy, _) = one_connection(emulator).await;
+    let victim = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    let mine = victim.prepare("select 'victim'::text").await.unwrap();
+    let value = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, String>(0);
+    assert_eq!(value(victim.query(&mine, &[]).await.unwrap()), "victim");
+    let mut attacker = logged_in(&proxy).await;
+    let name = raw_value(&mut attacker, "select name from pg_prepared_statements").await;
+    assert!(name.starts_with("__pgentra_"), "{name}");
+    raw_query(
+        &mut attacker,
+        &format!(
+            "do $$ begin execute 'dealloc' || 'ate {name}'; \
+             execute 'prep' || 'are {name} as select ''attacker''::text'; end $$"
+        ),
+    )
+    .await
+    .unwrap();
+    let pool = pool_until(&proxy, "the attacker pinned", |p| p["clients_pinned"] == 1).await;
+    assert!(pool["pins"]["prepare"].as_u64() >= Some(1), "{pool}");
+    let run = tokio::spawn(async move {
+        let rows = victim.query(&mine, &[]).await;
+        (victim, mine, rows)
+    });
+    pool_until(&proxy, "the victim waiting", |p| p["clients_waiting"] == 1).await;
+    drop(attacker);
+    let (victim, mine, rows) = run.await.unwrap();
+    assert_eq!(value(rows.unwrap()), "victim");
+
+    let mut attacker = logged_in(&proxy).await;
+    raw_query(
+        &mut attacker,
+        "do $$ begin execute 'dealloc' || 'ate all'; end $$",
+    )
+    .await
+    .unwrap();
+    let pool = pool_until(&proxy, "the attacker released", |p| p["server_active"] == 0).await;
+    assert_eq!(pool["clients_pinned"], 0, "{pool}");
+    assert_eq!(value(victim.query(&mine, &[]).await.unwrap()), "victim");
+    drop((attacker, victim));
+    proxy.stop().await;
+}
