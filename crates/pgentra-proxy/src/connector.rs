@@ -6,6 +6,7 @@
 use crate::pool::{Checkout, CloseReason, Pool, PoolKey, Pooled};
 use crate::refusal::Refusal;
 use crate::server::{self, LoginError, QueryError, ServerConn};
+use crate::settings::Settings;
 use crate::shared::{InstanceState, Shared};
 use crate::tracked::Tracked;
 use pgentra::DbCredentials;
@@ -121,17 +122,19 @@ impl<'a> Connector<'a> {
         Ok(())
     }
 
-    /// A connection of `pool` for a client with `tracked` values: an idle one that passes its
-    /// checks, or a new one logged in, waiting in the queue up to the pool's queue timeout
-    /// (within the deadline); set to those values, as PostgreSQL would have taken them from its
-    /// startup message (a value the server refuses is the client's error).
+    /// A connection of `pool` for a client with `tracked` values and session `settings`: an
+    /// idle one that passes its checks, or a new one logged in, waiting in the queue up to the
+    /// pool's queue timeout (within the deadline); set to those values, as PostgreSQL would
+    /// have taken them from its startup message (a value the server refuses is the client's
+    /// error).
     pub(crate) async fn checkout(
         &mut self,
         pool: &Pool,
         tracked: &Tracked,
+        settings: &Settings,
     ) -> Result<Box<Pooled>, Refusal> {
         let conn = self.idle_or_new(pool).await?;
-        set_tracked(conn, pool, tracked, &self.instance.target.name).await
+        set_values(conn, pool, tracked, settings, &self.instance.target.name).await
     }
 
     async fn idle_or_new(&mut self, pool: &Pool) -> Result<Box<Pooled>, Refusal> {
@@ -177,20 +180,25 @@ fn startup(key: &PoolKey) -> Result<bytes::Bytes, Refusal> {
 }
 
 /// Sets `conn` to a client's `tracked` values (or the server's defaults for those it did not
-/// send).
-async fn set_tracked(
+/// send) and its session `settings`, in one round trip when any differ.
+async fn set_values(
     mut conn: Box<Pooled>,
     pool: &Pool,
     tracked: &Tracked,
+    settings: &Settings,
     upstream: &str,
 ) -> Result<Box<Pooled>, Refusal> {
     let server = &conn.server;
-    let sets = tracked.set_statements(server.params.tracked(), server.defaults.tracked());
+    let sets = tracked.set_statements(server.params.tracked(), server.defaults.tracked())
+        + &settings.statements(&server.settings);
     if sets.is_empty() {
         return Ok(conn);
     }
     match conn.server.query(&sets, OWN_QUERY_TIMEOUT).await {
-        Ok(b'I') => Ok(conn),
+        Ok(b'I') => {
+            conn.server.settings = settings.clone();
+            Ok(conn)
+        }
         Ok(_) | Err(QueryError::Broken(_)) => {
             pool.close(conn, CloseReason::Broken);
             Err(Refusal::ServerBroke {

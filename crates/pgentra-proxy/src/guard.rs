@@ -16,6 +16,7 @@ use crate::pinning::PinReason;
 use crate::pool::{CloseReason, Pool, Pooled};
 use crate::refusal::Refusal;
 use crate::server::ServerConn;
+use crate::settings::Settings;
 use crate::shared::{InstanceState, Shared};
 use crate::tracked::Tracked;
 use std::sync::Arc;
@@ -252,6 +253,7 @@ impl<'a> ServerGuard<'a> {
             // DISCARD ALL dropped the statements prepared for clients; another reset query
             // may not have, but their names are never used again.
             conn.server.prepared.clear();
+            conn.server.settings = Settings::default();
             pool.stats.resets.fetch_add(1, Ordering::Relaxed);
         }
         pool.put(conn);

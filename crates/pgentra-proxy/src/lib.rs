@@ -71,6 +71,7 @@ mod refusal;
 mod relay;
 mod server;
 mod session;
+mod settings;
 mod shared;
 pub mod startup;
 mod state_check;

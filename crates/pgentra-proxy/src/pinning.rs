@@ -65,14 +65,30 @@ impl PinReason {
     }
 }
 
-/// What running a statement does to its session, when not nothing the proxy can see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Effect {
+/// What running a statement does to its session, as far as the proxy must act on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Effect {
     /// It leaves state that outlives its transaction: the session is pinned.
-    Pins(PinReason),
+    pub(crate) pins: Option<PinReason>,
     /// It runs code the proxy cannot read (a function defined on the server, a `DO` block, a
     /// procedure): the connection's state is checked after the transaction.
-    Opaque,
+    pub(crate) opaque: bool,
+    /// The session settings it sets or resets (`SET name …`, `RESET name`; names in lowercase,
+    /// [`RESET_ALL`] for `RESET ALL`): their values are read back from the server after the
+    /// transaction, and follow the client to every connection it gets.
+    pub(crate) settings: Vec<String>,
+}
+
+/// Stands for `RESET ALL` among an [`Effect`]'s settings (no setting has that name).
+pub(crate) const RESET_ALL: &str = "all";
+
+impl Effect {
+    pub(crate) fn pinning(reason: PinReason) -> Self {
+        Self {
+            pins: Some(reason),
+            ..Self::default()
+        }
+    }
 }
 
 /// Functions whose effect outlives the transaction.
@@ -118,19 +134,22 @@ pub(crate) fn effect(sql: &[u8]) -> Option<Effect> {
     } else {
         &[false]
     };
-    let mut opaque = false;
-    let pins = readings.iter().copied().find_map(|backslashes| {
+    let mut effect = Effect::default();
+    effect.pins = readings.iter().copied().find_map(|backslashes| {
         let mut reader = Reader::default();
         let strings = Strings { backslashes };
         let pins =
             tokenize(&sql, 0, strings, &mut |word| reader.word(word)).or_else(|| reader.end());
-        opaque |= reader.opaque;
+        effect.opaque |= reader.opaque;
+        for name in reader.settings {
+            let name = name.to_ascii_lowercase();
+            if !effect.settings.contains(&name) {
+                effect.settings.push(name);
+            }
+        }
         pins
     });
-    match pins {
-        Some(reason) => Some(Effect::Pins(reason)),
-        None => opaque.then_some(Effect::Opaque),
-    }
+    (effect != Effect::default()).then_some(effect)
 }
 
 /// Parts of the words the rules act on: `SET`, `RESET` and `set_config`; `LISTEN`; `PREPARE`
@@ -184,6 +203,8 @@ struct Reader<'a> {
     before_previous: &'a str,
     /// A statement read calls code the proxy cannot read (across statements).
     opaque: bool,
+    /// The settings the statements read set or reset (across statements).
+    settings: Vec<&'a str>,
 }
 
 fn is(word: &str, keyword: &str) -> bool {
@@ -196,6 +217,7 @@ impl<'a> Reader<'a> {
             let reason = self.end();
             *self = Self {
                 opaque: self.opaque,
+                settings: std::mem::take(&mut self.settings),
                 ..Self::default()
             };
             return reason;
@@ -277,25 +299,54 @@ impl<'a> Reader<'a> {
         None
     }
 
-    /// The rules that need the statement's first words: `SET` and `RESET`.
-    fn end(&self) -> Option<PinReason> {
+    /// The rules that need the statement's first words: `SET` and `RESET`. A session setting
+    /// is recorded, to follow its client; the tracked parameters need nothing (the server
+    /// reports them); what cannot be replayed as a setting pins: another role or session
+    /// authorization (an identity, not a setting), `SET SESSION CHARACTERISTICS`, `SET XML
+    /// OPTION`, `SET SEED`, and a quoted name with a dot (`"app"."x"`).
+    fn end(&mut self) -> Option<PinReason> {
         let [first, second, third, fourth] = self.lead;
-        let setting = if is(first, "set") {
+        let (name, next) = if is(first, "set") {
             match second {
-                _ if is(second, "local") || is(second, "transaction") => return None,
+                _ if ["local", "transaction", "constraints"]
+                    .iter()
+                    .any(|k| is(second, k)) =>
+                {
+                    return None;
+                }
                 _ if is(second, "session") => (third, fourth),
                 _ => (second, third),
             }
         } else if is(first, "reset") {
-            (second, "")
+            (second, third)
         } else {
             return None;
         };
         // SET TIME ZONE and SET NAMES are TimeZone and client_encoding.
-        let tracked = (is(setting.0, "time") && is(setting.1, "zone"))
-            || is(setting.0, "names")
-            || crate::tracked::client_index(setting.0).is_some();
-        (!tracked).then_some(PinReason::Set)
+        let tracked = (is(name, "time") && is(next, "zone"))
+            || is(name, "names")
+            || crate::tracked::client_index(name).is_some();
+        if tracked || name.is_empty() || name == ";" {
+            return None;
+        }
+        let identity = [
+            "role",
+            "session",
+            "authorization",
+            "characteristics",
+            "xml",
+            "seed",
+        ];
+        if next == "." || identity.iter().any(|k| is(name, k)) {
+            return Some(PinReason::Set);
+        }
+        // "SET SCHEMA 'value' is an alias for SET search_path TO value."
+        self.settings.push(if is(name, "schema") {
+            "search_path"
+        } else {
+            name
+        });
+        None
     }
 }
 

@@ -8,7 +8,9 @@ use crate::config::Instance;
 use crate::params::Params;
 use crate::protocol::frames::Head;
 use crate::protocol::statements::{Prepared, Unnamed};
+use crate::settings::Settings;
 use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
 use pgentra::Secret;
 use pgentra_wire::{ErrorFields, MAX_STARTUP_PACKET, startup_message};
 use postgres_protocol::message::{backend, frontend};
@@ -70,6 +72,8 @@ pub(crate) struct ServerConn {
     pub(crate) cancels: Arc<CancelsInFlight>,
     /// The statements the proxy prepared here for clients (transaction pooling).
     pub(crate) prepared: Prepared,
+    /// The session settings set here for the client that last held it (transaction pooling).
+    pub(crate) settings: Settings,
 }
 
 /// What the server answered to the proxy's own messages.
@@ -190,6 +194,18 @@ impl ServerConn {
         let mut cx = std::task::Context::from_waker(waker);
         !matches!(tcp.poll_peek(&mut cx, &mut buf), std::task::Poll::Pending)
     }
+}
+
+/// The text of each column of a `DataRow` message (`None`: `NULL`).
+pub(crate) fn columns(row: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut buffer = BytesMut::from(row);
+    let Ok(Some(backend::Message::DataRow(body))) = backend::Message::parse(&mut buffer) else {
+        return None;
+    };
+    let text = |range: Option<std::ops::Range<usize>>| {
+        range.map(|range| String::from_utf8_lossy(&body.buffer()[range]).into_owned())
+    };
+    body.ranges().map(|range| Ok(text(range))).collect().ok()
 }
 
 fn broken(error: std::io::Error) -> QueryError {
@@ -341,6 +357,7 @@ pub(crate) async fn login(
                     key,
                     cancels: Arc::default(),
                     prepared: Prepared::default(),
+                    settings: Settings::default(),
                 });
             }
             backend::Message::ErrorResponse(_) => {
@@ -386,5 +403,18 @@ async fn read_message(
         if stream.read_buf(buffer).await? == 0 {
             return Err(LoginError::Broke("closed the connection".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_reads_as_its_columns() {
+        let row = b"D\0\0\0\x15\0\x03\0\0\0\x01t\xff\xff\xff\xff\0\0\0\x0212";
+        let columns = columns(row).unwrap();
+        assert_eq!(columns, [Some("t".into()), None, Some("12".into())]);
+        assert_eq!(super::columns(b"Z\0\0\0\x05I"), None);
     }
 }

@@ -12,6 +12,7 @@ use crate::pool::PoolKey;
 use crate::refusal::Refusal;
 use crate::relay::{self, Session};
 use crate::server;
+use crate::settings::Settings;
 use crate::shared::{InstanceState, Shared};
 use crate::startup::{self, ClientConn, Request, StartupError, Stream};
 use crate::tracked::{Tracked, client_index};
@@ -284,7 +285,10 @@ async fn pooled<'a>(
     let (taken, reported) = match pool.welcome(&tracked) {
         Some(reported) => (None, reported),
         None => {
-            let taken = connector.checkout(&pool, &tracked).await.map_err(refused)?;
+            let taken = connector
+                .checkout(&pool, &tracked, &Settings::default())
+                .await
+                .map_err(refused)?;
             let reported = taken.server.params.messages();
             pool.remember_welcome(&tracked, reported.clone());
             (Some(taken), reported)

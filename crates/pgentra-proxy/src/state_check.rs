@@ -16,12 +16,11 @@
 use crate::connector::OWN_QUERY_TIMEOUT;
 use crate::pinning::PinReason;
 use crate::protocol::messages::{bind, own_message as own};
-use crate::server::{QueryError, ServerConn};
+use crate::server::{QueryError, ServerConn, columns};
+use crate::settings::Settings;
 use crate::tracked::Tracked;
 use bytes::BytesMut;
-use fallible_iterator::FallibleIterator;
 use pgentra_wire::ErrorFields;
-use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
 /// The check, prepared once on each connection (as `CHECK_NAME`): each name qualified with the
@@ -69,16 +68,21 @@ pub(crate) enum Found {
 }
 
 /// Checks `server`'s session state after an opaque transaction, and resets its settings to the
-/// server's defaults and `tracked` (the client's values of the tracked parameters), all in one
-/// round trip: what the check finds pins the client, whose settings made by code the proxy
-/// cannot read are gone either way. A check the server refused (a `statement_timeout` the
+/// server's defaults, `tracked` (the client's values of the tracked parameters) and `settings`
+/// (the session settings it recorded), all in one round trip: what the check finds pins the
+/// client, whose settings made by code the proxy cannot read are gone either way. A check the server refused (a `statement_timeout` the
 /// client's code set, say) pins with [`PinReason::Other`]; an error means the connection broke
 /// or cannot be trusted.
-pub(crate) async fn check(server: &mut ServerConn, tracked: &Tracked) -> Result<Found, String> {
+pub(crate) async fn check(
+    server: &mut ServerConn,
+    tracked: &Tracked,
+    settings: &Settings,
+) -> Result<Found, String> {
     let defaults = server.defaults.tracked().clone();
     let reset = format!(
-        "{STATEMENTS};RESET ALL;{}",
-        tracked.set_statements(&defaults, &defaults)
+        "{STATEMENTS};RESET ALL;{}{}",
+        tracked.set_statements(&defaults, &defaults),
+        settings.statements(&Settings::default())
     );
     // Twice at most: the second time after SQL deallocated the check.
     for _ in 0..2 {
@@ -107,25 +111,26 @@ pub(crate) async fn check(server: &mut ServerConn, tracked: &Tracked) -> Result<
             continue;
         }
         server.prepared.check = true;
+        server.settings = settings.clone();
         let [check, statements] = &answers.rows[..] else {
             return Err("the state check returned other rows than its two".into());
         };
         let check = columns(check).ok_or("the state check returned a malformed row")?;
         let statements = columns(statements).ok_or("the state check returned a malformed row")?;
-        if statements.first().is_none_or(|count| count != "0") {
+        if statements.first() != Some(&Some("0".into())) {
             return Ok(Found::Pins(PinReason::Prepare));
         }
         if let Some(reason) = PINS
             .iter()
             .zip(&check)
-            .find_map(|(reason, value)| (value == "t").then_some(*reason))
+            .find_map(|(reason, value)| (value.as_deref() == Some("t")).then_some(*reason))
         {
             return Ok(Found::Pins(reason));
         }
         // SQL deallocated some of the proxy's statements (a run-time DEALLOCATE ALL, say): the
         // rest go too, and each is prepared again when a client needs it.
         let expected = (server.prepared.len() + 1).to_string();
-        if statements.get(1) != Some(&expected) {
+        if statements.get(1) != Some(&Some(expected)) {
             server.prepared.clear();
             deallocate_all(server).await?;
         }
@@ -153,30 +158,4 @@ fn refused(error: &ErrorFields) -> Found {
         "the server refused the proxy's state check"
     );
     Found::Pins(PinReason::Other)
-}
-
-/// The text of each column of a `DataRow` message (`NULL` as empty).
-fn columns(row: &[u8]) -> Option<Vec<String>> {
-    let mut buffer = BytesMut::from(row);
-    let Ok(Some(Message::DataRow(body))) = Message::parse(&mut buffer) else {
-        return None;
-    };
-    let text = |range: Option<std::ops::Range<usize>>| {
-        let bytes = range.map_or(&[][..], |range| &body.buffer()[range]);
-        String::from_utf8_lossy(bytes).into_owned()
-    };
-    body.ranges().map(|range| Ok(text(range))).collect().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_row_reads_as_its_columns() {
-        let mut row = BytesMut::new();
-        row.extend_from_slice(b"D\0\0\0\x15\0\x03\0\0\0\x01t\xff\xff\xff\xff\0\0\0\x0212");
-        assert_eq!(columns(&row).unwrap(), ["t", "", "12"]);
-        assert_eq!(columns(b"Z\0\0\0\x05I"), None);
-    }
 }

@@ -72,7 +72,7 @@ impl Tracked {
 /// (`E'…'`), whatever the connection's `standard_conforming_strings` ("Any other character
 /// following a backslash is taken literally. Thus, to include a backslash character, write two
 /// backslashes (`\\`)", PostgreSQL docs 4.1.2.2).
-fn literal(value: &str) -> String {
+pub(crate) fn literal(value: &str) -> String {
     let quoted = value.replace('\'', "''");
     if value.contains('\\') {
         format!("E'{}'", quoted.replace('\\', "\\\\"))

@@ -4,22 +4,23 @@ use super::*;
 
 /// Why `sql` pins, if it does.
 fn pins(sql: &[u8]) -> Option<PinReason> {
-    match effect(sql) {
-        Some(Effect::Pins(reason)) => Some(reason),
-        _ => None,
-    }
+    effect(sql).and_then(|effect| effect.pins)
 }
 
 #[test]
 fn statements_that_leave_session_state_pin() {
     let pinning = [
-        ("SET search_path = app", PinReason::Set),
-        ("set session work_mem to '64MB'", PinReason::Set),
-        ("RESET ALL", PinReason::Set),
         ("select set_config('x.y', '1', false)", PinReason::Set),
         ("LISTEN jobs", PinReason::Listen),
         ("SET ROLE reporting", PinReason::Set),
         ("set session authorization bob", PinReason::Set),
+        ("reset session authorization", PinReason::Set),
+        ("reset role", PinReason::Set),
+        (
+            "set session characteristics as transaction read only",
+            PinReason::Set,
+        ),
+        ("set \"app\".\"tenant\" = 1", PinReason::Set),
         ("SELECT pg_advisory_lock(1)", PinReason::AdvisoryLock),
         (
             "select pg_catalog.pg_try_advisory_lock_shared(1, 2)",
@@ -39,17 +40,14 @@ fn statements_that_leave_session_state_pin() {
         ("DEALLOCATE p", PinReason::Prepare),
         ("LOAD 'auto_explain'", PinReason::Other),
         ("DISCARD ALL", PinReason::Other),
-        ("select 1; set x = 1", PinReason::Set),
         (
             "do $$ begin perform pg_advisory_lock(7); end $$",
             PinReason::AdvisoryLock,
         ),
-        ("do $b$ begin execute 'set x = 1'; end $b$", PinReason::Set),
         (
             "do $$ begin execute 'listen '' || x'; end $$",
             PinReason::Listen,
         ),
-        ("set session", PinReason::Set),
         ("create table pg_temp.t (x int)", PinReason::Temporary),
         ("select 1 into pg_temp.t", PinReason::Temporary),
         ("create table \"pg_temp\".t (x int)", PinReason::Temporary),
@@ -70,12 +68,6 @@ fn statements_that_leave_session_state_pin() {
         ),
         (
             "select pg_catalog . set_config('a.b', '1', false)",
-            PinReason::Set,
-        ),
-        // A backslash ends nothing in a standard string, escapes in E'...'.
-        ("select 'C:\\'; set search_path = evil", PinReason::Set),
-        (
-            "update f set p = replace(p, '\\', '/'); set search_path = x",
             PinReason::Set,
         ),
         ("select e'it\\'s'; listen x", PinReason::Listen),
@@ -170,7 +162,8 @@ fn code_the_proxy_cannot_read_is_opaque() {
         "explain analyze select h()",
         "insert into t (a) values (f(1))",
     ] {
-        assert_eq!(effect(sql.as_bytes()), Some(Effect::Opaque), "{sql}");
+        let effect = effect(sql.as_bytes()).unwrap_or_default();
+        assert!(effect.opaque && effect.pins.is_none(), "{sql}: {effect:?}");
     }
 }
 
@@ -206,4 +199,46 @@ fn known_names_are_sorted_lowercase_and_unique() {
             .iter()
             .all(|(name, _)| !KNOWN.contains(name))
     );
+}
+
+#[test]
+fn session_settings_are_recorded_to_follow_their_client() {
+    for (sql, settings) in [
+        ("SET search_path = app", &["search_path"][..]),
+        ("set session Work_Mem to '64MB'", &["work_mem"]),
+        ("RESET ALL", &[RESET_ALL]),
+        ("reset statement_timeout", &["statement_timeout"]),
+        ("set schema 'app'", &["search_path"]),
+        (
+            "SET app.tenant = '7'; select 1; set x.y to default",
+            &["app.tenant", "x.y"],
+        ),
+        ("do $b$ begin execute 'set x.z = 1'; end $b$", &["x.z"]),
+        // A backslash ends nothing in a standard string, escapes in E'...': either way.
+        ("select 'C:\\'; set search_path = evil", &["search_path"]),
+        (
+            "update f set p = replace(p, '\\', '/'); set search_path = x",
+            &["search_path"],
+        ),
+        ("set extra_float_digits = 3", &["extra_float_digits"]),
+        (
+            "SET client_min_messages TO warning",
+            &["client_min_messages"],
+        ),
+    ] {
+        let effect = effect(sql.as_bytes()).unwrap_or_default();
+        assert_eq!(effect.settings, settings, "{sql}");
+        assert_eq!(effect.pins, None, "{sql}");
+    }
+    // Scoped to the transaction, or tracked: nothing to record.
+    for sql in [
+        "set local work_mem = '1MB'",
+        "SET CONSTRAINTS ALL DEFERRED",
+        "set transaction read only",
+        "SET TIME ZONE INTERVAL '+00:00' HOUR TO MINUTE",
+        "set application_name = 'x'",
+        "set names 'UTF8'",
+    ] {
+        assert_eq!(effect(sql.as_bytes()), None, "{sql}");
+    }
 }

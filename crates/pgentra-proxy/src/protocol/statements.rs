@@ -328,10 +328,11 @@ mod tests {
 
     #[test]
     fn a_statement_knows_whether_it_pins() {
-        let listen = Some(Effect::Pins(PinReason::Listen));
+        let listen = Some(Effect::pinning(PinReason::Listen));
         assert_eq!(statement("LISTEN jobs").effect, listen);
         assert_eq!(statement("select $1::int").effect, None);
-        assert_eq!(statement("select app.f($1)").effect, Some(Effect::Opaque));
+        let effect = statement("select app.f($1)").effect.clone().unwrap();
+        assert!(effect.opaque && effect.pins.is_none());
         assert_eq!(statement("select 1"), statement("select 1"));
         assert_ne!(statement("select 1"), statement("select 2"));
         let parse = statement("select 1").parse_message(b"s1");

@@ -112,7 +112,7 @@ impl Translator {
             (b'F', _) => {
                 server.output.put_slice(message);
                 server.owed.query(Undo::None);
-                return Ok(Some(Effect::Pins(PinReason::Other)));
+                return Ok(Some(Effect::pinning(PinReason::Other)));
             }
             (b'P', _) => {
                 let (name, definition) = split_name(body).ok_or_else(|| malformed("Parse"))?;
@@ -174,7 +174,7 @@ impl Translator {
         } else {
             server.send(&bind(portal, &server_name, rest), Expect::Bind);
         }
-        statement.and_then(|s| s.effect)
+        statement.and_then(|s| s.effect.clone())
     }
 
     /// The client's `Describe` of its statement `name`, naming the server's statement.

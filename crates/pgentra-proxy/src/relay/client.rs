@@ -4,11 +4,14 @@
 
 use super::{Relay, Stop};
 use crate::connector::Connector;
+use crate::connector::OWN_QUERY_TIMEOUT;
 use crate::guard::ServerGuard;
-use crate::pinning::{Effect, PinReason};
+use crate::pinning::PinReason;
 use crate::protocol::frames::{Frame, Head, Malformed, Wanted};
 use crate::protocol::translate::Server;
 use crate::refusal::Refusal;
+use crate::server::{QueryError, columns};
+use crate::settings::MAX_SETTINGS;
 use crate::startup::Stream;
 use crate::state_check::Found;
 use ::bytes::Buf;
@@ -132,10 +135,20 @@ impl Relay<'_> {
         let effect = translator
             .message(head.tag, message, server, self.client_out.buf(), limit)
             .map_err(Stop::Refuse)?;
-        match effect {
-            Some(Effect::Pins(reason)) => self.pin(reason),
-            Some(Effect::Opaque) => self.opaque = true,
-            None => {}
+        let Some(effect) = effect else {
+            return Ok(());
+        };
+        if let Some(reason) = effect.pins {
+            self.pin(reason);
+        }
+        self.opaque |= effect.opaque;
+        for name in effect.settings {
+            if !self.named.contains(&name) {
+                self.named.push(name);
+            }
+        }
+        if self.named.len() > MAX_SETTINGS {
+            self.pin(PinReason::Set);
         }
         Ok(())
     }
@@ -145,7 +158,7 @@ impl Relay<'_> {
         let pool = &self.client.pool;
         let mut connector = Connector::new(self.shared, self.instance);
         let conn = connector
-            .checkout(pool, &self.tracked)
+            .checkout(pool, &self.tracked, &self.settings)
             .await
             .map_err(Stop::Refuse)?;
         let mut guard = ServerGuard::new(conn, &self.client, self.instance);
@@ -165,6 +178,7 @@ impl Relay<'_> {
         }
         self.reported_untracked = false;
         self.opaque = false;
+        self.named.clear();
         self.server = Some(guard);
         Ok(())
     }
@@ -180,11 +194,41 @@ impl Relay<'_> {
         };
         let server = guard.server();
         let changed = server.params.iter().any(|(name, value)| {
-            crate::tracked::server_index(name).is_none() && server.defaults.get(name) != Some(value)
+            crate::tracked::server_index(name).is_none()
+                && server.defaults.get(name) != Some(value)
+                && !self.settings.contains(name)
         });
         if changed {
             self.pin(PinReason::Set);
         }
+    }
+
+    /// After a transaction that set or reset session settings, their values as the server
+    /// shows them are recorded for the client ([`crate::settings`]); what cannot be recorded
+    /// pins it.
+    pub(super) async fn read_back(&mut self) -> Result<(), Stop> {
+        if self.named.is_empty() || self.client.pinned().is_some() {
+            return Ok(());
+        }
+        let named = std::mem::take(&mut self.named);
+        let Some(guard) = &mut self.server else {
+            return Ok(());
+        };
+        let server = guard.server();
+        let (names, sql) = self.settings.read_back(&named);
+        let values = match server.answers(&[&sql], OWN_QUERY_TIMEOUT).await {
+            Ok(answers) => answers.rows.first().and_then(|row| columns(row)),
+            Err(QueryError::Server(_)) => None,
+            Err(QueryError::Broken(why)) => return Err(Stop::ServerGone(why)),
+        };
+        let recorded = values
+            .filter(|values| values.len() == names.len())
+            .map(|values| self.settings.record(names, values));
+        match recorded {
+            Some(Ok(())) => server.settings = self.settings.clone(),
+            _ => self.pin(PinReason::Set),
+        }
+        Ok(())
     }
 
     /// After a transaction that ran code the proxy cannot read, the connection's state as the
@@ -198,7 +242,7 @@ impl Relay<'_> {
         let Some(guard) = &mut self.server else {
             return Ok(());
         };
-        match crate::state_check::check(guard.server(), &self.tracked).await {
+        match crate::state_check::check(guard.server(), &self.tracked, &self.settings).await {
             Ok(Found::Clean) => Ok(()),
             Ok(Found::Pins(reason)) => {
                 self.pin(reason);

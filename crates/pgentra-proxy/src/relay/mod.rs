@@ -26,6 +26,7 @@ use crate::protocol::frames::Frames;
 use crate::protocol::owed::Owed;
 use crate::protocol::translate::{Translator, Undo};
 use crate::refusal::Refusal;
+use crate::settings::Settings;
 use crate::shared::{InstanceState, Shared};
 use crate::startup::Stream;
 use crate::tracked::Tracked;
@@ -121,6 +122,11 @@ struct Relay<'a> {
     /// The transaction ran code the proxy cannot read: the connection's state is checked
     /// before it goes back.
     opaque: bool,
+    /// The client's session settings, as last read back (transaction pooling).
+    settings: Settings,
+    /// The settings the transaction's statements named: read back before the connection goes
+    /// back.
+    named: Vec<String>,
     clock: Clock,
 }
 
@@ -148,6 +154,8 @@ pub(crate) async fn relay<'a>(stream: &mut Box<dyn Stream>, session: Session<'a>
         server_out: Side::default(),
         reported_untracked: false,
         opaque: false,
+        settings: Settings::default(),
+        named: Vec::new(),
     };
     let stop = relay.run(stream).await;
     relay.finish(stop)
@@ -250,6 +258,7 @@ impl<'a> Relay<'a> {
         {
             return Ok(());
         }
+        self.read_back().await?;
         self.check_reported();
         self.check_state(stream).await?;
         if self.client.pinned().is_none()

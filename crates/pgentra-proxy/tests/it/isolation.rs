@@ -184,3 +184,131 @@ async fn a_client_cannot_replace_or_drop_another_clients_prepared_statement() {
     drop((attacker, victim));
     proxy.stop().await;
 }
+
+/// The values of the settings the replay tests set, as one row.
+const SHOW: &str = "select current_setting('search_path') || '|' || \
+    current_setting('statement_timeout') || '|' || current_setting('extra_float_digits') || '|' || \
+    current_setting('TimeZone') || '|' || coalesce(current_setting('app.tenant', true), '')";
+
+/// A proxy in transaction mode with `size` server connections.
+async fn transactional(emulator: &Emulator, size: usize) -> Running {
+    pooled(emulator, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.size = size;
+    })
+    .await
+    .0
+}
+
+/// Session settings follow their client instead of pinning it: client A sets `search_path`,
+/// `statement_timeout`, `extra_float_digits`, `TimeZone` and a custom `app.tenant`; client B on
+/// the same (only) server connection sees the defaults before, between and after A's
+/// transactions, and A sees its own. A `SET` in a rolled-back transaction, in a failed one, or
+/// behind a savepoint rolled back, and a `SET LOCAL`, are not replayed; one in a committed
+/// transaction is; `RESET ALL` returns A to the defaults. Nobody is pinned.
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_follow_their_client_and_never_reach_another() {
+    let emulator = Emulator::shared();
+    let proxy = transactional(emulator, 1).await;
+    let mut a = logged_in(&proxy).await;
+    let mut b = logged_in(&proxy).await;
+    let defaults = raw_value(&mut b, SHOW).await;
+    let pid = raw_value(&mut b, "select pg_backend_pid()").await;
+    raw_query(
+        &mut a,
+        "set search_path = a_schema, public; set statement_timeout = '4s'; \
+         set extra_float_digits = 2; set time zone 'Asia/Tokyo'; set app.tenant = 'a'",
+    )
+    .await
+    .unwrap();
+    let mine = "a_schema, public|4s|2|Asia/Tokyo|a";
+    for _ in 0..2 {
+        assert_eq!(
+            raw_value(&mut b, SHOW).await,
+            defaults,
+            "b got a's settings"
+        );
+        assert_eq!(raw_value(&mut a, SHOW).await, mine);
+    }
+    assert_eq!(raw_value(&mut a, "select pg_backend_pid()").await, pid);
+    for (transaction, timeout) in [
+        ("begin; set statement_timeout = '9s'; rollback", "4s"),
+        // The error leaves the transaction failed: the COMMIT that ends it rolls back.
+        ("begin; set statement_timeout = '8s'; select 1/0", "4s"),
+        ("begin; set local statement_timeout = '7s'; commit", "4s"),
+        (
+            "begin; savepoint s; set statement_timeout = '6s'; rollback to s; commit",
+            "4s",
+        ),
+        ("begin; set statement_timeout = '5s'; commit", "5s"),
+    ] {
+        if raw_query(&mut a, transaction).await.is_err() {
+            raw_query(&mut a, "commit").await.unwrap();
+        }
+        assert_eq!(raw_value(&mut b, SHOW).await, defaults, "{transaction}");
+        let shown = raw_value(&mut a, "show statement_timeout").await;
+        assert_eq!(shown, timeout, "{transaction}");
+    }
+    raw_query(&mut a, "reset all").await.unwrap();
+    assert_eq!(
+        raw_value(&mut b, "set app.tenant = 'b'; show app.tenant").await,
+        "b"
+    );
+    let reset = raw_value(&mut a, SHOW).await;
+    assert_eq!(
+        reset,
+        defaults.replace("||", "|").trim_end_matches('|').to_owned() + "|"
+    );
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["clients_pinned"], 0, "{pool}");
+    assert_eq!(pool["server_logins"], 1, "{pool}");
+    drop((a, b));
+    proxy.stop().await;
+}
+
+/// A client's settings are set on every server connection it moves to — also when it set them
+/// through the extended protocol, as pgjdbc does — and a connection keeps the last client's
+/// values only until another client takes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_follow_their_client_across_server_connections() {
+    let emulator = Emulator::shared();
+    let proxy = transactional(emulator, 2).await;
+    let a = connect(proxy.addr(), USER, |_| {}).await.unwrap();
+    a.execute("set extra_float_digits = 3", &[]).await.unwrap();
+    a.execute("set app.tenant to 'a'", &[]).await.unwrap();
+    // Prepared once: a statement dropped would send a Close, which takes a connection.
+    let show = a
+        .prepare(
+            "select pg_backend_pid()::text, current_setting('extra_float_digits') || '|' || \
+             current_setting('app.tenant', true)",
+        )
+        .await
+        .unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        // b holds whichever connection a just had, so a moves to the other one.
+        let mut b = logged_in(&proxy).await;
+        let row = a.query_one(&show, &[]).await.unwrap();
+        let (held, values): (String, String) = (row.get(0), row.get(1));
+        assert_eq!(values, "3|a");
+        pids.insert(held.clone());
+        raw_query(&mut b, "begin").await.unwrap();
+        assert_eq!(raw_value(&mut b, "select pg_backend_pid()").await, held);
+        let row = a.query_one(&show, &[]).await.unwrap();
+        let (pid, values): (String, String) = (row.get(0), row.get(1));
+        assert_ne!(pid, held, "a did not move");
+        assert_eq!(values, "3|a");
+        pids.insert(pid);
+        assert_eq!(
+            raw_value(&mut b, "select current_setting('extra_float_digits')").await,
+            "1",
+            "b found a's setting"
+        );
+        raw_query(&mut b, "commit").await.unwrap();
+    }
+    assert_eq!(pids.len(), 2);
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["clients_pinned"], 0, "{pool}");
+    drop(a);
+    proxy.stop().await;
+}

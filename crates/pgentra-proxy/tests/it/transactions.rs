@@ -348,8 +348,8 @@ async fn the_prepared_statements_of_a_server_connection_are_bounded() {
 /// reached the next client before).
 const SESSION_STATE: [(&str, &str, &str); 11] = [
     (
-        "set work_mem = '7MB'",
-        "select current_setting('work_mem') <> '7MB'",
+        "set session characteristics as transaction read only",
+        "select current_setting('default_transaction_read_only') <> 'on'",
         "set",
     ),
     (

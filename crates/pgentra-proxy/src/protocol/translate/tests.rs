@@ -377,18 +377,17 @@ fn a_client_holds_a_bounded_number_of_statement_bytes() {
 #[test]
 fn statements_and_queries_that_leave_session_state_pin() {
     let mut conn = Conn::default();
-    let pins = |reason| Some(Effect::Pins(reason));
-    assert_eq!(
-        conn.send(b'Q', b"set search_path = evil\0"),
-        pins(PinReason::Set)
-    );
+    let pins = |reason| Some(Effect::pinning(reason));
+    assert_eq!(conn.send(b'Q', b"set role evil\0"), pins(PinReason::Set));
+    let settings = conn.send(b'Q', b"set search_path = app\0").unwrap();
+    assert_eq!(settings.settings, ["search_path"]);
     assert_eq!(conn.send(b'Q', b"select 1\0"), None);
     assert_eq!(conn.send(b'F', b"\0\0\0\x01"), pins(PinReason::Other));
     conn.send(b'P', &parse("l", "LISTEN jobs"));
     assert_eq!(conn.send(b'B', &bind("l")), pins(PinReason::Listen));
     // A function the server defines runs when the statement does: opaque then.
     conn.send(b'P', &parse("f", "select app.f()"));
-    assert_eq!(conn.send(b'B', &bind("f")), Some(Effect::Opaque));
+    assert!(conn.send(b'B', &bind("f")).unwrap().opaque);
 }
 
 #[test]
