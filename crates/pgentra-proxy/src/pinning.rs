@@ -352,15 +352,15 @@ impl<'a> Reader<'a> {
 
 /// Whether `name (`, after `before`, may call a function defined on the server: a name not
 /// among [`KNOWN`] (quoted, or in a schema other than `pg_catalog`, it is never taken for a
-/// built-in one). `INSERT INTO t (…)`, `TABLE t (…)` and `REFERENCES t (…)` name a table's
-/// columns; a `(`
-/// after anything else than a name (`= (`, `, (`) opens an expression. A built-in function
-/// that runs SQL given as text (`query_to_xml`) is not among them.
+/// built-in one). `INSERT INTO t (…)`, `TABLE t (…)`, `IF NOT EXISTS t (…)` and `REFERENCES t
+/// (…)` name a table's columns; a `(` after anything else than a name (`= (`, `, (`) opens an
+/// expression. A built-in function that runs SQL given as text (`query_to_xml`) is not among
+/// them.
 fn calls_unknown(name: &str, before: &str, quoted: bool) -> bool {
     if name.is_empty() || matches!(name, "," | "(" | ")" | ";" | ".") {
         return false;
     }
-    if ["into", "table", "references"]
+    if ["into", "table", "exists", "references"]
         .iter()
         .any(|k| is(before, k))
     {

@@ -112,8 +112,9 @@ pub(crate) async fn check(
         }
         server.prepared.check = true;
         server.settings = settings.clone();
-        let [check, statements] = &answers.rows[..] else {
-            return Err("the state check returned other rows than its two".into());
+        // The check's row, the statements' row, then what setting the client's values returns.
+        let [check, statements, ..] = &answers.rows[..] else {
+            return Err("the state check returned fewer rows than its two".into());
         };
         let check = columns(check).ok_or("the state check returned a malformed row")?;
         let statements = columns(statements).ok_or("the state check returned a malformed row")?;

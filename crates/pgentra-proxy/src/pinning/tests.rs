@@ -179,6 +179,7 @@ fn built_in_functions_and_clauses_are_not_opaque() {
         "select row_number() over (partition by a order by b) from t",
         "update t set (a, b) = (1, 2) where id = 3",
         "create table t (id int references u (id), check (id > 0))",
+        "CREATE TABLE IF NOT EXISTS \"t\" (\"id\" SERIAL , PRIMARY KEY (\"id\"))",
         "select cast(x as numeric(10, 2)) from t",
         "select 'f(1)' from t -- g(2)",
     ] {

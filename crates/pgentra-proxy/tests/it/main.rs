@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod cancel;
+mod frameworks;
 mod isolation;
 mod large;
 mod leaving;
