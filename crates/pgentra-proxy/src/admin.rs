@@ -219,6 +219,8 @@ fn pools_json(shared: &Shared) -> String {
                     "server_logins": p.opened,
                     "reuses": p.reused,
                     "resets": p.resets,
+                    "replays": p.replays,
+                    "state_checks": p.state_checks,
                     "waits": p.waits,
                     "wait_seconds": p.wait_seconds,
                     "server_closes": closed,

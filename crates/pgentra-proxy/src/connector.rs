@@ -189,8 +189,11 @@ async fn set_values(
     upstream: &str,
 ) -> Result<Box<Pooled>, Refusal> {
     let server = &conn.server;
-    let sets = tracked.set_statements(server.params.tracked(), server.defaults.tracked())
-        + &settings.statements(&server.settings);
+    let replay = settings.statements(&server.settings);
+    if !replay.is_empty() {
+        pool.stats.replays.fetch_add(1, Ordering::Relaxed);
+    }
+    let sets = tracked.set_statements(server.params.tracked(), server.defaults.tracked()) + &replay;
     if sets.is_empty() {
         return Ok(conn);
     }

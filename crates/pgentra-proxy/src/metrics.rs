@@ -223,7 +223,7 @@ fn count(value: u64) -> f64 {
 }
 
 /// The pools' families, labelled by upstream, role and database.
-const POOL_FAMILIES: [(&str, &str, &str, Samples); 11] = [
+const POOL_FAMILIES: [(&str, &str, &str, Samples); 13] = [
     (
         "pool_server_connections",
         "gauge",
@@ -281,6 +281,18 @@ const POOL_FAMILIES: [(&str, &str, &str, Samples); 11] = [
         "counter",
         "Server connections reset with the reset query and put back.",
         |p| vec![(String::new(), count(p.resets))],
+    ),
+    (
+        "pool_replays_total",
+        "counter",
+        "Clients' recorded settings set on a server connection they got (transaction pooling).",
+        |p| vec![(String::new(), count(p.replays))],
+    ),
+    (
+        "pool_state_checks_total",
+        "counter",
+        "Server connections checked after a transaction that ran code the proxy cannot read.",
+        |p| vec![(String::new(), count(p.state_checks))],
     ),
     (
         "pool_waits_total",

@@ -251,10 +251,8 @@ impl<'a> Reader<'a> {
             match () {
                 () if is(word, "do") || is(word, "call") => self.opaque = true,
                 () if is(word, "listen") => return Some(PinReason::Listen),
-                () if is(word, "prepare") || is(word, "deallocate") => {
-                    return Some(PinReason::Prepare);
-                }
-                () if is(word, "load") || is(word, "discard") => return Some(PinReason::Other),
+                () if is(word, "prepare") => return Some(PinReason::Prepare),
+                () if is(word, "load") => return Some(PinReason::Other),
                 () if is(word, "create") => self.create_prefix = true,
                 () => {}
             }
@@ -299,13 +297,24 @@ impl<'a> Reader<'a> {
         None
     }
 
-    /// The rules that need the statement's first words: `SET` and `RESET`. A session setting
-    /// is recorded, to follow its client; the tracked parameters need nothing (the server
-    /// reports them); what cannot be replayed as a setting pins: another role or session
+    /// The rules that need the statement's first words: `SET`, `RESET`, `DEALLOCATE` and
+    /// `DISCARD`. A session setting is recorded, to follow its client; the tracked parameters
+    /// need nothing (the server reports them); what cannot be replayed as a setting pins: another role or session
     /// authorization (an identity, not a setting), `SET SESSION CHARACTERISTICS`, `SET XML
     /// OPTION`, `SET SEED`, and a quoted name with a dot (`"app"."x"`).
     fn end(&mut self) -> Option<PinReason> {
         let [first, second, third, fourth] = self.lead;
+        // `DEALLOCATE [PREPARE] ALL` and `DISCARD` leave nothing: they drop what the session
+        // has, and the relay drops the client's statements and settings with it. Deallocating
+        // one statement by its name may be another client's (its name is in
+        // `pg_prepared_statements`): that pins, so that the connection is reset after.
+        if is(first, "deallocate") {
+            let all = is(second, "all") || (is(second, "prepare") && is(third, "all"));
+            return (!all).then_some(PinReason::Prepare);
+        }
+        if is(first, "discard") {
+            return None;
+        }
         let (name, next) = if is(first, "set") {
             match second {
                 _ if ["local", "transaction", "constraints"]

@@ -72,6 +72,7 @@
 //! ```
 
 mod baseline;
+mod settings;
 
 use azure_core::credentials::AccessToken;
 use azure_core::time::OffsetDateTime;
@@ -282,8 +283,11 @@ struct Setup {
 impl Setup {
     fn start(knobs: &Knobs) -> Result<Self> {
         let biggest = knobs.clients.iter().copied().max().unwrap_or(1) as usize;
-        // Room for the idle sessions of one target at a time, pgbench's and PgBouncer's spares.
-        let max_connections = (knobs.idle.max(biggest) + biggest + 100).to_string();
+        // Room for the idle sessions of one target at a time, pgbench's and PgBouncer's spares,
+        // and a server connection for each transaction-pooling client (the previous build pins
+        // each client of the settings workload to one).
+        let max_connections =
+            (knobs.idle.max(biggest) + biggest + 100 + knobs.txn_clients as usize).to_string();
         let cluster = Cluster::start_with(&[
             ("max_connections", &max_connections),
             // The pgbench tables (about 16 MB per scale unit) stay in memory.
@@ -761,7 +765,7 @@ fn transaction_pooling(
         // runs -M simple only.
         let modes: &[&'static str] = match workload {
             Workload::SelectOnly => &["simple", "prepared"],
-            Workload::TpcB => &["simple"],
+            Workload::TpcB | Workload::Settings => &["simple"],
         };
         let mut targets = vec![Target::through("pgbouncer", &bouncer, None, "simple")];
         targets.extend(
@@ -811,7 +815,8 @@ fn transaction_pooling(
     );
     pgbouncer_prepared(&setup.pgbench, &bouncer, clients);
     drop((proxy, bouncer, previous));
-    Ok(())
+    let previous = against.as_ref().map(|(b, _)| b.exe.as_path());
+    settings::replay_vs_pinned(knobs, setup, previous)
 }
 
 /// The transaction-pooling table of one workload, PgBouncer (`-M simple`) the first target;
@@ -870,6 +875,8 @@ fn pgbouncer_prepared(pgbench: &Path, bouncer: &Helper, clients: u32) {
 enum Workload {
     SelectOnly,
     TpcB,
+    /// Two settings once per client, then select-only ([`settings`]).
+    Settings,
 }
 
 impl Workload {
@@ -877,6 +884,7 @@ impl Workload {
         match self {
             Self::SelectOnly => "select-only",
             Self::TpcB => "tpc-b",
+            Self::Settings => "settings",
         }
     }
 }
@@ -1015,8 +1023,13 @@ fn pgbench_run(
             "-j",
             &clients.min(2).to_string(),
         ]);
-    if workload == Workload::SelectOnly {
-        command.arg("-S");
+    match workload {
+        Workload::SelectOnly => drop(command.arg("-S")),
+        Workload::Settings => {
+            command.arg("-f").arg(settings::script()?);
+            command.args(["-D", "configured=0"]);
+        }
+        Workload::TpcB => {}
     }
     if target.churn {
         command.arg("-C");

@@ -5,7 +5,7 @@
 /// these names in another schema and taking other argument types could still be chosen by
 /// overload resolution: the README says so.
 #[rustfmt::skip]
-pub(super) const KNOWN: [&str; 297] = [
+pub(super) const KNOWN: [&str; 300] = [
     "abs", "age", "all", "and", "any", "array", "array_agg", "array_append", "array_cat",
     "array_dims", "array_fill", "array_length", "array_lower", "array_position",
     "array_prepend", "array_remove", "array_to_json", "array_to_string", "array_upper", "as",
@@ -33,7 +33,8 @@ pub(super) const KNOWN: [&str; 297] = [
     "make_date", "make_timestamp", "make_timestamptz", "max", "md5", "min", "mod", "mode",
     "nextval", "not", "now", "nth_value", "ntile", "nullif", "numeric", "obj_description",
     "octet_length", "offset", "on", "or", "order", "over", "overlay", "partition",
-    "percent_rank", "percentile_cont", "percentile_disc", "pg_advisory_xact_lock",
+    "percent_rank", "percentile_cont", "percentile_disc", "pg_advisory_unlock",
+    "pg_advisory_unlock_all", "pg_advisory_unlock_shared", "pg_advisory_xact_lock",
     "pg_advisory_xact_lock_shared", "pg_backend_pid", "pg_current_xact_id",
     "pg_encoding_to_char", "pg_get_constraintdef", "pg_get_expr", "pg_get_functiondef",
     "pg_get_indexdef", "pg_get_serial_sequence", "pg_get_triggerdef", "pg_get_userbyid",

@@ -39,7 +39,7 @@ fn statements_that_leave_session_state_pin() {
         ("PREPARE p AS SELECT 1", PinReason::Prepare),
         ("DEALLOCATE p", PinReason::Prepare),
         ("LOAD 'auto_explain'", PinReason::Other),
-        ("DISCARD ALL", PinReason::Other),
+        ("deallocate prepare p", PinReason::Prepare),
         (
             "do $$ begin perform pg_advisory_lock(7); end $$",
             PinReason::AdvisoryLock,
@@ -135,6 +135,13 @@ fn transaction_state_words_in_strings_and_comments_do_not_pin() {
         &";".repeat(100_000),
         "explain analyze select 1",
         "select temp from t",
+        // What drops all the session has leaves nothing.
+        "DISCARD ALL",
+        "discard plans",
+        "deallocate all",
+        "DEALLOCATE PREPARE ALL",
+        "unlisten *",
+        "close all",
         "select * from pg_temporal",
         // Escapes in strings that are not run as SQL, and `&` after other words.
         "select E'a\\nb', 'C:\\dir'",

@@ -59,6 +59,11 @@ pub(crate) struct PoolStats {
     pub(crate) opened: AtomicU64,
     pub(crate) reused: AtomicU64,
     pub(crate) resets: AtomicU64,
+    /// Clients' recorded settings set on a connection they got (transaction pooling).
+    pub(crate) replays: AtomicU64,
+    /// Connections checked on the server after a transaction that ran code the proxy cannot
+    /// read (transaction pooling).
+    pub(crate) state_checks: AtomicU64,
     pub(crate) waits: AtomicU64,
     pub(crate) wait_micros: AtomicU64,
     pub(crate) waiting: AtomicU64,
@@ -91,6 +96,8 @@ pub(crate) struct PoolSnapshot {
     pub(crate) opened: u64,
     pub(crate) reused: u64,
     pub(crate) resets: u64,
+    pub(crate) replays: u64,
+    pub(crate) state_checks: u64,
     pub(crate) waits: u64,
     pub(crate) wait_seconds: f64,
     pub(crate) closed: Vec<(&'static str, u64)>,
@@ -116,6 +123,8 @@ impl Pool {
             opened: load(&stats.opened),
             reused: load(&stats.reused),
             resets: load(&stats.resets),
+            replays: load(&stats.replays),
+            state_checks: load(&stats.state_checks),
             waits: load(&stats.waits),
             #[allow(clippy::cast_precision_loss)] // far below 2^53 µs
             wait_seconds: load(&stats.wait_micros) as f64 / 1e6,

@@ -12,7 +12,6 @@ use crate::protocol::translate::Server;
 use crate::refusal::Refusal;
 use crate::server::{QueryError, columns};
 use crate::settings::MAX_SETTINGS;
-use crate::startup::Stream;
 use crate::state_check::Found;
 use ::bytes::Buf;
 
@@ -142,6 +141,10 @@ impl Relay<'_> {
             self.pin(reason);
         }
         self.opaque |= effect.opaque;
+        if self.client.pinned().is_some() {
+            // The session keeps its connection, settings and all.
+            return Ok(());
+        }
         for name in effect.settings {
             if !self.named.contains(&name) {
                 self.named.push(name);
@@ -233,15 +236,16 @@ impl Relay<'_> {
 
     /// After a transaction that ran code the proxy cannot read, the connection's state as the
     /// server tells it ([`state_check`](crate::state_check)): what a client keeps pins it, and
-    /// the rest is reset. The client gets its answers first: the check costs it no wait.
-    pub(super) async fn check_state(&mut self, stream: &mut Box<dyn Stream>) -> Result<(), Stop> {
+    /// the rest is reset.
+    pub(super) async fn check_state(&mut self) -> Result<(), Stop> {
         if !std::mem::take(&mut self.opaque) || self.client.pinned().is_some() {
             return Ok(());
         }
-        self.client_out.write_now(stream);
         let Some(guard) = &mut self.server else {
             return Ok(());
         };
+        let checks = &self.client.pool.stats.state_checks;
+        checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match crate::state_check::check(guard.server(), &self.tracked, &self.settings).await {
             Ok(Found::Clean) => Ok(()),
             Ok(Found::Pins(reason)) => {

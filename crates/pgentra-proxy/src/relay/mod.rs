@@ -258,9 +258,14 @@ impl<'a> Relay<'a> {
         {
             return Ok(());
         }
+        if !self.named.is_empty() || self.opaque {
+            // The client gets its answers first: what the server is asked next costs it no
+            // wait.
+            self.client_out.write_now(stream);
+        }
         self.read_back().await?;
         self.check_reported();
-        self.check_state(stream).await?;
+        self.check_state().await?;
         if self.client.pinned().is_none()
             && let Some(guard) = self.server.take()
         {
@@ -310,9 +315,13 @@ impl<'a> Relay<'a> {
             return Release::Close(CloseReason::ClientLeft);
         }
         if self.owed.settled() {
+            // Settings not yet read back, and state not yet checked, are not known: the
+            // connection is reset as if pinned.
+            let unknown = !self.named.is_empty() || self.opaque;
             let reset = match (&self.translator, self.client.pinned()) {
                 (None, _) => Reset::Configured,
                 (Some(_), Some(_)) => Reset::Required,
+                (Some(_), None) if unknown => Reset::Required,
                 (Some(_), None) => Reset::Skip,
             };
             return Release::Settled {

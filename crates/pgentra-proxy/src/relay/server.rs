@@ -5,6 +5,7 @@ use super::{Relay, Stop};
 use crate::protocol::frames::{Frame, Head, Wanted};
 use crate::protocol::owed::Received;
 use crate::protocol::statements::Unnamed;
+use crate::settings::Settings;
 use ::bytes::{Buf, Bytes};
 
 /// Longest server message held whole; the rest stream through.
@@ -118,12 +119,18 @@ impl Relay<'_> {
             Received::Ready(_) => self.clock.ready(!self.owed.is_empty()),
             Received::Pass | Received::Drop => {}
         }
-        // DISCARD ALL and DEALLOCATE ALL drop every prepared statement, the client's included.
-        if head.tag == b'C'
-            && (body.starts_with(b"DISCARD ALL\0") || body.starts_with(b"DEALLOCATE ALL\0"))
+        // DISCARD ALL and DEALLOCATE ALL drop every prepared statement, the client's included
+        // (the proxy prepares the others' again where they need them); DISCARD ALL resets the
+        // session's settings too.
+        let discard = head.tag == b'C' && body.starts_with(b"DISCARD ALL\0");
+        if (discard || (head.tag == b'C' && body.starts_with(b"DEALLOCATE ALL\0")))
             && let Some(translator) = &mut self.translator
         {
             translator.discarded(&mut server.prepared);
+            if discard {
+                self.settings = Settings::default();
+                server.settings = Settings::default();
+            }
         }
         if received == Received::Drop {
             return Ok(Answer::Drop);

@@ -132,6 +132,7 @@ async fn state_left_by_code_the_proxy_cannot_read_never_reaches_the_next_client(
     }
     let pool = pool_until(&proxy, "the counts", |_| true).await;
     assert_eq!(pool["server_logins"], 1, "{pool}");
+    assert!(pool["state_checks"].as_u64() >= Some(8), "{pool}");
     proxy.stop().await;
 }
 
@@ -262,6 +263,8 @@ async fn settings_follow_their_client_and_never_reach_another() {
     let pool = pool_until(&proxy, "the counts", |_| true).await;
     assert_eq!(pool["clients_pinned"], 0, "{pool}");
     assert_eq!(pool["server_logins"], 1, "{pool}");
+    // a's settings were set again each time it got the connection after b.
+    assert!(pool["replays"].as_u64() >= Some(2), "{pool}");
     drop((a, b));
     proxy.stop().await;
 }
@@ -310,5 +313,83 @@ async fn settings_follow_their_client_across_server_connections() {
     let pool = pool_until(&proxy, "the counts", |_| true).await;
     assert_eq!(pool["clients_pinned"], 0, "{pool}");
     drop(a);
+    proxy.stop().await;
+}
+
+/// As Npgsql does on every reopen: each of twenty clients on two server connections sends
+/// `DISCARD ALL` between its transactions. None is pinned; its own settings and prepared
+/// statements are gone (its statement's name gives 26000, as on PostgreSQL), and the other
+/// clients' prepared statements, which `DISCARD ALL` dropped on the server, keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn discard_all_resets_only_its_own_client_without_pinning() {
+    let emulator = Emulator::shared();
+    let proxy = transactional(emulator, 2).await;
+    let clients = (0..20).map(|n| {
+        let addr = proxy.addr();
+        tokio::spawn(async move {
+            let client = connect(addr, USER, |_| {}).await.unwrap();
+            for round in 0..3 {
+                let plus = client.prepare("select $1::int + 1").await.unwrap();
+                client
+                    .batch_execute(&format!("set app.tenant = 'client {n}'"))
+                    .await
+                    .unwrap();
+                for i in 0..5 {
+                    let row = client.query_one(&plus, &[&i]).await.unwrap();
+                    assert_eq!(row.get::<_, i32>(0), i + 1, "client {n}, round {round}");
+                }
+                let tenant = "select coalesce(current_setting('app.tenant', true), '')";
+                let row = client.query_one(tenant, &[]).await.unwrap();
+                assert_eq!(row.get::<_, String>(0), format!("client {n}"));
+                client.batch_execute("DISCARD ALL").await.unwrap();
+                let row = client.query_one(tenant, &[]).await.unwrap();
+                assert_eq!(row.get::<_, String>(0), "", "client {n} kept its setting");
+                let gone = client.query_one(&plus, &[&1]).await.unwrap_err();
+                assert_eq!(
+                    db_error(&gone).code(),
+                    &SqlState::INVALID_SQL_STATEMENT_NAME
+                );
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.unwrap();
+    }
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    let pins: u64 = (pool["pins"].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(pins, 0, "{pool}");
+    assert!(pool["server_logins"].as_u64() <= Some(2), "{pool}");
+    proxy.stop().await;
+}
+
+/// A client that sets a setting, or runs code the proxy cannot read, and says goodbye in the
+/// same write leaves before its settings are read back or its connection checked: the
+/// connection is reset before the next client gets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_right_after_a_set_leaves_nothing_behind() {
+    let emulator = Emulator::shared();
+    let (proxy, role) = one_connection(emulator).await;
+    for leave in [
+        "set app.tenant = 'leaver'".to_owned(),
+        format!("select run_{role}('select set_config(''app.tenant'', ''leaver'', false)')"),
+    ] {
+        let mut a = logged_in(&proxy).await;
+        let query = message(b'Q', format!("{leave}\0").as_bytes());
+        a.write_all(&[&query[..], &message(b'X', b"")].concat())
+            .await
+            .unwrap();
+        read_until_closed(&mut a, SHORT).await;
+        let mut b = logged_in(&proxy).await;
+        let tenant = "select coalesce(current_setting('app.tenant', true), '')";
+        assert_eq!(
+            raw_value(&mut b, tenant).await,
+            "",
+            "{leave}: b got a's setting"
+        );
+    }
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert!(pool["resets"].as_u64() >= Some(2), "{pool}");
     proxy.stop().await;
 }
