@@ -168,6 +168,11 @@ fn code_the_proxy_cannot_read_is_opaque() {
         "select 1; select g(1)",
         "explain analyze select h()",
         "insert into t (a) values (f(1))",
+        // Read without the tokenizer, unless a comment or a quoted name could mislead.
+        "select count (1) + evil (2)",
+        "select evil/**/(1)",
+        "select evil -- count\n (1)",
+        "select x.\"count\"(1)",
     ] {
         let effect = effect(sql.as_bytes()).unwrap_or_default();
         assert!(effect.opaque && effect.pins.is_none(), "{sql}: {effect:?}");
@@ -197,6 +202,7 @@ fn built_in_functions_and_clauses_are_not_opaque() {
 #[test]
 fn known_names_are_sorted_lowercase_and_unique() {
     assert!(KNOWN.windows(2).all(|pair| pair[0] < pair[1]));
+    assert!(KNOWN.iter().all(|name| name.len() <= 32));
     assert!(
         KNOWN
             .iter()
