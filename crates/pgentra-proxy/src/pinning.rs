@@ -21,8 +21,9 @@ use tokens::tokenize;
 /// Why a session was pinned, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PinReason {
-    /// `SET` (not `SET LOCAL`/`SET TRANSACTION`), `RESET`, `set_config(...)`, or a reported
-    /// parameter change.
+    /// `SET ROLE`, `SET SESSION AUTHORIZATION` and the rest that cannot be replayed as a
+    /// setting, a `set_config(…)` of a name the proxy cannot read, more settings than a client
+    /// may record, or a reported parameter change.
     Set,
     /// `LISTEN`.
     Listen,
@@ -94,13 +95,12 @@ impl Effect {
     }
 }
 
-/// Functions whose effect outlives the transaction.
-const SESSION_FUNCTIONS: [(&str, PinReason); 5] = [
+/// Functions whose effect outlives the transaction (and `set_config`, read apart).
+const SESSION_FUNCTIONS: [(&str, PinReason); 4] = [
     ("pg_advisory_lock", PinReason::AdvisoryLock),
     ("pg_advisory_lock_shared", PinReason::AdvisoryLock),
     ("pg_try_advisory_lock", PinReason::AdvisoryLock),
     ("pg_try_advisory_lock_shared", PinReason::AdvisoryLock),
-    ("set_config", PinReason::Set),
 ];
 
 /// What running `sql` does to its session: why it pins, or that it is opaque, if either.
@@ -222,6 +222,8 @@ struct Reader<'a> {
     opaque: bool,
     /// The settings the statements read set or reset (across statements).
     settings: Vec<&'a str>,
+    /// The next word is `set_config`'s first argument.
+    config_name: bool,
 }
 
 fn is(word: &str, keyword: &str) -> bool {
@@ -230,6 +232,11 @@ fn is(word: &str, keyword: &str) -> bool {
 
 impl<'a> Reader<'a> {
     fn word(&mut self, word: &'a str) -> Option<PinReason> {
+        // First: whatever follows `set_config(` is its first argument (in a body, a literal
+        // read as SQL begins with a ";", and pins).
+        if std::mem::take(&mut self.config_name) {
+            return self.set_config(word);
+        }
         if word == ";" {
             let reason = self.end();
             *self = Self {
@@ -303,6 +310,10 @@ impl<'a> Reader<'a> {
             let quoted = previous.starts_with('"');
             let qualified = previous.trim_matches('"');
             let name = qualified.rsplit('.').next().unwrap_or(qualified);
+            if is(name, "set_config") {
+                self.config_name = true;
+                return None;
+            }
             let session = SESSION_FUNCTIONS
                 .iter()
                 .find(|(function, _)| is(name, function));
@@ -312,6 +323,27 @@ impl<'a> Reader<'a> {
             self.opaque |= calls_unknown(previous, before_previous, quoted);
         }
         None
+    }
+
+    /// `set_config(first, …)`: a setting named by a literal is recorded as `SET` is (its value,
+    /// and whether it was local, are read back after the transaction); a role or session
+    /// authorization, or a name the proxy cannot read, pins.
+    fn set_config(&mut self, first: &'a str) -> Option<PinReason> {
+        // A literal and its comma: the whole argument (the tokenizer joins them).
+        let literal = first.strip_suffix(',').map(str::trim_end);
+        let name = (literal.and_then(|l| l.strip_prefix('\'')?.strip_suffix('\'')))
+            .filter(|name| !name.is_empty() && name.bytes().all(calls::is_name_byte));
+        match name {
+            Some(name)
+                if !["role", "session_authorization"]
+                    .iter()
+                    .any(|k| is(name, k)) =>
+            {
+                self.settings.push(name);
+                None
+            }
+            _ => Some(PinReason::Set),
+        }
     }
 
     /// The rules that need the statement's first words: `SET`, `RESET`, `DEALLOCATE` and

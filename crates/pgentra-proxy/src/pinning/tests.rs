@@ -10,7 +10,17 @@ fn pins(sql: &[u8]) -> Option<PinReason> {
 #[test]
 fn statements_that_leave_session_state_pin() {
     let pinning = [
-        ("select set_config('x.y', '1', false)", PinReason::Set),
+        ("select set_config($1, '1', false)", PinReason::Set),
+        (
+            "do $$ begin perform set_config('work_mem', '9MB', false); end $$",
+            PinReason::Set,
+        ),
+        ("select set_config('role', 'bob', false)", PinReason::Set),
+        (
+            "select set_config('Session_Authorization', 'bob', false)",
+            PinReason::Set,
+        ),
+        ("select set_config('a' || 'b', '1', false)", PinReason::Set),
         ("LISTEN jobs", PinReason::Listen),
         ("SET ROLE reporting", PinReason::Set),
         ("set session authorization bob", PinReason::Set),
@@ -62,14 +72,6 @@ fn statements_that_leave_session_state_pin() {
             PinReason::AdvisoryLock,
         ),
         ("select \"pg_advisory_lock\"(1)", PinReason::AdvisoryLock),
-        (
-            "select pg_catalog.\"set_config\"('a.b', '1', false)",
-            PinReason::Set,
-        ),
-        (
-            "select pg_catalog . set_config('a.b', '1', false)",
-            PinReason::Set,
-        ),
         ("select e'it\\'s'; listen x", PinReason::Listen),
     ];
     for (sql, reason) in pinning {
@@ -239,6 +241,15 @@ fn session_settings_are_recorded_to_follow_their_client() {
             "SET client_min_messages TO warning",
             &["client_min_messages"],
         ),
+        (
+            "select set_config('app.tenant', $1, false)",
+            &["app.tenant"],
+        ),
+        (
+            "select pg_catalog.\"set_config\"('a.b' , '1', false)",
+            &["a.b"],
+        ),
+        ("select pg_catalog . set_config('A.B', '1', true)", &["a.b"]),
     ] {
         let effect = effect(sql.as_bytes()).unwrap_or_default();
         assert_eq!(effect.settings, settings, "{sql}");

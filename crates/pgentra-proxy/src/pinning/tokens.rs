@@ -39,10 +39,20 @@ pub(super) fn tokenize<'a>(
                 None
             }
             b'\'' => {
+                let start = i;
                 let backslashes = strings.backslashes || std::mem::take(&mut escaped);
                 let (end, inner) = quoted(sql, i, b'\'', backslashes);
                 i = end;
-                literal(inner, backslashes, depth, strings, on)
+                match depth {
+                    // A literal in the statement itself is a word of its own, quotes and all,
+                    // and with the comma that follows it, if one does (`set_config('name',`).
+                    0 => {
+                        let rest = bytes[end..].iter().position(|b| !b.is_ascii_whitespace());
+                        let comma = rest.filter(|at| bytes[end + at] == b',');
+                        on(text(start, comma.map_or(end, |at| end + at + 1)))
+                    }
+                    _ => literal(inner, backslashes, depth, strings, on),
+                }
             }
             b'"' => {
                 let start = i;
@@ -68,8 +78,12 @@ pub(super) fn tokenize<'a>(
                     None => (i + 1, None),
                 };
                 i = end;
-                // The body may be a function's or a DO block's: read it as SQL.
-                body.and_then(|body| sql_text(body, depth, strings, on))
+                match body {
+                    // The body may be a function's or a DO block's: read it as SQL.
+                    Some(body) => sql_text(body, depth, strings, on),
+                    // A parameter (`$1`): a word of its own.
+                    None => on("$"),
+                }
             }
             // A `(` after what is not a name (`= (`, `, (`) follows a "," here, so that the
             // word before is not taken for a function's name.
@@ -111,9 +125,9 @@ pub(super) fn tokenize<'a>(
     None
 }
 
-/// A string literal's text, `inner`: read as SQL inside a body (PL/pgSQL's `EXECUTE '…'`),
-/// unless its escapes are read (`backslashes`) and it has one (`EXECUTE E'\163et …'`): its
-/// text is then not what runs, and it pins.
+/// The text of a string literal inside a body, `inner`: read as SQL (PL/pgSQL's `EXECUTE
+/// '…'`), unless its escapes are read (`backslashes`) and it has one (`EXECUTE E'\163et …'`):
+/// its text is then not what runs, and it pins.
 fn literal<'a>(
     inner: &'a str,
     backslashes: bool,
@@ -121,11 +135,10 @@ fn literal<'a>(
     strings: Strings,
     on: &mut impl FnMut(&'a str) -> Option<PinReason>,
 ) -> Option<PinReason> {
-    match depth {
-        0 => None,
-        _ if backslashes && inner.contains('\\') => Some(PinReason::Other),
-        _ => sql_text(inner, depth, strings, on),
+    if backslashes && inner.contains('\\') {
+        return Some(PinReason::Other);
     }
+    sql_text(inner, depth, strings, on)
 }
 
 /// The index after the word (or number, or name with its schema) that starts at `start`.

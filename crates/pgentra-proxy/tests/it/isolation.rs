@@ -270,15 +270,18 @@ async fn settings_follow_their_client_and_never_reach_another() {
 }
 
 /// A client's settings are set on every server connection it moves to — also when it set them
-/// through the extended protocol, as pgjdbc does — and a connection keeps the last client's
-/// values only until another client takes it.
+/// through the extended protocol, as pgjdbc does, or with `set_config` and a parameter, as
+/// row-level security's tenants often are — and a connection keeps the last client's values
+/// only until another client takes it.
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_follow_their_client_across_server_connections() {
     let emulator = Emulator::shared();
     let proxy = transactional(emulator, 2).await;
     let a = connect(proxy.addr(), USER, |_| {}).await.unwrap();
     a.execute("set extra_float_digits = 3", &[]).await.unwrap();
-    a.execute("set app.tenant to 'a'", &[]).await.unwrap();
+    // The multi-tenant pattern of row-level security: the tenant as a parameter.
+    let tenant = "select set_config('app.tenant', $1, false)";
+    a.query_one(tenant, &[&"a"]).await.unwrap();
     // Prepared once: a statement dropped would send a Close, which takes a connection.
     let show = a
         .prepare(
