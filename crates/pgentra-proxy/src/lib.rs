@@ -78,7 +78,7 @@ mod state_check;
 mod tracked;
 
 pub use config::{
-    ClientRoles, Instance, PoolConfig, PoolMode, PoolOverrides, ProxyConfig, ProxyError,
+    ClientRoles, Instance, PoolConfig, PoolMode, PoolOverrides, ProxyConfig, ProxyError, StateCheck,
 };
 pub use metrics::Metrics;
 pub use refusal::Refusal;

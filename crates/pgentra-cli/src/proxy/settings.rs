@@ -6,7 +6,7 @@
 use super::DEFAULT_LISTEN;
 use crate::output::LogFormat;
 use crate::settings::{duration, settings};
-use pgentra_proxy::{PoolConfig, PoolMode, PoolOverrides, ProxyConfig};
+use pgentra_proxy::{PoolConfig, PoolMode, PoolOverrides, ProxyConfig, StateCheck};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +22,16 @@ pub(super) enum PoolModeName {
     Session,
     /// A client gets a pooled server connection for each transaction.
     Transaction,
+}
+
+/// When to check a server connection's state, as `--state-check` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum StateCheckName {
+    /// After code the proxy cannot read: a server-defined function, `DO`, `CALL`.
+    Opaque,
+    /// After every transaction.
+    Always,
 }
 
 settings! {
@@ -150,6 +160,11 @@ settings! {
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_TRANSACTION_TIMEOUT")]
         #[serde(default, deserialize_with = "duration")]
         transaction_timeout: Duration,
+        /// In transaction pooling, check a server connection's session state on the server
+        /// before it goes back: `opaque` (after code the proxy cannot read: a server-defined
+        /// function, `DO`, `CALL`) or `always` (also what views and triggers run).
+        #[arg(long, value_enum, env = "PGENTRA_PROXY_STATE_CHECK")]
+        state_check: StateCheckName,
         /// Disconnect a client that sent part of a message and then nothing this long, while it
         /// holds a server connection (FATAL 08006).
         #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration, env = "PGENTRA_PROXY_CLIENT_STALL_TIMEOUT")]
@@ -173,6 +188,10 @@ impl PoolSettings {
         overrides.reset_query.clone_from(&self.server_reset_query);
         overrides.queue_timeout = self.queue_timeout;
         overrides.max_prepared_statements = self.max_prepared_statements;
+        overrides.state_check = self.state_check.map(|check| match check {
+            StateCheckName::Opaque => StateCheck::Opaque,
+            StateCheckName::Always => StateCheck::Always,
+        });
         overrides.client_idle_timeout = timeout(self.client_idle_timeout);
         overrides.idle_transaction_timeout = timeout(self.idle_transaction_timeout);
         overrides.query_timeout = timeout(self.query_timeout);

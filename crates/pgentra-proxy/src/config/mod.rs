@@ -4,7 +4,7 @@
 mod pool;
 
 pub(crate) use pool::humantime_like;
-pub use pool::{PoolConfig, PoolMode, PoolOverrides};
+pub use pool::{PoolConfig, PoolMode, PoolOverrides, StateCheck};
 
 use pgentra::Secret;
 use pgentra::conninfo::ConnInfo;

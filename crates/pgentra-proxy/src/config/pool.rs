@@ -51,6 +51,48 @@ impl PoolMode {
     }
 }
 
+/// When transaction pooling checks a server connection's session state on the server before it
+/// goes back ([`crate::state_check`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateCheck {
+    /// After a transaction that ran code the proxy cannot read in its text: a function the
+    /// server defines, a `DO` block, a procedure.
+    #[default]
+    Opaque,
+    /// After every transaction: also catches what views, triggers, column defaults and
+    /// operators run, at the cost of a round trip per transaction.
+    Always,
+}
+
+impl std::str::FromStr for StateCheck {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "opaque" => Ok(Self::Opaque),
+            "always" => Ok(Self::Always),
+            other => Err(format!("state check {other:?}: use opaque or always")),
+        }
+    }
+}
+
+impl StateCheck {
+    /// The setting's value, as `--state-check` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Opaque => "opaque",
+            Self::Always => "always",
+        }
+    }
+}
+
+impl Shown for StateCheck {
+    fn shown(&self) -> String {
+        self.as_str().into()
+    }
+}
+
 /// A setting's value as `--help` and the documentation show it.
 trait Shown {
     fn shown(&self) -> String;
@@ -180,6 +222,10 @@ pool_settings! {
     /// A transaction (or a statement outside one) running this long ends the session (FATAL
     /// 25P04, as PostgreSQL 17's `transaction_timeout`); `None`: never.
     transaction_timeout: Option<Duration> = None, "transaction_timeout";
+    /// In transaction pooling, when a server connection's session state is checked on the
+    /// server before it goes back: after code the proxy cannot read, or after every
+    /// transaction.
+    state_check: StateCheck = StateCheck::Opaque, "state_check";
     /// A client that sent part of a message and then nothing for this long, while it holds a
     /// server connection, is disconnected (FATAL 08006) and the connection closed; `None`:
     /// never.

@@ -19,7 +19,7 @@ mod io;
 mod server;
 mod timeouts;
 
-use crate::config::PoolMode;
+use crate::config::{PoolMode, StateCheck};
 use crate::guard::{ClientGuard, Release, Reset, ServerGuard};
 use crate::pool::CloseReason;
 use crate::protocol::frames::Frames;
@@ -257,6 +257,9 @@ impl<'a> Relay<'a> {
             || self.server_frames.mid_message()
         {
             return Ok(());
+        }
+        if self.client.pool.settings.state_check == StateCheck::Always {
+            self.opaque = true;
         }
         if !self.named.is_empty() || self.opaque {
             // The client gets its answers first: what the server is asked next costs it no

@@ -396,3 +396,42 @@ async fn a_client_leaving_right_after_a_set_leaves_nothing_behind() {
     assert!(pool["resets"].as_u64() >= Some(2), "{pool}");
     proxy.stop().await;
 }
+
+/// What a view runs is not in the statement's text: with `--state-check always` the connection
+/// is checked after every transaction, so a setting a view made is reset before the next
+/// client of the connection runs anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn checking_always_catches_what_a_view_runs() {
+    let emulator = Emulator::shared();
+    let cluster = emulator.cluster().expect("the emulator's own cluster");
+    let view = format!("tenant_view_{:08x}", fastrand::u32(..));
+    cluster
+        .psql(&format!(
+            "create view public.{view} as select set_config('app.tenant', 'view', false) as t;
+             grant select on public.{view} to public;"
+        ))
+        .unwrap();
+    let (proxy, _) = pooled(emulator, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.size = 1;
+        config.pool.state_check = StateCheck::Always;
+    })
+    .await;
+    let mut a = logged_in(&proxy).await;
+    assert_eq!(
+        raw_value(&mut a, &format!("select t from {view}")).await,
+        "view"
+    );
+    let mut b = logged_in(&proxy).await;
+    let tenant = "select coalesce(current_setting('app.tenant', true), '')";
+    assert_eq!(
+        raw_value(&mut b, tenant).await,
+        "",
+        "b got the view's setting"
+    );
+    let pool = pool_until(&proxy, "the counts", |_| true).await;
+    assert_eq!(pool["clients_pinned"], 0, "{pool}");
+    assert!(pool["state_checks"].as_u64() >= Some(2), "{pool}");
+    drop((a, b));
+    proxy.stop().await;
+}

@@ -10,7 +10,9 @@ pub(crate) use pgentra_emulator::identity::{Identities, IdentityServer};
 pub(crate) use pgentra_emulator::issuer::Principal;
 pub(crate) use pgentra_emulator::testing::{azure_cli, temp_dir, within};
 pub(crate) use pgentra_emulator::{Emulator, EmulatorConfig, MANAGED_IDENTITY, USER};
-pub(crate) use pgentra_proxy::{ClientRoles, Instance, PoolMode, Proxy, ProxyConfig, ProxyError};
+pub(crate) use pgentra_proxy::{
+    ClientRoles, Instance, PoolMode, Proxy, ProxyConfig, ProxyError, StateCheck,
+};
 pub(crate) use pgentra_wire::{
     ErrorFields, GSSENC_REQUEST_CODE, cancel_request, message, read_message, ssl_request,
     startup_message,
