@@ -52,7 +52,8 @@ impl PoolMode {
 }
 
 /// When transaction pooling checks a server connection's session state on the server before it
-/// goes back ([`crate::state_check`]).
+/// goes back: another role, a listen, a session advisory lock, a temporary relation, a cursor
+/// `WITH HOLD` or a statement prepared with SQL pins its client, and its settings are reset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StateCheck {
