@@ -326,6 +326,26 @@ impl Setup {
         })
     }
 
+    /// The proxy and PgBouncer in transaction pooling, `knobs.txn_pool` server connections per
+    /// pool, with room for `knobs.txn_clients` clients.
+    fn transaction_helpers(&self, knobs: &Knobs) -> Result<(Helper, Helper)> {
+        let pooling = Pooling {
+            mode: "transaction",
+            size: knobs.txn_pool,
+        };
+        let sessions = knobs.txn_clients as usize + 10;
+        let proxy = Helper::proxy(&self.upstream, sessions, &self.sockets, pooling, &[])?;
+        let bouncer = Helper::pgbouncer(
+            &self.cluster,
+            &self.files,
+            &self.server_side(),
+            sessions,
+            &self.sockets,
+            pooling,
+        )?;
+        Ok((proxy, bouncer))
+    }
+
     /// The cluster as PgBouncer logs in to it: its superuser, trusted.
     fn server_side(&self) -> ServerSide {
         ServerSide {
@@ -738,21 +758,7 @@ fn transaction_pooling(
     mut against: Option<(&Baseline, &mut Versus)>,
 ) -> Result<()> {
     let clients = knobs.txn_clients;
-    let pooling = Pooling {
-        mode: "transaction",
-        size: knobs.txn_pool,
-    };
-    let sessions = clients as usize + 10;
-    let (sockets, server) = (&setup.sockets, setup.server_side());
-    let proxy = Helper::proxy(&setup.upstream, sessions, sockets, pooling, &[])?;
-    let bouncer = Helper::pgbouncer(
-        &setup.cluster,
-        &setup.files,
-        &server,
-        sessions,
-        sockets,
-        pooling,
-    )?;
+    let (proxy, bouncer) = setup.transaction_helpers(knobs)?;
     let previous = against
         .as_ref()
         .map(|(b, _)| proxy.twin(&b.exe))
@@ -1186,6 +1192,18 @@ impl Helper {
         pooling: Pooling,
         env: &[(&str, String)],
     ) -> Result<Self> {
+        let serving = Self::serving(upstream, max_connections, socket_dir, pooling, env);
+        Self::serve(&std::env::current_exe()?, serving)
+    }
+
+    /// The `--serve-proxy` arguments and environment of [`Helper::proxy`].
+    fn serving(
+        upstream: &str,
+        max_connections: usize,
+        socket_dir: &Path,
+        pooling: Pooling,
+        env: &[(&str, String)],
+    ) -> Serving {
         let credential = if env.is_empty() { "static" } else { "az" };
         let mut args: Vec<OsString> = vec![
             upstream.into(),
@@ -1194,11 +1212,10 @@ impl Helper {
         ];
         args.extend([pooling.mode, &pooling.size.to_string(), credential].map(OsString::from));
         let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
-        let serving = Serving {
+        Serving {
             args,
             env: env.collect(),
-        };
-        Self::serve(&std::env::current_exe()?, serving)
+        }
     }
 
     /// `program` (this bench's binary or another build's) as the same proxy as this one:

@@ -40,32 +40,19 @@ pub(super) fn replay_vs_pinned(
     previous: Option<&Path>,
 ) -> Result<()> {
     let clients = knobs.txn_clients;
-    let pooling = Pooling {
+    let (proxy, bouncer) = setup.transaction_helpers(knobs)?;
+    // A server connection for each client, which it pins.
+    let own = Pooling {
         mode: "transaction",
-        size: knobs.txn_pool,
+        size: clients as usize,
     };
     let sessions = clients as usize + 10;
-    let (sockets, server) = (&setup.sockets, setup.server_side());
-    let proxy = Helper::proxy(&setup.upstream, sessions, sockets, pooling, &[])?;
-    let bouncer = Helper::pgbouncer(
-        &setup.cluster,
-        &setup.files,
-        &server,
-        sessions,
-        sockets,
-        pooling,
-    )?;
-    let pinned = match previous {
-        Some(exe) => {
-            let own = Pooling {
-                size: clients as usize,
-                ..pooling
-            };
-            let twin = Helper::proxy(&setup.upstream, sessions, sockets, own, &[])?;
-            Some(twin.twin(exe)?)
-        }
-        None => None,
-    };
+    let pinned = previous
+        .map(|exe| {
+            let serving = Helper::serving(&setup.upstream, sessions, &setup.sockets, own, &[]);
+            Helper::serve(exe, serving)
+        })
+        .transpose()?;
     let mut targets = vec![
         Target::through("pgbouncer", &bouncer, None, "simple"),
         Target::through("pgentra", &proxy, None, "simple"),

@@ -22,11 +22,7 @@ fn programs() -> PathBuf {
 /// server connections, with no session pinned.
 async fn pools_without_pins(program: &str, args: &[&str], mode: &str, missing: &str) {
     let emulator = Emulator::shared();
-    let (proxy, _) = pooled(emulator, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.size = POOL;
-    })
-    .await;
+    let (proxy, _) = transactional(emulator, POOL).await;
     let run = tokio::process::Command::new(program)
         .args(args)
         .args([&proxy.port(), USER, CLIENTS, ROUNDS, mode])
@@ -56,10 +52,7 @@ async fn pools_without_pins(program: &str, args: &[&str], mode: &str, missing: &
         .unwrap_or_else(|| panic!("{mode}: {stdout}"));
     assert!((1..=POOL).contains(&backends), "{mode}: {stdout}");
     let pool = pool_until(&proxy, "the counts", |_| true).await;
-    let pins: u64 = (pool["pins"].as_object().unwrap().values())
-        .map(|n| n.as_u64().unwrap())
-        .sum();
-    assert_eq!(pins, 0, "{mode} pinned sessions: {pool}");
+    assert_eq!(pins_total(&pool), 0, "{mode} pinned sessions: {pool}");
     assert!(
         pool["server_logins"].as_u64() <= Some(POOL as u64),
         "{pool}"

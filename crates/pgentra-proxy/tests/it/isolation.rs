@@ -18,11 +18,7 @@ async fn one_connection(emulator: &Emulator) -> (Running, String) {
                language plpgsql as $$ begin execute sql; end $$;"
         ))
         .unwrap();
-    let (proxy, _) = pooled(emulator, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.size = 1;
-    })
-    .await;
+    let (proxy, _) = transactional(emulator, 1).await;
     (proxy, role)
 }
 
@@ -191,16 +187,6 @@ const SHOW: &str = "select current_setting('search_path') || '|' || \
     current_setting('statement_timeout') || '|' || current_setting('extra_float_digits') || '|' || \
     current_setting('TimeZone') || '|' || coalesce(current_setting('app.tenant', true), '')";
 
-/// A proxy in transaction mode with `size` server connections.
-async fn transactional(emulator: &Emulator, size: usize) -> Running {
-    pooled(emulator, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.size = size;
-    })
-    .await
-    .0
-}
-
 /// Session settings follow their client instead of pinning it: client A sets `search_path`,
 /// `statement_timeout`, `extra_float_digits`, `TimeZone` and a custom `app.tenant`; client B on
 /// the same (only) server connection sees the defaults before, between and after A's
@@ -210,7 +196,7 @@ async fn transactional(emulator: &Emulator, size: usize) -> Running {
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_follow_their_client_and_never_reach_another() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 1).await;
+    let (proxy, _) = transactional(emulator, 1).await;
     let mut a = logged_in(&proxy).await;
     let mut b = logged_in(&proxy).await;
     let defaults = raw_value(&mut b, SHOW).await;
@@ -276,7 +262,7 @@ async fn settings_follow_their_client_and_never_reach_another() {
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_follow_their_client_across_server_connections() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 2).await;
+    let (proxy, _) = transactional(emulator, 2).await;
     let a = connect(proxy.addr(), USER, |_| {}).await.unwrap();
     a.execute("set extra_float_digits = 3", &[]).await.unwrap();
     // The multi-tenant pattern of row-level security: the tenant as a parameter.
@@ -326,7 +312,7 @@ async fn settings_follow_their_client_across_server_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn discard_all_resets_only_its_own_client_without_pinning() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 2).await;
+    let (proxy, _) = transactional(emulator, 2).await;
     let clients = (0..20).map(|n| {
         let addr = proxy.addr();
         tokio::spawn(async move {
@@ -359,10 +345,7 @@ async fn discard_all_resets_only_its_own_client_without_pinning() {
         client.await.unwrap();
     }
     let pool = pool_until(&proxy, "the counts", |_| true).await;
-    let pins: u64 = (pool["pins"].as_object().unwrap().values())
-        .map(|n| n.as_u64().unwrap())
-        .sum();
-    assert_eq!(pins, 0, "{pool}");
+    assert_eq!(pins_total(&pool), 0, "{pool}");
     assert!(pool["server_logins"].as_u64() <= Some(2), "{pool}");
     proxy.stop().await;
 }

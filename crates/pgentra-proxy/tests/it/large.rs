@@ -6,16 +6,6 @@
 
 use super::support::*;
 
-/// A proxy in transaction pooling with `size` server connections.
-async fn transactional(emulator: &Emulator, size: usize) -> Running {
-    let (proxy, _) = pooled(emulator, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.size = size;
-    })
-    .await;
-    proxy
-}
-
 /// `Parse` and `Bind` of `select length($1)` with a `size`-byte text parameter, and `Execute`.
 fn large_bind(size: usize) -> Vec<u8> {
     let mut out = message(b'P', b"\0select length($1)\0\0\0").to_vec();
@@ -31,7 +21,7 @@ fn large_bind(size: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_bind_whose_sync_comes_later_is_answered() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 1).await;
+    let (proxy, _) = transactional(emulator, 1).await;
     for size in [900_000, 1_100_000, 8 << 20] {
         let mut stream = logged_in(&proxy).await;
         stream.write_all(&large_bind(size)).await.unwrap();
@@ -63,7 +53,7 @@ async fn a_large_bind_whose_sync_comes_later_is_answered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn psycopg_3_sends_large_values_and_rows() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 1).await;
+    let (proxy, _) = transactional(emulator, 1).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/psycopg_large.py");
     let run = tokio::process::Command::new("python3")
         .arg(&script)
@@ -85,7 +75,7 @@ async fn psycopg_3_sends_large_values_and_rows() {
 #[tokio::test(flavor = "multi_thread")]
 async fn psql_copies_40_megabytes_in() {
     let emulator = Emulator::shared();
-    let proxy = transactional(emulator, 1).await;
+    let (proxy, _) = transactional(emulator, 1).await;
     let dir = temp_dir("copy-40mb");
     let file = dir.join("rows.csv");
     let line = format!("{},{}\n", 1, "y".repeat(200));

@@ -131,6 +131,22 @@ pub(crate) async fn pooled(
     (Running::start(config, auth.clone()).await, auth)
 }
 
+/// A proxy in transaction mode with `size` server connections per pool.
+pub(crate) async fn transactional(emulator: &Emulator, size: usize) -> (Running, EntraAuth) {
+    pooled(emulator, |config| {
+        config.pool.mode = PoolMode::Transaction;
+        config.pool.size = size;
+    })
+    .await
+}
+
+/// The sessions a pool (as `/pools` shows it) pinned, whatever the reason.
+pub(crate) fn pins_total(pool: &serde_json::Value) -> u64 {
+    (pool["pins"].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum()
+}
+
 /// Waits until `/pools` shows a pool that `done` looks for, and returns it.
 pub(crate) async fn pool_until(
     proxy: &Running,

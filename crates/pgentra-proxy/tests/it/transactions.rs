@@ -7,15 +7,6 @@ use super::support::*;
 use postgres_protocol::message::frontend;
 use std::collections::HashSet;
 
-/// A proxy in transaction mode with `size` server connections per pool.
-async fn transactional(emulator: &Emulator, size: usize) -> (Running, EntraAuth) {
-    pooled(emulator, |config| {
-        config.pool.mode = PoolMode::Transaction;
-        config.pool.size = size;
-    })
-    .await
-}
-
 /// Forty tokio-postgres clients (which prepare every statement under a name) share four server
 /// connections: statements, transactions and their rows are each client's own, and no more
 /// than four upstream logins happen.
@@ -419,12 +410,7 @@ async fn session_state_pins_its_client_and_never_reaches_another() {
         let pid = raw_value(&mut a, "select pg_backend_pid()").await;
         raw_query(&mut a, leave).await.unwrap();
         let pool = pool_until(&proxy, "a pinned", |p| p["clients_pinned"] == 1).await;
-        let pins: u64 = pool["pins"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
+        let pins = pins_total(&pool);
         assert_eq!(pins, n as u64 + 1, "{leave}: {pool}");
         assert!(pool["pins"][reason].as_u64() >= Some(1), "{leave}: {pool}");
         // b waits: the only connection is a's now, between a's transactions too.
